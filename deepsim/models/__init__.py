@@ -1,0 +1,77 @@
+"""Model registry: names and checkpoint paths → :class:`~deepsim.models.base.Model`.
+
+``model_id`` is torch-free (it reads only a checkpoint header), so the
+similarity path can find the active model's id without importing torch.
+
+Built-in names (weights ship in ``deepsim/models/weights``):
+
+``default``
+    musicnn MSD + MTT ensemble, 400-d (``musicnn-msd-mtt-1``).
+``msd-musicnn`` / ``mtt-musicnn``
+    one of the two networks, 200-d.
+
+Anything else is taken as the path of a deepsim checkpoint (``.safetensors``)
+written by ``beet deepsim-train`` or ``python -m deepsim.pretrain``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deepsim.errors import ModelError
+from deepsim.models.checkpoint import read_metadata
+
+if TYPE_CHECKING:
+    from deepsim.models.base import Model
+
+#: Built-in model names and the ids of their weights.
+BUILTIN_MODELS: dict[str, str] = {
+    "default": "musicnn-msd-mtt-1",
+    "msd-musicnn": "musicnn-msd-1",
+    "mtt-musicnn": "musicnn-mtt-1",
+}
+
+#: Checkpoint kinds and the module whose ``from_checkpoint(path, meta)`` loads them.
+KINDS: dict[str, str] = {
+    "musicnn": "deepsim.models.musicnn",
+    "dieleman": "deepsim.models.dieleman",
+    "head": "deepsim.models.head",
+}
+
+
+def _as_path(name_or_path: str | os.PathLike[str]) -> Path:
+    path = Path(os.path.expanduser(os.fspath(name_or_path)))
+    if not path.is_file():
+        known = ", ".join(sorted(BUILTIN_MODELS))
+        raise ModelError(
+            f"unknown model {os.fspath(name_or_path)!r}: not a built-in model ({known}) "
+            "and no such checkpoint file"
+        )
+    return path
+
+
+def model_id(name_or_path: str | os.PathLike[str]) -> str:
+    """The id of the weights a model name or checkpoint path refers to."""
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name_or_path]
+    return str(read_metadata(_as_path(name_or_path))["model_id"])
+
+
+def load_model(name_or_path: str | os.PathLike[str], *, device: str = "cpu") -> Model:
+    """Load a built-in model or a checkpoint, in eval mode, on ``device``."""
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
+        from deepsim.models.musicnn import load_builtin
+
+        model = load_builtin(name_or_path)
+    else:
+        path = _as_path(name_or_path)
+        meta = read_metadata(path)
+        module_name = KINDS.get(meta["kind"])
+        if module_name is None:
+            raise ModelError(f"{path}: unknown checkpoint kind {meta['kind']!r}")
+        module = importlib.import_module(module_name)
+        model = module.from_checkpoint(path, meta)
+    return model.to(device).eval()
