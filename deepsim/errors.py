@@ -31,6 +31,9 @@ class AudioError(DeepsimError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self) -> tuple[type[AudioError], tuple[str, str]]:
+        return (type(self), (self.path, self.reason))
+
 
 class ListeningDataError(DeepsimError):
     """A listening-data file is malformed.
@@ -46,14 +49,15 @@ class ListeningDataError(DeepsimError):
         What is wrong with it.
     """
 
-    def __init__(
-        self, path: str | os.PathLike[str], line: int | None, reason: str
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], line: int | None, reason: str) -> None:
         self.path = os.fspath(path)
         self.line = line
         self.reason = reason
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self) -> tuple[type[ListeningDataError], tuple[str, int | None, str]]:
+        return (type(self), (self.path, self.line, self.reason))
 
 
 class ModelError(DeepsimError):

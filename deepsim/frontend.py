@@ -75,9 +75,7 @@ class FrontendParams:
                 f"fmax={self.fmax!r}, sample_rate={self.sample_rate!r}"
             )
         if self.compression not in ("log10", "ln"):
-            raise ValueError(
-                f"compression must be 'log10' or 'ln', got {self.compression!r}"
-            )
+            raise ValueError(f"compression must be 'log10' or 'ln', got {self.compression!r}")
         if self.compression_scale <= 0 or self.power <= 0 or self.clip_seconds <= 0:
             raise ValueError(
                 "compression_scale, power and clip_seconds must be positive, got "

@@ -17,6 +17,7 @@ written by ``beet deepsim-train`` or ``python -m deepsim.pretrain``.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,3 +76,55 @@ def load_model(name_or_path: str | os.PathLike[str], *, device: str = "cpu") -> 
         module = importlib.import_module(module_name)
         model = module.from_checkpoint(path, meta)
     return model.to(device).eval()
+
+
+#: File under the deepsim state directory naming the trained model in use.
+ACTIVE_FILE = "active-model.json"
+
+
+def active_model(name: str, *, state_dir: str | os.PathLike[str]) -> str:
+    """Resolve the configured model name to a built-in name or a checkpoint path.
+
+    ``"auto"`` means the model most recently trained by ``beet deepsim-train``
+    (recorded in ``<state_dir>/active-model.json`` once its checkpoint is
+    complete), or ``"default"`` when there is none.  Any other value is
+    returned unchanged.
+    """
+    if name != "auto":
+        return name
+    pointer = Path(state_dir) / ACTIVE_FILE
+    try:
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+        path = Path(data["path"])
+    except FileNotFoundError:
+        return "default"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{pointer}: unreadable active-model record ({exc})") from exc
+    if not path.is_absolute():
+        path = Path(state_dir) / path
+    if not path.is_file():
+        raise ModelError(f"{pointer}: the active model {path} is missing")
+    return os.fspath(path)
+
+
+def set_active_model(
+    path: str | os.PathLike[str] | None, *, state_dir: str | os.PathLike[str]
+) -> None:
+    """Make a complete checkpoint the ``auto`` model (``None`` reverts to ``default``).
+
+    The record is replaced atomically, so an interrupted call leaves the
+    previous model active.
+    """
+    state = Path(state_dir)
+    pointer = state / ACTIVE_FILE
+    if path is None:
+        pointer.unlink(missing_ok=True)
+        return
+    meta = read_metadata(path)  # refuse anything that is not a complete checkpoint
+    state.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps({"path": os.fspath(Path(path).resolve()), "model_id": meta["model_id"]}),
+        encoding="utf-8",
+    )
+    os.replace(tmp, pointer)

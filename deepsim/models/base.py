@@ -171,7 +171,9 @@ class Model(torch.nn.Module, abc.ABC):
         means: dict[str, torch.Tensor] = {}
         for key, value in outputs.items():
             value = value.float()
-            total = torch.zeros((len(waves), *value.shape[1:]), dtype=value.dtype, device=value.device)
+            total = torch.zeros(
+                (len(waves), *value.shape[1:]), dtype=value.dtype, device=value.device
+            )
             total.index_add_(0, owner, value)
             means[key] = total / counts.view(-1, *([1] * (value.dim() - 1)))
         vectors = torch.nn.functional.normalize(self.pool(means).float(), dim=1)

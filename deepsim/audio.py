@@ -1,0 +1,228 @@
+"""Decode the middle of an audio file to mono float32 samples with PyAV.
+
+Only the analysis window is decoded: the decoder seeks to the start of the
+window, so an 8-hour file costs about as much as a 3-minute one.  Down-mixing
+to mono and resampling go through FFmpeg's resampler (``av.AudioResampler``).
+
+Every failure is an :class:`~deepsim.errors.AudioError` naming the file and the
+reason; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import av.error
+import numpy as np
+
+from deepsim.errors import AudioError
+
+PathLike = str | bytes | os.PathLike[str]
+
+#: A file whose duration cannot be read is decoded from its start, up to this
+#: many seconds, and the middle of what was decoded is used.
+MAX_UNKNOWN_DURATION = 20 * 60.0
+
+
+def _fspath(path: PathLike) -> str:
+    return os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
+
+
+def _open(path: str) -> av.container.InputContainer:
+    try:
+        size = Path(path).stat().st_size
+    except FileNotFoundError:
+        raise AudioError(path, "file not found") from None
+    except OSError as exc:
+        raise AudioError(path, f"cannot read file ({exc.strerror})") from None
+    if size == 0:
+        raise AudioError(path, "file is empty (0 bytes)")
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        raise AudioError(path, f"not a readable audio file ({_reason(exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AudioError(path, f"cannot open file ({exc})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return text.split(": '")[0].strip() or type(exc).__name__
+
+
+def _audio_stream(container: av.container.InputContainer, path: str) -> av.audio.AudioStream:
+    if not container.streams.audio:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise AudioError(path, f"no audio stream (streams: {', '.join(kinds)})")
+    return container.streams.audio[0]
+
+
+def _duration(container: av.container.InputContainer, stream: av.audio.AudioStream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
+def probe_duration(path: PathLike) -> float:
+    """Duration of the first audio stream in seconds (from the container header).
+
+    Raises
+    ------
+    AudioError
+        If the file cannot be opened, has no audio stream or no known duration.
+    """
+    name = _fspath(path)
+    with _open(name) as container:
+        stream = _audio_stream(container, name)
+        duration = _duration(container, stream)
+    if duration is None:
+        raise AudioError(name, "duration unknown")
+    return duration
+
+
+def _decode(
+    path: str,
+    *,
+    sample_rate: int,
+    start: float | None,
+    seconds: float,
+) -> np.ndarray:
+    """Decode ``seconds`` of mono audio at ``sample_rate`` from ``start``.
+
+    ``start=None`` centres the window on the middle of the track.
+    """
+    with _open(path) as container:
+        stream = _audio_stream(container, path)
+        stream.thread_type = "AUTO"
+        duration = _duration(container, stream)
+        whole_unknown = duration is None and start is None
+        if start is None:
+            start = 0.0 if duration is None else max(0.0, (duration - seconds) / 2.0)
+        span = MAX_UNKNOWN_DURATION if whole_unknown else seconds
+        if start > 0:
+            try:
+                container.seek(int(start * av.time_base), backward=True, any_frame=False)
+            except av.error.FFmpegError:
+                container.seek(0)
+                # Fall back to decoding from the start and skipping.
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        want = round(span * sample_rate)
+        chunks: list[np.ndarray] = []
+        have = 0
+        first_time: float | None = None
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is not None and frame.time_base is not None:
+                    frame_time = float(frame.pts * frame.time_base)
+                    frame_end = frame_time + frame.samples / max(frame.sample_rate, 1)
+                    if frame_end <= start:
+                        continue
+                    if first_time is None:
+                        first_time = frame_time
+                elif first_time is None:
+                    first_time = start
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    have += out.samples
+                if have >= want + int((start - (first_time or start)) * sample_rate) + sample_rate:
+                    break
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as exc:
+            if not chunks:
+                raise AudioError(path, f"cannot decode audio ({_reason(exc)})") from None
+            # A damaged stream: keep what decoded before the damage.
+        except (MemoryError, ValueError) as exc:
+            raise AudioError(path, f"cannot decode audio ({exc})") from None
+    if not chunks:
+        raise AudioError(path, "no decodable audio at the analysis window")
+    samples = np.concatenate(chunks).astype(np.float32, copy=False)
+    skip = max(0, round((start - (first_time if first_time is not None else start)) * sample_rate))
+    if skip >= len(samples):
+        # Seeking overshot (a stream shorter than its header claims): use the end.
+        skip = max(0, len(samples) - want)
+    samples = samples[skip:]
+    if whole_unknown and len(samples) > int(seconds * sample_rate):
+        middle = (len(samples) - int(seconds * sample_rate)) // 2
+        samples = samples[middle : middle + int(seconds * sample_rate)]
+    return np.ascontiguousarray(samples[: round(seconds * sample_rate)])
+
+
+def _check(path: str, samples: np.ndarray) -> np.ndarray:
+    if samples.size == 0:
+        raise AudioError(path, "no decodable audio at the analysis window")
+    if not np.all(np.isfinite(samples)):
+        raise AudioError(path, "decoded audio contains NaN or infinite samples")
+    if float(np.max(np.abs(samples))) < 1e-5:
+        raise AudioError(path, "digital silence (nothing to analyse in the window)")
+    return samples
+
+
+def decode_middle(path: PathLike, *, sample_rate: int, seconds: float = 30.0) -> np.ndarray:
+    """Decode the ``seconds``-long window centred on the middle of a track.
+
+    A track shorter than ``seconds`` is returned whole.  A track whose
+    declared duration is longer than its decodable data (a truncated file)
+    falls back to the middle of what can be decoded.
+
+    Parameters
+    ----------
+    path
+        The audio file (``str``, ``bytes`` as beets stores paths, or a path object).
+    sample_rate
+        Output rate in Hz; FFmpeg's resampler converts to it.
+    seconds
+        Window length.
+
+    Returns
+    -------
+    numpy.ndarray
+        Mono float32 samples in [-1, 1].
+
+    Raises
+    ------
+    AudioError
+        Missing, empty, unreadable or damaged file; no audio stream; digital silence.
+    """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate!r}")
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds!r}")
+    name = _fspath(path)
+    try:
+        samples = _decode(name, sample_rate=sample_rate, start=None, seconds=seconds)
+    except AudioError as exc:
+        if not exc.reason.startswith("no decodable audio"):
+            raise
+        # Header promises more than the file holds (truncated): decode what exists.
+        samples = _decode_all_middle(name, sample_rate=sample_rate, seconds=seconds)
+    return _check(name, samples)
+
+
+def _decode_all_middle(path: str, *, sample_rate: int, seconds: float) -> np.ndarray:
+    samples = _decode(path, sample_rate=sample_rate, start=0.0, seconds=MAX_UNKNOWN_DURATION)
+    n = int(seconds * sample_rate)
+    if len(samples) > n:
+        middle = (len(samples) - n) // 2
+        samples = samples[middle : middle + n]
+    return samples
+
+
+def decode_window(path: PathLike, *, sample_rate: int, start: float, seconds: float) -> np.ndarray:
+    """Decode ``seconds`` of mono audio starting ``start`` seconds into the track.
+
+    Raises
+    ------
+    AudioError
+        As :func:`decode_middle`.
+    """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate!r}")
+    if start < 0 or seconds <= 0:
+        raise ValueError(f"need start >= 0 and seconds > 0, got {start!r}, {seconds!r}")
+    name = _fspath(path)
+    return _check(name, _decode(name, sample_rate=sample_rate, start=start, seconds=seconds))

@@ -1,0 +1,240 @@
+"""Vectors in the beets database.
+
+Each embedded item carries two flexible attributes:
+
+``deepsim_vector``
+    The L2-normalised vector, base64 of little-endian float16 (a 400-d vector
+    is 1,068 characters; float32 would double that for no gain in ranking —
+    see docs/performance.md).  Typed by :class:`VectorType`, so
+    ``item.deepsim_vector`` is a float32 numpy array.
+``deepsim_model``
+    The id of the model that made it.  Vectors of other ids are ignored, so
+    models never mix.
+
+Optionally ``deepsim_tags`` holds the model's top tags as text.
+
+Reads go through one SQL query (never by loading ``Item`` objects); writes go
+in transactions of ``batch_size`` items, so an interruption loses at most the
+batch in flight.  torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from beets.dbcore import types
+
+if TYPE_CHECKING:
+    from beets.library import Library
+
+VECTOR_FIELD = "deepsim_vector"
+MODEL_FIELD = "deepsim_model"
+TAGS_FIELD = "deepsim_tags"
+
+_DTYPE = np.dtype("<f2")
+
+
+def encode_vector(vector: np.ndarray) -> str:
+    """Encode a 1-D vector as base64 of little-endian float16."""
+    array = np.asarray(vector, dtype=np.float32)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"expected a non-empty 1-D vector, got shape {array.shape!r}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("vector contains NaN or infinite values")
+    return base64.b64encode(array.astype(_DTYPE).tobytes()).decode("ascii")
+
+
+def decode_vector(text: str | bytes) -> np.ndarray:
+    """Inverse of :func:`encode_vector`; returns float32."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not a deepsim vector encoding ({exc})") from None
+    if len(raw) == 0 or len(raw) % _DTYPE.itemsize:
+        raise ValueError(f"not a deepsim vector encoding ({len(raw)} bytes)")
+    return np.frombuffer(raw, dtype=_DTYPE).astype(np.float32)
+
+
+class VectorType(types.Type):  # type: ignore[type-arg]
+    """beets field type of ``deepsim_vector``: float32 array in memory, base64 text in SQL."""
+
+    sql = "TEXT"
+    model_type = np.ndarray
+
+    @property
+    def null(self) -> None:
+        return None
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return ""
+        return f"<{len(value)}-d vector>"
+
+    def parse(self, string: str) -> np.ndarray | None:
+        try:
+            return decode_vector(string)
+        except ValueError:
+            return None
+
+    def normalize(self, value: Any) -> np.ndarray | None:
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)):
+            return self.parse(value if isinstance(value, str) else value.decode("ascii", "ignore"))
+        return np.asarray(value, dtype=np.float32)
+
+    def to_sql(self, model_value: Any) -> str | None:
+        if model_value is None:
+            return None
+        return encode_vector(model_value)
+
+
+_VECTOR_ROWS = f"""
+    FROM item_attributes AS v
+    JOIN item_attributes AS m
+      ON m.entity_id = v.entity_id AND m.key = '{MODEL_FIELD}'
+    JOIN items AS i ON i.id = v.entity_id
+    WHERE v.key = '{VECTOR_FIELD}' AND m.value = ?
+"""
+
+
+def _rows_to_matrix(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    ids: list[int] = []
+    vectors: list[np.ndarray] = []
+    dim: int | None = None
+    for item_id, text in rows:
+        try:
+            vector = decode_vector(text)
+        except ValueError:
+            continue  # a damaged value is treated as "no vector"
+        if dim is None:
+            dim = len(vector)
+        if len(vector) != dim:
+            continue
+        ids.append(int(item_id))
+        vectors.append(vector)
+    if not vectors:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    matrix = np.stack(vectors)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    np.divide(matrix, norms, out=matrix, where=norms > 0)
+    return np.asarray(ids, np.int64), matrix
+
+
+def read_vectors(
+    lib: Library, model_id: str, *, ids: Iterable[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All stored vectors of ``model_id`` (or of the given item ids), in one query.
+
+    Returns
+    -------
+    ids, matrix
+        int64 item ids (ascending) and float32 ``(n, dim)`` unit rows.  Items
+        without a vector of this model are absent.
+    """
+    sql = f"SELECT v.entity_id, v.value {_VECTOR_ROWS}"
+    params: list[Any] = [model_id]
+    wanted: set[int] | None = None
+    if ids is not None:
+        wanted = {int(i) for i in ids}
+        if len(wanted) <= 500:
+            sql += f" AND v.entity_id IN ({','.join('?' * len(wanted))})"
+            params.extend(sorted(wanted))
+            wanted = None
+    sql += " ORDER BY v.entity_id"
+    with lib.transaction() as tx:
+        rows = tx.query(sql, params)
+    if wanted is not None:
+        rows = [row for row in rows if row[0] in wanted]
+    return _rows_to_matrix(rows)
+
+
+def ids_with_vectors(lib: Library, model_id: str) -> set[int]:
+    """Ids of the items that hold a vector of ``model_id`` (one query, no decoding)."""
+    with lib.transaction() as tx:
+        rows = tx.query(f"SELECT v.entity_id {_VECTOR_ROWS}", [model_id])
+    return {int(row[0]) for row in rows}
+
+
+def fingerprint(lib: Library, model_id: str) -> str:
+    """A cheap digest of the stored vectors of ``model_id``.
+
+    It changes whenever such a vector is written (beets' flexible-attribute
+    table replaces a rewritten row, which gets a new row id) or its item is
+    removed, without reading the vectors themselves.
+    """
+    with lib.transaction() as tx:
+        (row,) = tx.query(
+            f"SELECT count(*), total(v.id), max(v.id), total(v.entity_id) {_VECTOR_ROWS}",
+            [model_id],
+        )
+    text = f"{model_id}|{row[0]}|{row[1]}|{row[2]}|{row[3]}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def write_vectors(
+    lib: Library,
+    rows: Iterable[tuple[int, np.ndarray] | tuple[int, np.ndarray, str | None]],
+    model_id: str,
+    *,
+    batch_size: int = 64,
+) -> int:
+    """Store vectors (and optional tag text) for item ids, ``batch_size`` per transaction.
+
+    Rows are ``(item_id, vector)`` or ``(item_id, vector, tags_text)``.  Each
+    transaction commits before the next batch is read from ``rows``, so a
+    generator that embeds lazily loses at most one batch when interrupted.
+
+    Returns
+    -------
+    int
+        Number of items written.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    written = 0
+    batch: list[tuple[int, str, str | None]] = []
+
+    def flush() -> None:
+        nonlocal written
+        if not batch:
+            return
+        records: list[tuple[int, str, str]] = []
+        for item_id, encoded, tags in batch:
+            # Vector first, then model, then tags: a rewritten vector row never
+            # holds the highest row id, so it always gets a new one.
+            records.append((item_id, VECTOR_FIELD, encoded))
+            records.append((item_id, MODEL_FIELD, model_id))
+            if tags is not None:
+                records.append((item_id, TAGS_FIELD, tags))
+        with lib.transaction() as tx:
+            tx.mutate_many(
+                "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)",
+                records,
+            )
+        written += len(batch)
+        batch.clear()
+
+    for row in rows:
+        item_id, vector = int(row[0]), row[1]
+        tags = row[2] if len(row) > 2 else None  # type: ignore[misc]
+        batch.append((item_id, encode_vector(vector), tags))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return written
+
+
+def clear_vectors(lib: Library, item_ids: Iterable[int]) -> None:
+    """Remove deepsim's fields from the given items."""
+    ids = [int(i) for i in item_ids]
+    with lib.transaction() as tx:
+        tx.mutate_many(
+            "DELETE FROM item_attributes WHERE entity_id = ? AND key IN (?, ?, ?)",
+            [(i, VECTOR_FIELD, MODEL_FIELD, TAGS_FIELD) for i in ids],
+        )

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from audiogen import (
+    FORMATS,
+    dominant_frequency,
+    tone,
+    write_audio,
+    write_flac_chunks,
+    write_video_only,
+)
+
+from deepsim import audio
+from deepsim.audio import decode_middle, decode_window, probe_duration
+from deepsim.errors import AudioError
+
+SR = 16000
+
+
+def sectioned(seconds_each: float, rate: int, freqs: tuple[float, ...]) -> np.ndarray:
+    """Consecutive sections, each a pure tone of its own frequency (stereo)."""
+    parts = []
+    for f in freqs:
+        t = np.arange(int(seconds_each * rate)) / rate
+        parts.append(0.5 * np.sin(2 * np.pi * f * t))
+    mono = np.concatenate(parts).astype(np.float32)
+    return np.stack([mono, mono])
+
+
+@pytest.mark.parametrize("ext", sorted(FORMATS))
+def test_every_format_decodes_the_middle_window(tmp_path: Path, ext: str) -> None:
+    # 3 sections of 30 s: 300 Hz, 1000 Hz, 2500 Hz; the middle window is the 1000 Hz one.
+    path = write_audio(
+        tmp_path / f"t.{ext}", sectioned(30.0, 22050, (300.0, 1000.0, 2500.0)), rate=22050
+    )
+    samples = decode_middle(path, sample_rate=SR)
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert len(samples) == 30 * SR
+    # Away from the edges (seek precision, codec delay), only the middle tone is there.
+    inner = samples[SR : 29 * SR]
+    assert dominant_frequency(inner, SR) == pytest.approx(1000.0, abs=5)
+
+
+def test_short_track_is_used_whole(tmp_path: Path) -> None:
+    path = write_audio(tmp_path / "short.flac", tone(2.0, rate=44100), rate=44100)
+    samples = decode_middle(path, sample_rate=SR)
+    assert len(samples) == pytest.approx(2 * SR, abs=SR // 50)
+
+
+def test_mono_8khz_and_96khz_24bit(tmp_path: Path) -> None:
+    low = write_audio(tmp_path / "low.wav", tone(40.0, rate=8000, channels=1, freqs=(440.0,)), rate=8000)
+    high = write_audio(
+        tmp_path / "high.flac", tone(35.0, rate=96000, freqs=(440.0,)), rate=96000, sample_format="s32"
+    )
+    with av.open(str(high)) as container:
+        assert container.streams.audio[0].rate == 96000
+    for path in (low, high):
+        samples = decode_middle(path, sample_rate=SR)
+        assert len(samples) == 30 * SR
+        assert dominant_frequency(samples, SR) == pytest.approx(440.0, abs=3)
+
+
+def test_non_ascii_path(tmp_path: Path) -> None:
+    path = write_audio(tmp_path / "Björk – Jóga 日本語.ogg", tone(5.0), rate=22050)
+    assert len(decode_middle(path, sample_rate=SR)) == pytest.approx(5 * SR, abs=SR // 20)
+    # beets hands paths over as bytes
+    assert len(decode_middle(bytes(path), sample_rate=SR)) > 0
+
+
+def test_eight_hour_track_decodes_only_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rate = 8000
+    hours = 8
+    marker_start = hours * 3600 / 2 - 15
+
+    def chunks():  # silence with a 1 kHz tone in the middle 30 s, one minute at a time
+        for minute in range(hours * 60):
+            t0 = minute * 60.0
+            t = t0 + np.arange(60 * rate) / rate
+            inside = (t >= marker_start) & (t < marker_start + 30)
+            yield np.where(inside, 0.5 * np.sin(2 * np.pi * 1000 * t), 0.0)
+
+    path = write_flac_chunks(tmp_path / "long.flac", chunks(), rate=rate)
+    assert probe_duration(path) == pytest.approx(hours * 3600, abs=1)
+
+    decoded_samples = 0
+    real = av.AudioResampler
+
+    class Counting:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.inner = real(*args, **kwargs)
+
+        def resample(self, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
+            nonlocal decoded_samples
+            if frame is not None:
+                decoded_samples += frame.samples
+            return self.inner.resample(frame)
+
+    monkeypatch.setattr(audio.av, "AudioResampler", Counting)
+    samples = decode_middle(path, sample_rate=SR)
+    assert len(samples) == 30 * SR
+    assert dominant_frequency(samples[SR:-SR], SR) == pytest.approx(1000, abs=3)
+    assert decoded_samples < 60 * rate  # far less than 8 hours
+
+
+def test_decode_window(tmp_path: Path) -> None:
+    path = write_audio(
+        tmp_path / "w.flac", sectioned(10.0, 22050, (300.0, 1000.0, 2500.0)), rate=22050
+    )
+    samples = decode_window(path, sample_rate=SR, start=21.0, seconds=8.0)
+    assert len(samples) == 8 * SR
+    assert dominant_frequency(samples, SR) == pytest.approx(2500, abs=5)
+
+
+# -- bad input: each gets samples or one AudioError naming the file -----------------
+
+
+def _error(path: Path) -> AudioError:
+    with pytest.raises(AudioError) as info:
+        decode_middle(path, sample_rate=SR)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert "not found" in _error(tmp_path / "nope.mp3").reason
+
+
+def test_zero_byte_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.mp3"
+    path.touch()
+    assert "empty" in _error(path).reason
+
+
+def test_text_file_named_mp3(tmp_path: Path) -> None:
+    path = tmp_path / "notes.mp3"
+    path.write_text("these are not the droids you are looking for\n" * 50)
+    assert "not a readable audio file" in _error(path).reason
+
+
+def test_video_without_audio(tmp_path: Path) -> None:
+    path = write_video_only(tmp_path / "clip.mp4")
+    assert "no audio stream" in _error(path).reason
+
+
+def test_digital_silence(tmp_path: Path) -> None:
+    path = write_audio(tmp_path / "silence.flac", np.zeros((2, 22050 * 40), np.float32), rate=22050)
+    assert "silence" in _error(path).reason
+
+
+@pytest.mark.parametrize("ext", ["flac", "mp3", "ogg", "m4a", "opus", "wav"])
+def test_truncated_file_gives_samples_or_a_clear_error(tmp_path: Path, ext: str) -> None:
+    full = write_audio(tmp_path / f"full.{ext}", tone(60.0), rate=22050)
+    cut = tmp_path / f"cut.{ext}"
+    shutil.copy(full, cut)
+    with open(cut, "r+b") as fh:
+        fh.truncate(full.stat().st_size * 3 // 10)
+    try:
+        samples = decode_middle(cut, sample_rate=SR)
+    except AudioError as exc:
+        assert str(cut) in str(exc)
+    else:
+        assert 0 < len(samples) <= 30 * SR
+        assert np.all(np.isfinite(samples))
+
+
+def test_invalid_arguments_name_the_value(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="-5"):
+        decode_middle(tmp_path / "x.mp3", sample_rate=-5)
+    with pytest.raises(ValueError, match="0"):
+        decode_middle(tmp_path / "x.mp3", sample_rate=SR, seconds=0)
+
+
+def test_real_corpus_excerpts(corpus: Path) -> None:
+    for path in sorted((corpus / "excerpts").iterdir())[:5]:
+        samples = decode_middle(path, sample_rate=SR)
+        assert len(samples) == 30 * SR
+        assert 0.05 < float(np.abs(samples).max()) < 2.0
