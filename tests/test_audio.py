@@ -53,9 +53,14 @@ def test_short_track_is_used_whole(tmp_path: Path) -> None:
 
 
 def test_mono_8khz_and_96khz_24bit(tmp_path: Path) -> None:
-    low = write_audio(tmp_path / "low.wav", tone(40.0, rate=8000, channels=1, freqs=(440.0,)), rate=8000)
+    low = write_audio(
+        tmp_path / "low.wav", tone(40.0, rate=8000, channels=1, freqs=(440.0,)), rate=8000
+    )
     high = write_audio(
-        tmp_path / "high.flac", tone(35.0, rate=96000, freqs=(440.0,)), rate=96000, sample_format="s32"
+        tmp_path / "high.flac",
+        tone(35.0, rate=96000, freqs=(440.0,)),
+        rate=96000,
+        sample_format="s32",
     )
     with av.open(str(high)) as container:
         assert container.streams.audio[0].rate == 96000

@@ -42,7 +42,11 @@ def test_logmel_equals_musicnn_librosa_pipeline() -> None:
 
 def test_ln_compression_and_other_parameters() -> None:
     params = FrontendParams(
-        sample_rate=22050, n_fft=1024, hop_length=512, n_mels=128, compression="ln",
+        sample_rate=22050,
+        n_fft=1024,
+        hop_length=512,
+        n_mels=128,
+        compression="ln",
         compression_scale=1.0,
     )
     y = np.random.default_rng(1).standard_normal(22050).astype(np.float32) * 0.1

@@ -38,9 +38,7 @@ def test_bad_encodings_are_rejected(bad: str) -> None:
 
 def test_write_then_read_in_one_query(lib: Library) -> None:
     vectors = unit(np.random.default_rng(1), 4, 16)
-    written = store.write_vectors(
-        lib, [(i + 1, vectors[i]) for i in range(4)], "m-1", batch_size=3
-    )
+    written = store.write_vectors(lib, [(i + 1, vectors[i]) for i in range(4)], "m-1", batch_size=3)
     assert written == 4
     ids, matrix = store.read_vectors(lib, "m-1")
     assert ids.tolist() == [1, 2, 3, 4]
@@ -48,7 +46,7 @@ def test_write_then_read_in_one_query(lib: Library) -> None:
     assert store.ids_with_vectors(lib, "m-1") == {1, 2, 3, 4}
     # models never mix
     assert store.read_vectors(lib, "other")[0].size == 0
-    sub_ids, sub = store.read_vectors(lib, "m-1", ids=[2, 4, 6])
+    sub_ids, _sub = store.read_vectors(lib, "m-1", ids=[2, 4, 6])
     assert sub_ids.tolist() == [2, 4]
 
 
@@ -72,7 +70,9 @@ def test_typed_field_on_items(lib: Library) -> None:
 
 def test_fingerprint_changes_on_write_and_removal(lib: Library) -> None:
     rng = np.random.default_rng(2)
-    store.write_vectors(lib, [(i, v) for i, v in zip(range(1, 6), unit(rng, 5, 8))], "m")
+    store.write_vectors(
+        lib, [(i, v) for i, v in zip(range(1, 6), unit(rng, 5, 8), strict=False)], "m"
+    )
     first = store.fingerprint(lib, "m")
     assert store.fingerprint(lib, "m") == first
     # rewrite the last-written vector with new values
