@@ -1,0 +1,123 @@
+"""The embedding pipeline's mechanics, with a tiny deterministic model.
+
+The model here is a fixed spectral summary (not a trained network): it only
+exercises ordering, batching, worker processes and per-file errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from audiogen import tone, write_audio
+
+from deepsim.embed import embed_files, resolve_device
+from deepsim.errors import AudioError
+from deepsim.frontend import FrontendParams
+from deepsim.models.base import Model
+
+
+class SpectralModel(Model):
+    """Mean log-mel per band, as a vector (no learned weights)."""
+
+    model_id = "test-spectral"
+    frontend = FrontendParams(
+        sample_rate=8000, n_fft=256, hop_length=128, n_mels=16, clip_seconds=4.0
+    )
+    dim = 16
+    patch_frames = 50
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def embed_patches(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls.append(patches.shape[0])
+        return {"embedding": patches.mean(dim=1)}
+
+    def pool(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs["embedding"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("embed")
+    paths = []
+    for i, freq in enumerate([200.0, 400.0, 800.0, 1600.0, 3000.0]):
+        paths.append(write_audio(root / f"{i}.flac", tone(6.0, freqs=(freq,), seed=i), rate=22050))
+    bad = root / "bad.mp3"
+    bad.write_text("not audio")
+    paths.insert(2, bad)
+    paths.insert(5, root / "missing.ogg")
+    return paths
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_outcomes_in_order_with_errors_as_values(files, workers, batch_size) -> None:
+    model = SpectralModel()
+    outcomes = list(embed_files(files, model, workers=workers, batch_size=batch_size))
+    assert [o.index for o in outcomes] == list(range(len(files)))
+    assert [Path(o.path) for o in outcomes] == files
+    for outcome in outcomes:
+        if files[outcome.index].suffix == ".flac":
+            assert outcome.error is None
+            assert outcome.vector.shape == (16,)
+            assert np.linalg.norm(outcome.vector) == pytest.approx(1.0, abs=1e-5)
+        else:
+            assert isinstance(outcome.error, AudioError)
+            assert outcome.vector is None
+            assert str(files[outcome.index]) in str(outcome.error)
+
+
+def test_results_do_not_depend_on_batching_or_workers(files) -> None:
+    single = [o.vector for o in embed_files(files, SpectralModel(), workers=0, batch_size=1)]
+    pooled = [o.vector for o in embed_files(files, SpectralModel(), workers=2, batch_size=4)]
+    for a, b in zip(single, pooled, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_different_sounds_give_different_vectors(files) -> None:
+    vectors = [
+        o.vector for o in embed_files(files, SpectralModel(), workers=0) if o.vector is not None
+    ]
+    sims = np.array(vectors) @ np.array(vectors).T
+    assert sims[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert sims[0, 4] < 0.999
+
+
+def test_batches_cover_several_tracks(files) -> None:
+    model = SpectralModel()
+    list(embed_files(files, model, workers=0, batch_size=8))
+    # 5 decodable 4-s clips (4 s = 251 frames = 5 patches each) in one network call
+    assert model.calls == [25]
+
+
+def test_short_clip_is_tiled_to_one_patch(tmp_path) -> None:
+    path = write_audio(tmp_path / "short.wav", tone(0.3, rate=8000), rate=8000)
+    (outcome,) = embed_files([path], SpectralModel(), workers=0)
+    assert outcome.error is None and outcome.vector.shape == (16,)
+
+
+def test_model_failure_is_a_per_file_error(files) -> None:
+    class Failing(SpectralModel):
+        def embed_patches(self, patches):
+            raise RuntimeError("boom")
+
+    outcomes = list(embed_files(files[:2], Failing(), workers=0, batch_size=2))
+    assert all(o.error is not None and "boom" in o.error.reason for o in outcomes)
+
+
+def test_invalid_arguments(files) -> None:
+    with pytest.raises(ValueError, match="-1"):
+        list(embed_files(files, SpectralModel(), workers=-1))
+    with pytest.raises(ValueError, match="0"):
+        list(embed_files(files, SpectralModel(), batch_size=0))
+    with pytest.raises(ValueError, match="'gpu'"):
+        resolve_device("gpu")
+    assert resolve_device("auto") in {"cpu", "cuda", "mps"}
