@@ -88,11 +88,18 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(contiguous, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes 0600; a model file is not a secret
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
