@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import confuse
+from beets import config as beets_config
 from beets import ui
+from beets.dbcore import types
 from beets.exceptions import UserError
 from beets.plugins import BeetsPlugin
 from beets.util.units import human_seconds_short
@@ -38,6 +40,37 @@ if TYPE_CHECKING:
 class EmbedOpts(Protocol):
     force: bool
     pretend: bool
+
+
+class SimilarOpts(Protocol):
+    count: int | None
+    format: str | None
+    output: str | None
+    extm3u: bool
+    relative: bool | None
+    each: bool
+    include_seeds: bool
+    max_per_artist: int | None
+    max_per_album: int | None
+    where: str | None
+    exact: bool
+
+
+class IndexOpts(Protocol):
+    force: bool
+
+
+class TrainOpts(Protocol):
+    listens: list[str] | None
+    listens_format: str | None
+    playlists: list[str] | None
+    library: bool
+    min_plays: float | None
+    factors: int | None
+    epochs: int | None
+    heldout: float | None
+    finetune: bool
+    no_embed: bool
 
 
 def _top_tags(names: Sequence[str], probs: Any, per_group: int = 3) -> str:
@@ -71,25 +104,34 @@ class DeepsimPlugin(BeetsPlugin):
                 "format": None,
                 "max_per_artist": 0,
                 "max_per_album": 0,
-                "relative_to": None,
-                "index": {"n_trees": 50, "search_k": -1, "exact_below": 20000},
+                "relative": False,
+                "index": {"n_trees": 20, "exact_below": 2000},
                 # beet deepsim-train
                 "train": {
                     "listens": [],
                     "format": "auto",
                     "playlists": [],
-                    "min_plays": 5,
+                    "library": False,
+                    "backbone": "default",
+                    "min_plays": 2,
+                    "min_tracks": 50,
                     "factors": 40,
-                    "alpha": 2.0,
-                    "epsilon": 1.0,
-                    "regularization": 0.01,
-                    "iterations": 15,
+                    "alpha": None,
+                    "epsilon": None,
+                    "regularization": None,
+                    "iterations": None,
                     "heldout": 0.2,
                     "epochs": 200,
+                    "threads": 1,
                 },
             }
         )
-        self.item_types = {store.VECTOR_FIELD: store.VectorType()}
+        self.item_types = {
+            store.VECTOR_FIELD: store.VectorType(),
+            # set in memory on the results of `beet similar`, for $similarity / $distance
+            "similarity": types.Float(3),
+            "distance": types.Float(3),
+        }
         self._vectors_changed = False
         self._imported_ids: list[int] = []
         if self.config["auto"].get(bool):
@@ -188,7 +230,153 @@ class DeepsimPlugin(BeetsPlugin):
         )
         embed.parser.usage += "\nExample: %prog -f 'album:Blue Train'"
         embed.func = self.embed_command
-        return [embed]
+
+        similar = ui.Subcommand(
+            "similar", help="list the tracks that sound most like the matched track(s)"
+        )
+        p = similar.parser
+        p.add_option(
+            "-c",
+            "--count",
+            type="int",
+            metavar="N",
+            help=f"how many tracks (default: {self.config['count'].get()})",
+        )
+        p.add_format_option(target="item")
+        p.add_option(
+            "-o",
+            "--output",
+            metavar="FILE",
+            help="write an m3u/m3u8 playlist to FILE instead of printing",
+        )
+        p.add_option(
+            "--extm3u",
+            action="store_true",
+            default=False,
+            help="extended m3u (#EXTM3U, #EXTINF with duration and artist - title)",
+        )
+        p.add_option(
+            "--relative",
+            action="store_true",
+            default=None,
+            help="playlist paths relative to the playlist's directory",
+        )
+        p.add_option(
+            "--absolute",
+            dest="relative",
+            action="store_false",
+            help="absolute playlist paths (the default)",
+        )
+        p.add_option(
+            "--each",
+            action="store_true",
+            default=False,
+            help="one list per matched track instead of one for their mean",
+        )
+        p.add_option(
+            "--include-seeds",
+            action="store_true",
+            default=False,
+            help="allow the matched tracks themselves in the results",
+        )
+        p.add_option(
+            "--max-per-artist",
+            type="int",
+            metavar="N",
+            help="at most N tracks per artist (0: no limit)",
+        )
+        p.add_option(
+            "--max-per-album",
+            type="int",
+            metavar="N",
+            help="at most N tracks per album (0: no limit)",
+        )
+        p.add_option(
+            "-w",
+            "--where",
+            metavar="QUERY",
+            help="only return tracks matching this beets query, e.g. 'format:FLAC'",
+        )
+        p.add_option(
+            "--exact",
+            action="store_true",
+            default=False,
+            help="exact search over all vectors instead of the ANN index",
+        )
+        p.usage += (
+            "\nExamples: %prog 'title:Blue in Green'\n"
+            "          %prog -c 30 --extm3u -o ~/like-this.m3u album:'Kind of Blue'"
+        )
+        similar.func = self.similar_command
+
+        index = ui.Subcommand("deepsim-index", help="rebuild the similarity index now")
+        index.parser.add_option(
+            "-f",
+            "--force",
+            action="store_true",
+            default=False,
+            help="rebuild even when the index is up to date",
+        )
+        index.func = self.index_command
+
+        train = ui.Subcommand(
+            "deepsim-train", help="learn a listening-data (CF) space and a model that predicts it"
+        )
+        p = train.parser
+        p.add_option(
+            "-l",
+            "--listens",
+            action="append",
+            metavar="FILE",
+            help="listening data file (repeatable): Last.fm CSV, Last.fm-1K TSV, "
+            "ListenBrainz JSON/JSONL, MSD Taste Profile triplets",
+        )
+        p.add_option(
+            "--listens-format",
+            metavar="FORMAT",
+            help="auto (default), lastfm-csv, lastfm-1k, listenbrainz, taste-profile",
+        )
+        p.add_option(
+            "--playlist",
+            dest="playlists",
+            action="append",
+            metavar="PATH",
+            help="m3u playlist file or directory of them; each playlist is a listener",
+        )
+        p.add_option(
+            "--library",
+            action="store_true",
+            default=False,
+            help="also use play counts stored in the library (mpdstats, lastimport...)",
+        )
+        p.add_option(
+            "--min-plays",
+            type="float",
+            metavar="N",
+            help="fewest plays for a track to be a training target",
+        )
+        p.add_option("--factors", type="int", metavar="N", help="WMF dimensions")
+        p.add_option("--epochs", type="int", metavar="N", help="most training epochs")
+        p.add_option(
+            "--heldout",
+            type="float",
+            metavar="F",
+            help="share of tracks held out for evaluation (default 0.2)",
+        )
+        p.add_option(
+            "--finetune",
+            action="store_true",
+            default=False,
+            help="also train the backbone network (slow without a GPU)",
+        )
+        p.add_option(
+            "--no-embed",
+            action="store_true",
+            default=False,
+            help="do not re-embed the library with the new model",
+        )
+        train.func = self.train_command
+        return [embed, similar, index, train]
 
     def embed_command(self, lib: Library, opts: EmbedOpts, args: list[str]) -> None:
         items = list(lib.items(args))
@@ -301,10 +489,215 @@ class DeepsimPlugin(BeetsPlugin):
         self._vectors_changed = False
         self.refresh_index(lib)
 
-    def refresh_index(self, lib: Library, *, force: bool = False) -> None:
-        """Rebuild the ANN index of the active model if it is stale."""
-        # Filled in by the `similar` work.
-        return None
+    def refresh_index(self, lib: Library, *, force: bool = False) -> Any:
+        """Rebuild the ANN index of the active model if it is stale (no torch)."""
+        from deepsim.similar import refresh_index
+
+        try:
+            result = refresh_index(
+                lib,
+                self.model_id,
+                self.state_dir,
+                force=force,
+                exact_below=self._positive_int(
+                    "exact_below", self.config["index"]["exact_below"].get()
+                ),
+                n_trees=self._positive_int("n_trees", self.config["index"]["n_trees"].get()),
+            )
+        except DeepsimError as exc:
+            self._log.warning("index not updated: {}", exc)
+            return None
+        if result.action == "built":
+            self._log.info("index of {} vectors built in {:.1f} s", result.count, result.seconds)
+        return result
+
+    def index_command(self, lib: Library, opts: IndexOpts, args: list[str]) -> None:
+        result = self.refresh_index(lib, force=opts.force)
+        if result is None:
+            raise UserError("deepsim-index: the index could not be written (see above)")
+        messages = {
+            "fresh": f"the {self.model_id} index of {result.count} vectors is up to date",
+            "built": f"built the {self.model_id} index of {result.count} vectors "
+            f"in {result.seconds:.1f} s",
+            "small": f"{result.count} vectors: small enough for exact search, no index kept",
+            "empty": f"no {self.model_id} vectors yet; run `beet deepsim-embed`",
+        }
+        ui.print_(f"deepsim-index: {messages[result.action]}")
+
+    def similar_command(self, lib: Library, opts: SimilarOpts, args: list[str]) -> None:
+        from deepsim.similar import find_similar, find_similar_each
+
+        seeds = list(lib.items(args))
+        if not seeds and any(" " in arg for arg in args):
+            # `beet similar 'album:X track:1'`: a quoted argument that matches
+            # nothing as one phrase is read as a query string of several terms.
+            seeds = list(lib.items(" ".join(args)))
+        if not seeds:
+            raise UserError(f"similar: no tracks match query {' '.join(args)!r}")
+        count = self._positive_int("count", opts.count)
+        caps = {}
+        for key in ("max_per_artist", "max_per_album"):
+            value = getattr(opts, key)
+            value = self.config[key].get() if value is None else value
+            if not isinstance(value, int) or value < 0:
+                raise UserError(f"similar: {key.replace('_', '-')} must be >= 0, got {value!r}")
+            caps[key] = value
+        if opts.each and opts.output:
+            raise UserError("similar: --each prints one list per seed; it cannot write -o/--output")
+        options: dict[str, Any] = {
+            "model_id": self.model_id,
+            "index_dir": self.state_dir,
+            "count": count,
+            "exclude_seeds": not opts.include_seeds,
+            "where": opts.where,
+            "backend": "exact" if opts.exact else "auto",
+            "exact_below": self._positive_int(
+                "exact_below", self.config["index"]["exact_below"].get()
+            ),
+            **caps,
+        }
+        try:
+            if opts.each:
+                results = find_similar_each(lib, seeds, **options)
+            else:
+                results = [find_similar(lib, seeds, **options)]
+        except DeepsimError as exc:
+            raise UserError(f"similar: {exc}") from exc
+        missing = (
+            results[0].missing if not opts.each else [r.missing[0] for r in results if r.missing]
+        )
+        if missing:
+            noun = "track has" if len(seeds) == 1 else "tracks have"
+            message = (
+                f"{len(missing)} of {len(seeds)} seed {noun} no {self.model_id} vector yet; "
+                "run `beet deepsim-embed`"
+            )
+            if len(missing) == len(seeds):
+                raise UserError(f"similar: {message}")
+            self._log.warning("{}", message)
+        for result in results:
+            self._log.debug(
+                "{} search ({} index: {})", result.backend, result.index_state, result.index_reason
+            )
+            if result.index_state in ("stale", "corrupt"):
+                self._vectors_changed = True  # rebuilt once this command is done (cli_exit)
+        if opts.output:
+            self._write_playlist(opts, results[0].items)
+            return
+        fmt = (
+            opts.format
+            or self.config["format"].get()
+            or ("$similarity  " + beets_config["format_item"].as_str())
+        )
+        for result in results:
+            if opts.each and result.seeds:
+                seed = result.seeds[0]
+                ui.print_(f"== {seed.evaluate_template('$artist - $album - $title')}")
+            for item in result.items:
+                ui.print_(format(item, fmt))
+
+    def train_command(self, lib: Library, opts: TrainOpts, args: list[str]) -> None:
+        from deepsim.errors import ListeningDataError, TrainingError
+        from deepsim.listening import read_library, read_listens
+
+        cfg = self.config["train"]
+        listens_paths = opts.listens or cfg["listens"].as_str_seq()
+        playlists = opts.playlists or cfg["playlists"].as_str_seq()
+        use_library = opts.library or cfg["library"].get(bool)
+        if not (listens_paths or playlists or use_library):
+            raise UserError(
+                "deepsim-train: no listening data; give --listens FILE, --playlist PATH or "
+                "--library (or set deepsim.train.listens)"
+            )
+        try:
+            sources = []
+            if listens_paths:
+                fmt = opts.listens_format or cfg["format"].as_str()
+                sources.append(
+                    read_listens([os.path.expanduser(p) for p in listens_paths], format=fmt)
+                )
+            if playlists or use_library:
+                sources.append(
+                    read_library(lib, playlist_paths=[os.path.expanduser(p) for p in playlists])
+                )
+        except (ListeningDataError, ValueError) as exc:
+            raise UserError(f"deepsim-train: {exc}") from exc
+        listens = sources[0]
+        for other in sources[1:]:
+            listens = listens.merge(other)
+        self._log.info(
+            "{} plays of {} tracks by {} listeners/sessions",
+            listens.n_plays,
+            listens.n_tracks,
+            listens.n_users,
+        )
+        from deepsim.embed import resolve_device
+        from deepsim.train import reembed_from_store, run_training
+
+        def optional(key: str) -> Any:
+            return cfg[key].get()
+
+        try:
+            report = run_training(
+                lib,
+                listens=listens,
+                state_dir=self.state_dir,
+                backbone=cfg["backbone"].as_str(),
+                min_plays=opts.min_plays if opts.min_plays is not None else cfg["min_plays"].get(),
+                min_tracks=self._positive_int("min_tracks", cfg["min_tracks"].get()),
+                factors=self._positive_int("factors", opts.factors or cfg["factors"].get()),
+                alpha=optional("alpha"),
+                epsilon=optional("epsilon"),
+                regularization=optional("regularization"),
+                iterations=optional("iterations"),
+                heldout_fraction=opts.heldout if opts.heldout is not None else cfg["heldout"].get(),
+                epochs=self._positive_int("epochs", opts.epochs or cfg["epochs"].get()),
+                finetune=opts.finetune,
+                device=resolve_device(self.config["device"].as_str()),
+                threads=cfg["threads"].get(),
+                workers=self.workers,
+                batch_size=self._positive_int("batch_size"),
+                log=lambda line: self._log.info("{}", line),
+            )
+        except (TrainingError, ValueError) as exc:
+            raise UserError(f"deepsim-train: {exc}") from exc
+        except KeyboardInterrupt:
+            raise UserError(
+                "deepsim-train: interrupted; nothing was saved and the previous model stays active"
+            ) from None
+        ui.print_(report.format_table())
+        if self.config["model"].as_str() != "auto":
+            ui.print_(
+                f"deepsim-train: deepsim.model is {self.config['model'].as_str()!r}, so the new "
+                f"model is not used; set it to auto (or to {report.path}) to use it"
+            )
+            return
+        # The new model is active now: forget the cached name and id.
+        for key in ("model_name", "model_id"):
+            self.__dict__.pop(key, None)
+        if opts.no_embed:
+            ui.print_("deepsim-train: run `beet deepsim-embed` to embed the library with it")
+            return
+        todo = reembed_from_store(lib, report.model)
+        self._vectors_changed = True
+        if len(todo):
+            self._log.info("{} track(s) need their audio decoded", len(todo))
+            self.embed_items(lib, items_by_ids(lib, todo.tolist()), progress=True)
+        else:
+            ui.print_(f"deepsim-train: re-embedded the library with {report.model_id}")
+
+    def _write_playlist(self, opts: SimilarOpts, items: Sequence[Item]) -> None:
+        from deepsim.playlist import write_playlist
+
+        relative = self.config["relative"].get(bool) if opts.relative is None else opts.relative
+        path = os.path.expanduser(opts.output or "")
+        try:
+            written = write_playlist(
+                path, items, format="extm3u" if opts.extm3u else "m3u", relative=relative
+            )
+        except DeepsimError as exc:
+            raise UserError(f"similar: {exc}") from exc
+        ui.print_(f"similar: wrote {len(items)} track(s) to {written}")
 
 
 def items_by_ids(lib: Library, ids: Sequence[int]) -> list[Item]:

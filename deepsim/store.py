@@ -104,26 +104,30 @@ _VECTOR_ROWS = f"""
 
 
 def _rows_to_matrix(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    ids: list[int] = []
-    vectors: list[np.ndarray] = []
-    dim: int | None = None
-    for item_id, text in rows:
+    ids = np.fromiter((int(row[0]) for row in rows), np.int64, count=len(rows))
+    raws: list[bytes] = []
+    for _, text in rows:
         try:
-            vector = decode_vector(text)
-        except ValueError:
-            continue  # a damaged value is treated as "no vector"
-        if dim is None:
-            dim = len(vector)
-        if len(vector) != dim:
-            continue
-        ids.append(int(item_id))
-        vectors.append(vector)
-    if not vectors:
+            raws.append(binascii.a2b_base64(text, strict_mode=True))
+        except (binascii.Error, ValueError, TypeError):
+            raws.append(b"")  # a damaged value is treated as "no vector"
+    sizes = np.fromiter((len(r) for r in raws), np.int64, count=len(raws))
+    if len(raws) == 0:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    matrix = np.stack(vectors)
+    # The common size is the dimension; rows of any other size are dropped.
+    valid = sizes[(sizes > 0) & (sizes % _DTYPE.itemsize == 0)]
+    if valid.size == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    size = int(np.bincount(valid).argmax())
+    keep = sizes == size
+    if not keep.all():
+        raws = [r for r, k in zip(raws, keep, strict=True) if k]
+        ids = ids[keep]
+    matrix = np.frombuffer(b"".join(raws), dtype=_DTYPE).reshape(len(raws), -1)
+    matrix = matrix.astype(np.float32)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     np.divide(matrix, norms, out=matrix, where=norms > 0)
-    return np.asarray(ids, np.int64), matrix
+    return ids, matrix
 
 
 def read_vectors(
@@ -162,16 +166,20 @@ def ids_with_vectors(lib: Library, model_id: str) -> set[int]:
 
 
 def fingerprint(lib: Library, model_id: str) -> str:
-    """A cheap digest of the stored vectors of ``model_id``.
+    """A cheap digest of the stored vectors.
 
-    It changes whenever such a vector is written (beets' flexible-attribute
-    table replaces a rewritten row, which gets a new row id) or its item is
-    removed, without reading the vectors themselves.
+    It changes whenever a vector is written (beets' flexible-attribute table
+    replaces a rewritten row, which gets a new row id) or an item with a vector
+    is removed (beets deletes its attributes), without reading the vectors.
+    It covers the vectors of every model, so writing another model's vectors
+    also changes it: harmless (an index rebuilt once more), and it keeps the
+    query to one aggregate over one key.
     """
     with lib.transaction() as tx:
         (row,) = tx.query(
-            f"SELECT count(*), total(v.id), max(v.id), total(v.entity_id) {_VECTOR_ROWS}",
-            [model_id],
+            "SELECT count(*), total(id), max(id), total(entity_id) "
+            "FROM item_attributes WHERE key = ?",
+            [VECTOR_FIELD],
         )
     text = f"{model_id}|{row[0]}|{row[1]}|{row[2]}|{row[3]}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]

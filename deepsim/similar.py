@@ -1,0 +1,791 @@
+"""``beet similar``'s search: seed items in, similar items out.
+
+Everything here takes a beets :class:`~beets.library.Library` and plain
+options, so the plugin only parses its command line and prints.
+
+The path of one search:
+
+1. the seeds' vectors of the active model, in one query
+   (:func:`deepsim.store.read_vectors`); seeds without one are reported in
+   :attr:`SimilarResult.missing`, never dropped silently;
+2. the query vector: the normalised mean of the seed vectors
+   (:func:`find_similar`), or each seed on its own (:func:`find_similar_each`);
+3. candidates, best first, from the saved Annoy index when it is fresh, or
+   from exact search over the stored vectors (small libraries; missing, stale
+   or damaged index; a small ``where`` set);
+4. filters: seed exclusion, ``where`` (a beets query), at most
+   ``max_per_artist`` / ``max_per_album`` results per artist / album; the
+   candidate list grows until ``count`` results survive or everything has
+   been searched;
+5. the surviving items, loaded in one query, with ``similarity`` and
+   ``distance`` set on them (in memory only) for ``$similarity`` /
+   ``$distance`` in beets formats.
+
+:func:`refresh_index` rebuilds the saved index when it is stale.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from beets.dbcore import query as dbquery
+
+from deepsim import store
+from deepsim.errors import DeepsimError
+from deepsim.index import (
+    DEFAULT_N_TREES,
+    EXACT_THRESHOLD,
+    SEARCH_FRACTION,
+    AnnoyIndex,
+    ExactIndex,
+    VectorIndex,
+    load_index,
+    remove_index,
+    save_index,
+)
+
+if TYPE_CHECKING:
+    from beets.library import Item, Library
+
+#: Beets' item fields set on returned items (in memory only).
+SIMILARITY_FIELD = "similarity"
+DISTANCE_FIELD = "distance"
+
+#: Ids per SQL ``IN (...)`` list (well below SQLite's variable limit).
+_ID_CHUNK = 900
+
+#: Ids per :func:`deepsim.store.read_vectors` call (it filters longer lists in Python
+#: after reading every vector).
+_VECTOR_CHUNK = 500
+
+SearchBackend = Literal["auto", "exact"]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class SimilarResult:
+    """What a search found.
+
+    Attributes
+    ----------
+    matches
+        ``(item, similarity)`` pairs, best first; each item also carries
+        ``item["similarity"]`` and ``item["distance"]`` (not stored).
+    seeds
+        The seed items whose vectors made the query.
+    missing
+        Seed items without a vector of the model (not embedded yet).
+    backend
+        ``"annoy"`` or ``"exact"``: what produced the candidates.
+    index_state
+        The saved index's state (``"fresh"``, ``"missing"``, ``"stale"``,
+        ``"corrupt"``) or ``"unused"`` when it was not consulted (exact search
+        requested, or a ``where`` set small enough to search exactly).
+    index_reason
+        Why, in a few words (for a log line).
+    exhausted
+        True when every candidate was examined: fewer than ``count`` matches
+        means no more items pass the filters.
+    """
+
+    matches: list[tuple[Item, float]] = field(default_factory=list)
+    seeds: list[Item] = field(default_factory=list)
+    missing: list[Item] = field(default_factory=list)
+    backend: str = "exact"
+    index_state: str = "unused"
+    index_reason: str = ""
+    exhausted: bool = False
+
+    @property
+    def items(self) -> list[Item]:
+        """The matched items, best first."""
+        return [item for item, _ in self.matches]
+
+
+# --------------------------------------------------------------------------- items
+
+
+class _IdsQuery(dbquery.Query):
+    """``items.id IN (...)`` as a fast beets query."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.ids = [int(i) for i in ids]
+        self._set = set(self.ids)
+
+    def clause(self) -> tuple[str, Sequence[int]]:
+        return f"items.id IN ({','.join('?' * len(self.ids))})", self.ids
+
+    def match(self, obj: Any) -> bool:
+        return obj.id in self._set
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _IdsQuery) and other._set == self._set
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._set))
+
+
+def load_items(lib: Library, ids: Iterable[int]) -> dict[int, Item]:
+    """The items with these ids that still exist, by id (one query per 900 ids)."""
+    wanted = sorted({int(i) for i in ids})
+    found: dict[int, Item] = {}
+    for start in range(0, len(wanted), _ID_CHUNK):
+        for item in lib.items(_IdsQuery(wanted[start : start + _ID_CHUNK])):
+            found[item.id] = item
+    return found
+
+
+# --------------------------------------------------------------------------- where
+
+
+def parse_where(lib: Library, where: str | dbquery.Query | None) -> dbquery.Query | None:
+    """Parse a beets query string the way ``beet ls`` does (``None`` passes through)."""
+    if where is None or isinstance(where, dbquery.Query):
+        return where
+    if not isinstance(where, str):
+        raise ValueError(f"where must be a beets query string, got {where!r}")
+    if not where.strip():
+        return None
+    from beets.dbcore import InvalidQueryError
+    from beets.library import Item
+    from beets.library.queries import parse_query_string
+
+    context = getattr(lib, "music_dir_context", None)
+    with context() if context is not None else contextlib.nullcontext():
+        try:
+            parsed, _sort = parse_query_string(where, Item)
+        except (InvalidQueryError, ValueError) as exc:
+            raise DeepsimError(f"invalid query {where!r}: {exc}") from exc
+    return parsed
+
+
+@dataclass(frozen=True)
+class _WhereSQL:
+    """A fast beets query as SQL over ``items`` (joined to ``albums`` when it needs to be)."""
+
+    source: str
+    clause: str
+    subvals: tuple[Any, ...]
+
+
+def _where_sql(where: dbquery.Query) -> _WhereSQL | None:
+    from beets.library import Item
+
+    clause, subvals = where.clause()
+    if clause is None:
+        return None
+    source = "items"
+    if getattr(where, "field_names", set()) & getattr(Item, "other_db_fields", set()):
+        source += f" {Item.relation_join}"
+    return _WhereSQL(source, clause, tuple(subvals))
+
+
+def where_ids(lib: Library, where: dbquery.Query, *, limit: int | None = None) -> np.ndarray | None:
+    """Ids of the items matching ``where`` (one SQL query), or None for a slow query.
+
+    A query on flexible attributes (or anything else beets cannot express in
+    SQL) returns None: it is evaluated on candidate items instead.  With
+    ``limit``, at most that many ids are returned (the query stops there).
+    """
+    sql_where = _where_sql(where)
+    if sql_where is None:
+        return None
+    return _where_ids(lib, sql_where, limit)
+
+
+def _where_ids(lib: Library, where: _WhereSQL, limit: int | None) -> np.ndarray:
+    sql = f"SELECT items.id FROM {where.source} WHERE {where.clause} GROUP BY items.id"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    with lib.transaction() as tx:
+        rows = tx.query(sql, list(where.subvals))
+    return np.fromiter((row[0] for row in rows), np.int64, count=len(rows))
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def _norm(text: Any) -> str:
+    return " ".join(str(text or "").split()).casefold()
+
+
+def _cap_keys(artist: Any, albumartist: Any, album: Any, album_id: Any) -> tuple[Any, Any]:
+    """(artist key, album key) for the diversity caps; None where unknown (never capped)."""
+    artist_key = _norm(artist) or _norm(albumartist) or None
+    # The album as tagged: a beets album (album_id) can gather tracks of several
+    # tagged albums (a folder imported with -A), and --max-per-album means the latter.
+    if _norm(album):
+        album_key: Any = ("name", _norm(albumartist) or _norm(artist), _norm(album))
+    elif album_id:
+        album_key = ("id", int(album_id))
+    else:
+        album_key = None
+    return artist_key, album_key
+
+
+def _check_cap(name: str, value: int | None) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer (0: no limit), got {value!r}")
+    return value
+
+
+class _Candidates:
+    """What the filters need to know of candidate ids, fetched in bulk and cached.
+
+    For each id: None when the item no longer exists or fails the ``where``
+    query, else its (artist, album) cap keys.  A ``where`` query that SQL can
+    evaluate is added to one small SQL query per batch of candidates; only a
+    slow one needs whole :class:`Item` objects.
+    """
+
+    def __init__(
+        self, lib: Library, *, fast_where: _WhereSQL | None, slow_where: dbquery.Query | None
+    ) -> None:
+        self.lib = lib
+        self.fast_where = fast_where
+        self.slow_where = slow_where
+        self.facts: dict[int, tuple[Any, Any] | None] = {}
+
+    def fetch(self, ids: Iterable[int]) -> None:
+        unknown = sorted({int(i) for i in ids} - self.facts.keys())
+        if not unknown:
+            return
+        for item_id in unknown:
+            self.facts[item_id] = None
+        if self.slow_where is not None:
+            items = load_items(self.lib, unknown)
+            for item_id, item in items.items():
+                if self.slow_where.match(item):
+                    self.facts[item_id] = _cap_keys(
+                        item.get("artist"),
+                        item.get("albumartist"),
+                        item.get("album"),
+                        item.get("album_id"),
+                    )
+            return
+        source, clause, subvals = "items", "1", ()
+        if self.fast_where is not None:
+            source, clause = self.fast_where.source, self.fast_where.clause
+            subvals = self.fast_where.subvals
+        for start in range(0, len(unknown), _ID_CHUNK):
+            chunk = unknown[start : start + _ID_CHUNK]
+            sql = (
+                "SELECT items.id, items.artist, items.albumartist, items.album, items.album_id "
+                f"FROM {source} WHERE items.id IN ({','.join('?' * len(chunk))}) "
+                f"AND ({clause}) GROUP BY items.id"
+            )
+            with self.lib.transaction() as tx:
+                rows = tx.query(sql, [*chunk, *subvals])
+            for row in rows:
+                self.facts[int(row[0])] = _cap_keys(row[1], row[2], row[3], row[4])
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _read_vectors(
+    lib: Library, model_id: str, ids: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors of ``ids`` (all when None), a few indexed queries for a long id list."""
+    if ids is None or ids.size <= _VECTOR_CHUNK:
+        return store.read_vectors(lib, model_id, ids=None if ids is None else ids.tolist())
+    if ids.size > 20 * _VECTOR_CHUNK:
+        # Many ids: one read of everything beats many indexed lookups.
+        all_ids, matrix = store.read_vectors(lib, model_id)
+        keep = np.isin(all_ids, ids)
+        return all_ids[keep], matrix[keep]
+    parts = [
+        store.read_vectors(lib, model_id, ids=ids[start : start + _VECTOR_CHUNK].tolist())
+        for start in range(0, ids.size, _VECTOR_CHUNK)
+    ]
+    parts = [(i, m) for i, m in parts if i.size]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate([i for i, _ in parts]), np.concatenate([m for _, m in parts])
+
+
+class _Searcher:
+    """The candidate source of one ``beet similar`` run, shared by its queries.
+
+    ``allowed`` (the ids matching a small ``where`` set) restricts exact
+    search to those items.  ``all_allowed`` lists every id matching a fast
+    ``where``, for the exact fallback.
+    """
+
+    def __init__(
+        self,
+        lib: Library,
+        model_id: str,
+        *,
+        index_dir: str | os.PathLike[str] | None,
+        backend: SearchBackend,
+        allowed: np.ndarray | None,
+        all_allowed: Callable[[], np.ndarray] | None,
+        search_fraction: float,
+        search_k: int | None,
+    ) -> None:
+        self.lib = lib
+        self.model_id = model_id
+        self.all_allowed = all_allowed
+        self.index_state = "unused"
+        self.index_reason = ""
+        self.index: VectorIndex = ExactIndex()
+        if allowed is not None:
+            self.index_reason = f"exact search over the {allowed.size} items matching the query"
+            self._use_exact(allowed)
+            return
+        if backend == "exact":
+            self.index_reason = "exact search requested"
+        elif index_dir is None:
+            self.index_state, self.index_reason = "missing", "no index directory"
+        else:
+            check = load_index(
+                index_dir,
+                model_id=model_id,
+                fingerprint=lambda: store.fingerprint(lib, model_id),
+                search_fraction=search_fraction,
+                search_k=search_k,
+            )
+            self.index_state, self.index_reason = check.state, check.reason
+            if check.fresh and check.index is not None:
+                self.index = check.index
+                return
+        self._use_exact(None)
+
+    @property
+    def backend(self) -> str:
+        return self.index.backend
+
+    def _use_exact(self, ids: np.ndarray | None) -> None:
+        vec_ids, matrix = _read_vectors(self.lib, self.model_id, ids)
+        self.index = ExactIndex().build(vec_ids, matrix) if vec_ids.size else ExactIndex()
+
+    def fall_back_to_exact(self) -> None:
+        """Search exactly from now on (the approximate search ran short of candidates)."""
+        self._use_exact(self.all_allowed() if self.all_allowed is not None else None)
+
+    def query(
+        self, vector: np.ndarray, n: int, exclude: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.index) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return self.index.query(vector, n, exclude=exclude)
+
+
+def _collect(
+    searcher: _Searcher,
+    candidates: _Candidates,
+    vector: np.ndarray,
+    *,
+    count: int,
+    exclude: np.ndarray,
+    max_per_artist: int,
+    max_per_album: int,
+) -> tuple[list[tuple[int, float]], bool]:
+    """Grow the candidate list until ``count`` pass the filters or all are searched.
+
+    Returns ``(id, similarity)`` pairs, best first, and whether everything
+    was searched.  Each round filters the whole list again, so the result
+    does not depend on how the list grew.
+    """
+    n = max(4 * count + int(exclude.size), 50)
+    while True:
+        size = len(searcher.index)
+        ids, sims = searcher.query(vector, min(n, size), exclude)
+        candidates.fetch(ids.tolist())
+        kept: list[tuple[int, float]] = []
+        per_artist: dict[Any, int] = {}
+        per_album: dict[Any, int] = {}
+        for item_id, sim in zip(ids.tolist(), sims.tolist(), strict=True):
+            facts = candidates.facts.get(item_id)
+            if facts is None:
+                continue  # removed since indexed, or rejected by `where`
+            artist, album = facts
+            if max_per_artist and artist is not None:
+                if per_artist.get(artist, 0) >= max_per_artist:
+                    continue
+                per_artist[artist] = per_artist.get(artist, 0) + 1
+            if max_per_album and album is not None:
+                if per_album.get(album, 0) >= max_per_album:
+                    continue
+                per_album[album] = per_album.get(album, 0) + 1
+            kept.append((item_id, float(sim)))
+            if len(kept) == count:
+                return kept, False
+        if searcher.backend == "exact":
+            if n >= size:
+                return kept, True
+            n *= 4
+        else:
+            n *= 4
+            if n >= size // 4:
+                # The filters reject most candidates: search exactly instead.
+                searcher.fall_back_to_exact()
+                n = len(searcher.index)
+
+
+def _seed_ids(seeds: Sequence[Item]) -> list[int]:
+    ids = []
+    for seed in seeds:
+        if getattr(seed, "id", None) is None:
+            raise ValueError(f"seed {seed!r} is not in a library (it has no id)")
+        ids.append(int(seed.id))
+    return ids
+
+
+@dataclass
+class _Plan:
+    lib: Library
+    searcher: _Searcher
+    candidates: _Candidates
+    seed_vectors: dict[int, np.ndarray]
+    exclude: np.ndarray
+    count: int
+    max_per_artist: int
+    max_per_album: int
+
+
+def _plan(
+    lib: Library,
+    seeds: Sequence[Item],
+    *,
+    model_id: str,
+    index_dir: str | os.PathLike[str] | None,
+    count: int,
+    exclude_seeds: bool,
+    where: str | dbquery.Query | None,
+    max_per_artist: int,
+    max_per_album: int,
+    backend: SearchBackend,
+    exact_below: int,
+    search_fraction: float,
+    search_k: int | None,
+) -> _Plan:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    max_per_artist = _check_cap("max_per_artist", max_per_artist)
+    max_per_album = _check_cap("max_per_album", max_per_album)
+    if backend not in ("auto", "exact"):
+        raise ValueError(f"backend must be 'auto' or 'exact', got {backend!r}")
+    if isinstance(exact_below, bool) or not isinstance(exact_below, int) or exact_below < 0:
+        raise ValueError(f"exact_below must be a non-negative integer, got {exact_below!r}")
+    if not seeds:
+        raise DeepsimError("no seed items: the query matched nothing")
+    seed_ids = _seed_ids(seeds)
+    vec_ids, matrix = store.read_vectors(lib, model_id, ids=seed_ids)
+    seed_vectors = {int(i): matrix[k] for k, i in enumerate(vec_ids.tolist())}
+    parsed = parse_where(lib, where)
+    fast_where = _where_sql(parsed) if parsed is not None else None
+    slow_where = parsed if parsed is not None and fast_where is None else None
+    allowed: np.ndarray | None = None
+    all_allowed: Callable[[], np.ndarray] | None = None
+    if fast_where is not None:
+        # A small where-set is searched exactly; LIMIT keeps the probe cheap
+        # when the set is large.
+        limit = None if backend == "exact" else exact_below
+        ids = _where_ids(lib, fast_where, limit)
+        if limit is None or ids.size < limit:
+            allowed = ids
+        all_allowed = functools.partial(_where_ids, lib, fast_where, None)
+    searcher = _Searcher(
+        lib,
+        model_id,
+        index_dir=index_dir,
+        backend=backend,
+        allowed=allowed,
+        all_allowed=all_allowed,
+        search_fraction=search_fraction,
+        search_k=search_k,
+    )
+    exclude = np.asarray(sorted(set(seed_ids)) if exclude_seeds else [], np.int64)
+    return _Plan(
+        lib,
+        searcher,
+        _Candidates(lib, fast_where=fast_where, slow_where=slow_where),
+        seed_vectors,
+        exclude,
+        count,
+        max_per_artist,
+        max_per_album,
+    )
+
+
+def _search(plan: _Plan, seeds: list[Item]) -> SimilarResult:
+    used = [s for s in seeds if int(s.id) in plan.seed_vectors]
+    result = SimilarResult(
+        seeds=used, missing=[s for s in seeds if int(s.id) not in plan.seed_vectors]
+    )
+    if used:
+        mean = np.mean([plan.seed_vectors[int(s.id)] for s in used], axis=0, dtype=np.float64)
+        norm = float(np.linalg.norm(mean))
+        if not math.isfinite(norm) or norm < 1e-3:
+            raise DeepsimError("the seed vectors cancel out: choose other seeds or use --each")
+        vector = (mean / norm).astype(np.float32)
+        searcher = plan.searcher
+        if len(searcher.index) and searcher.index.dim != vector.shape[0]:
+            searcher.index_state = "corrupt"
+            searcher.index_reason = (
+                f"index dimension {searcher.index.dim} differs from the seed vectors' "
+                f"({vector.shape[0]})"
+            )
+            searcher.fall_back_to_exact()
+        found, result.exhausted = _collect(
+            searcher,
+            plan.candidates,
+            vector,
+            count=plan.count,
+            exclude=plan.exclude,
+            max_per_artist=plan.max_per_artist,
+            max_per_album=plan.max_per_album,
+        )
+        items = load_items(plan.lib, [i for i, _ in found])
+        for item_id, sim in found:
+            item = items.get(item_id)
+            if item is None:
+                continue  # removed while we searched
+            item[SIMILARITY_FIELD] = round(sim, 4)
+            item[DISTANCE_FIELD] = round(1.0 - sim, 4)
+            result.matches.append((item, sim))
+    result.backend = plan.searcher.backend
+    result.index_state = plan.searcher.index_state
+    result.index_reason = plan.searcher.index_reason
+    return result
+
+
+def find_similar(
+    lib: Library,
+    seeds: Sequence[Item],
+    *,
+    model_id: str,
+    index_dir: str | os.PathLike[str] | None = None,
+    count: int = 20,
+    exclude_seeds: bool = True,
+    where: str | dbquery.Query | None = None,
+    max_per_artist: int = 0,
+    max_per_album: int = 0,
+    backend: SearchBackend = "auto",
+    exact_below: int = EXACT_THRESHOLD,
+    search_fraction: float = SEARCH_FRACTION,
+    search_k: int | None = None,
+) -> SimilarResult:
+    """Items similar to the mean of ``seeds``.
+
+    Parameters
+    ----------
+    lib
+        The beets library.
+    seeds
+        Items of ``lib`` (e.g. ``list(lib.items(query))``).
+    model_id
+        The active model's id; only its vectors are used.
+    index_dir
+        Where :func:`refresh_index` saves the index (``<config dir>/deepsim``);
+        None: always search exactly.
+    count
+        How many items to return at most.
+    exclude_seeds
+        Never return a seed.
+    where
+        A beets query string (``"format:FLAC"``, ``"^genre:Christmas"``) or
+        parsed query that results must match.
+    max_per_artist, max_per_album
+        At most this many results per artist / album (0: no limit).  Items
+        with no artist (album) are not capped.
+    backend
+        ``"auto"``: the saved index when fresh, else exact; ``"exact"``: always exact.
+    exact_below
+        A ``where`` query matching fewer items than this is searched exactly
+        over just those items.
+    search_fraction, search_k
+        Annoy search effort (see :class:`deepsim.index.AnnoyIndex`).
+
+    Returns
+    -------
+    SimilarResult
+        The matches and how they were found; seeds without a vector are in
+        ``missing`` (with no seed vector at all, ``matches`` is empty).
+
+    Raises
+    ------
+    DeepsimError
+        No seeds, an invalid ``where`` query, or seed vectors that cancel out.
+    ValueError
+        An invalid option value.
+    """
+    seeds = list(seeds)
+    plan = _plan(
+        lib,
+        seeds,
+        model_id=model_id,
+        index_dir=index_dir,
+        count=count,
+        exclude_seeds=exclude_seeds,
+        where=where,
+        max_per_artist=max_per_artist,
+        max_per_album=max_per_album,
+        backend=backend,
+        exact_below=exact_below,
+        search_fraction=search_fraction,
+        search_k=search_k,
+    )
+    return _search(plan, seeds)
+
+
+def find_similar_each(
+    lib: Library,
+    seeds: Sequence[Item],
+    *,
+    model_id: str,
+    index_dir: str | os.PathLike[str] | None = None,
+    count: int = 20,
+    exclude_seeds: bool = True,
+    where: str | dbquery.Query | None = None,
+    max_per_artist: int = 0,
+    max_per_album: int = 0,
+    backend: SearchBackend = "auto",
+    exact_below: int = EXACT_THRESHOLD,
+    search_fraction: float = SEARCH_FRACTION,
+    search_k: int | None = None,
+) -> list[SimilarResult]:
+    """One search per seed (``beet similar --each``), in seed order.
+
+    Options are those of :func:`find_similar`; ``exclude_seeds`` excludes
+    every seed from every result.  A seed without a vector gets a result with
+    no matches and itself in ``missing``.  Each result has its own
+    :class:`Item` objects, so ``$similarity`` is right in each.
+    """
+    seeds = list(seeds)
+    plan = _plan(
+        lib,
+        seeds,
+        model_id=model_id,
+        index_dir=index_dir,
+        count=count,
+        exclude_seeds=exclude_seeds,
+        where=where,
+        max_per_artist=max_per_artist,
+        max_per_album=max_per_album,
+        backend=backend,
+        exact_below=exact_below,
+        search_fraction=search_fraction,
+        search_k=search_k,
+    )
+    return [_search(plan, [seed]) for seed in seeds]
+
+
+# --------------------------------------------------------------------------- index upkeep
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What :func:`refresh_index` did.
+
+    ``action`` is ``"fresh"`` (the saved index was up to date), ``"built"``,
+    ``"small"`` (fewer vectors than ``exact_below``: exact search is used and
+    any saved index was removed) or ``"empty"`` (no vectors of the model).
+    """
+
+    action: Literal["fresh", "built", "small", "empty"]
+    count: int
+    seconds: float
+    reason: str
+    path: str | None = None
+
+
+def refresh_index(
+    lib: Library,
+    model_id: str,
+    index_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    exact_below: int = EXACT_THRESHOLD,
+    n_trees: int = DEFAULT_N_TREES,
+    n_jobs: int = -1,
+) -> RefreshResult:
+    """Rebuild ``model_id``'s Annoy index under ``index_dir`` if it is stale.
+
+    The index is rebuilt when it is missing, stale (vectors written or items
+    removed since), damaged, or built with another ``n_trees``; with fewer
+    than ``exact_below`` vectors no index is kept (exact search is as fast)
+    and an old one is removed.  Cheap when the index is fresh (a sidecar
+    read, a SQL aggregate and a few MiB of the file checked).  The
+    fingerprint is taken before the vectors are read, so a vector written
+    meanwhile makes the new index stale, never silently incomplete.
+
+    Parameters
+    ----------
+    lib
+        The beets library.
+    model_id
+        The active model's id.
+    index_dir
+        ``<beets config dir>/deepsim``; created if missing.
+    force
+        Rebuild even when fresh, and build even below ``exact_below``.
+    exact_below
+        No index below this many vectors.
+    n_trees, n_jobs
+        Annoy build parameters (see :class:`deepsim.index.AnnoyIndex`).
+
+    Raises
+    ------
+    AnnIndexError
+        The index cannot be written (the message names the path and reason).
+    """
+    started = time.perf_counter()
+    current = store.fingerprint(lib, model_id)
+    if not force:
+        check = load_index(index_dir, model_id=model_id, fingerprint=current)
+        if (
+            check.fresh
+            and check.index is not None
+            and check.sidecar is not None
+            and check.sidecar.n_trees == n_trees
+            and len(check.index) >= exact_below
+        ):
+            return RefreshResult(
+                "fresh", len(check.index), time.perf_counter() - started, check.reason
+            )
+    ids, matrix = store.read_vectors(lib, model_id)
+    if ids.size == 0:
+        remove_index(index_dir, model_id)
+        return RefreshResult("empty", 0, time.perf_counter() - started, "no vectors")
+    if ids.size < exact_below and not force:
+        remove_index(index_dir, model_id)
+        return RefreshResult(
+            "small",
+            int(ids.size),
+            time.perf_counter() - started,
+            f"{ids.size} vectors, below {exact_below}: exact search",
+        )
+    build_started = time.perf_counter()
+    index = AnnoyIndex(n_trees=n_trees, n_jobs=n_jobs).build(ids, matrix)
+    path = save_index(
+        index,
+        index_dir,
+        model_id=model_id,
+        fingerprint=current,
+        max_id=int(ids.max()),
+        build_seconds=time.perf_counter() - build_started,
+    )
+    return RefreshResult(
+        "built",
+        int(ids.size),
+        time.perf_counter() - started,
+        f"{ids.size} vectors, {n_trees} trees",
+        os.fspath(path),
+    )
