@@ -579,7 +579,7 @@ class DeepsimPlugin(BeetsPlugin):
             self._log.debug(
                 "{} search ({} index: {})", result.backend, result.index_state, result.index_reason
             )
-            if result.index_state in ("stale", "corrupt"):
+            if result.index_state in ("stale", "corrupt", "missing"):
                 self._vectors_changed = True  # rebuilt once this command is done (cli_exit)
         if opts.output:
             self._write_playlist(opts, results[0].items)
