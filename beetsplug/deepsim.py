@@ -228,7 +228,7 @@ class DeepsimPlugin(BeetsPlugin):
             default=False,
             help="list the tracks that would be embedded, and do nothing",
         )
-        embed.parser.usage += "\nExample: %prog -f 'album:Blue Train'"
+        embed.parser.usage = "%prog [options] [QUERY]\nExample: %prog -f 'album:Blue Train'"
         embed.func = self.embed_command
 
         similar = ui.Subcommand(
@@ -303,8 +303,9 @@ class DeepsimPlugin(BeetsPlugin):
             default=False,
             help="exact search over all vectors instead of the ANN index",
         )
-        p.usage += (
-            "\nExamples: %prog 'title:Blue in Green'\n"
+        p.usage = (
+            "%prog [options] QUERY\n"
+            "Examples: %prog 'title:Blue in Green'\n"
             "          %prog -c 30 --extm3u -o ~/like-this.m3u album:'Kind of Blue'"
         )
         similar.func = self.similar_command
@@ -375,6 +376,7 @@ class DeepsimPlugin(BeetsPlugin):
             default=False,
             help="do not re-embed the library with the new model",
         )
+        p.usage = "%prog [options]\nExample: %prog --listens ~/scrobbles.csv --playlist ~/Playlists"
         train.func = self.train_command
         return [embed, similar, index, train]
 
