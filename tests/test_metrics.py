@@ -1,0 +1,162 @@
+"""Tests of deepsim.metrics: hand-computable rankings and a brute-force reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from deepsim.metrics import evaluate_heldout, mean_cosine, random_vectors, ranking_scores
+
+
+@pytest.fixture(params=["sort", "compare"])
+def method(request: pytest.FixtureRequest) -> str:
+    """Both ranking strategies must give the same numbers."""
+    return str(request.param)
+
+
+def _one_dim(scores: list[float]) -> np.ndarray:
+    """Track vectors in 1-D so that a user factor of [1] scores them as given."""
+    return np.asarray(scores, np.float32)[:, None]
+
+
+def test_perfect_ranking_gives_auc_and_map_one(method: str) -> None:
+    items = _one_dim([5, 4, 3, 2, 1])
+    plays = sp.csr_matrix(np.array([[3, 1, 0, 0, 0]], np.float32))
+    r = ranking_scores(np.ones((1, 1)), items, plays, method=method)
+    assert r.auc == 1.0
+    assert r.map_at_k == 1.0
+    assert (r.n_users_auc, r.n_users_map, r.n_items) == (1, 1, 5)
+
+
+def test_reversed_ranking_gives_auc_zero_and_hand_computed_map(method: str) -> None:
+    items = _one_dim([5, 4, 3, 2, 1])
+    plays = np.array([[0, 0, 0, 1, 1]], np.float32)  # the two lowest-scored tracks
+    r = ranking_scores(np.ones((1, 1)), items, plays, method=method)
+    assert r.auc == 0.0
+    # hits at ranks 4 and 5: AP = (1/4 + 2/5) / 2
+    assert r.map_at_k == pytest.approx((1 / 4 + 2 / 5) / 2)
+
+
+def test_ties_count_one_half(method: str) -> None:
+    items = _one_dim([1, 1, 1, 1])  # every track scores the same
+    plays = np.array([[1, 0, 1, 0]], np.float32)
+    r = ranking_scores(np.ones((1, 1)), items, plays, method=method)
+    assert r.auc == pytest.approx(0.5)
+
+
+def test_map_truncation_at_k(method: str) -> None:
+    items = _one_dim([4, 3, 2, 1])
+    plays = np.array([[1, 0, 0, 1]], np.float32)
+    full = ranking_scores(np.ones((1, 1)), items, plays, k=4, method=method)
+    cut = ranking_scores(np.ones((1, 1)), items, plays, k=2, method=method)
+    assert full.map_at_k == pytest.approx((1 + 2 / 4) / 2)
+    # only the first two ranks count, normalised by min(n_relevant, k) = 2
+    assert cut.map_at_k == pytest.approx(1 / 2)
+
+
+def test_users_without_plays_or_negatives_are_handled(method: str) -> None:
+    items = _one_dim([3, 2, 1])
+    plays = np.array([[0, 0, 0], [1, 1, 1], [0, 1, 0]], np.float32)
+    r = ranking_scores(np.ones((3, 1)), items, plays, method=method)
+    assert r.n_users_map == 2  # user 0 played nothing
+    assert r.n_users_auc == 1  # user 1 played everything: AUC undefined
+    assert r.auc == 0.5  # user 2: one above, one below
+    assert r.map_at_k == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_no_users_gives_nan() -> None:
+    r = ranking_scores(np.ones((2, 1)), _one_dim([1, 2]), np.zeros((2, 2)))
+    assert math.isnan(r.auc) and math.isnan(r.map_at_k)
+
+
+def test_matches_brute_force_reference_with_chunks(method: str) -> None:
+    rng = np.random.default_rng(3)
+    users = rng.standard_normal((37, 6))
+    items = np.round(rng.standard_normal((60, 6)), 1)  # some ties in the scores
+    plays = (rng.random((37, 60)) < 0.1) * rng.integers(1, 5, (37, 60))
+    plays[5] = 0
+    r = ranking_scores(users, items, sp.csr_matrix(plays), k=10, chunk_size=8, method=method)
+    aucs, aps = [], []
+    for u in range(37):
+        s = (users[u].astype(np.float32) @ items.astype(np.float32).T).astype(np.float32)
+        rel = plays[u] > 0
+        if not rel.any():
+            continue
+        order = np.argsort(-s, kind="stable")[:10]
+        hits = rel[order]
+        prec = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(np.sum(prec * hits) / min(rel.sum(), 10))
+        pos, neg = s[rel], s[~rel]
+        if len(neg):
+            aucs.append(
+                np.mean(pos[:, None] > neg[None]) + 0.5 * np.mean(pos[:, None] == neg[None])
+            )
+    assert r.auc == pytest.approx(np.mean(aucs), abs=1e-9)
+    assert r.map_at_k == pytest.approx(np.mean(aps), abs=1e-9)
+    assert r.n_users_map == len(aps) and r.n_users_auc == len(aucs)
+
+
+def test_auto_method_agrees_on_sparse_and_dense_users() -> None:
+    rng = np.random.default_rng(8)
+    users = rng.standard_normal((50, 5))
+    items = rng.standard_normal((80, 5))
+    for density in (0.02, 0.5):  # auto compares for the first, sorts for the second
+        plays = sp.random(50, 80, density=density, random_state=2, format="csr")
+        a = ranking_scores(users, items, plays, method="auto", k=20)
+        b = ranking_scores(users, items, plays, method="sort", k=20)
+        c = ranking_scores(users, items, plays, method="compare", k=20)
+        assert a.auc == pytest.approx(b.auc) == pytest.approx(c.auc)
+        assert a.map_at_k == pytest.approx(b.map_at_k) == pytest.approx(c.map_at_k)
+
+
+def test_random_vectors_are_near_chance() -> None:
+    rng = np.random.default_rng(0)
+    users = rng.standard_normal((400, 8))
+    plays = sp.random(400, 300, density=0.05, random_state=1, format="csr")
+    r = ranking_scores(users, random_vectors(300, 8, seed=2), plays)
+    assert abs(r.auc - 0.5) < 0.03
+
+
+def test_mean_cosine() -> None:
+    a = np.array([[1, 0], [0, 2], [1, 1]], np.float32)
+    b = np.array([[2, 0], [0, -1], [1, 0]], np.float32)
+    assert mean_cosine(a, b) == pytest.approx((1 - 1 + 1 / math.sqrt(2)) / 3)
+    assert mean_cosine(a, a * 3) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        mean_cosine(a, b[:2])
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="plays must be"):
+        ranking_scores(np.ones((2, 1)), _one_dim([1, 2, 3]), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="factor dimensions"):
+        ranking_scores(np.ones((2, 2)), _one_dim([1, 2]), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="method must be"):
+        ranking_scores(np.ones((1, 1)), _one_dim([1, 2]), np.ones((1, 2)), method="magic")
+    with pytest.raises(ValueError, match="k must be"):
+        ranking_scores(np.ones((1, 1)), _one_dim([1, 2]), np.ones((1, 2)), k=0)
+
+
+def test_evaluate_heldout_orders_true_above_random() -> None:
+    rng = np.random.default_rng(5)
+    users = rng.standard_normal((300, 10)).astype(np.float32)
+    true = rng.standard_normal((200, 10)).astype(np.float32)
+    # plays follow the (unit) true factors: each user plays their 10 best tracks
+    scores = users @ (true / np.linalg.norm(true, axis=1, keepdims=True)).T
+    top = np.argsort(-scores, axis=1)[:, :10]
+    plays = np.zeros((300, 200), np.float32)
+    np.put_along_axis(plays, top, 1.0, axis=1)
+    plays[7] = 0  # a user without held-out plays
+    users[9] = 0  # a user without a factor is not evaluated
+    noisy = true + 0.5 * rng.standard_normal(true.shape).astype(np.float32)
+    m = evaluate_heldout(users, sp.csr_matrix(plays), noisy, true, seed=1)
+    assert m.wmf.auc == pytest.approx(1.0)
+    assert m.wmf.map_at_k == pytest.approx(1.0)
+    assert m.wmf.auc > m.predicted.auc > 0.8 > 0.6 > m.random.auc > 0.4
+    assert m.predicted.map_at_k > m.random.map_at_k
+    assert 0.5 < m.cosine < 1.0 and abs(m.cosine_random) < 0.2
+    assert (m.n_tracks, m.n_users, m.n_plays) == (200, 298, 2980)
+    assert [row[0] for row in m.rows()] == ["wmf (upper bound)", "predicted", "random"]

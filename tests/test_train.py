@@ -1,0 +1,452 @@
+"""Tests of deepsim.train: the head on planted structure, early stopping, the
+held-out protocol, and run_training end to end on a small beets library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from audiogen import tone, write_audio
+from beets.library import Item, Library
+
+from deepsim import store
+from deepsim.errors import TrainingError
+from deepsim.listening import KEY_SEP, Listens, TrackKey
+from deepsim.metrics import evaluate_heldout
+from deepsim.models import active_model, load_model, set_active_model
+from deepsim.models import model_id as model_id_of
+from deepsim.models.checkpoint import load_tensors
+from deepsim.models.dieleman import DielemanModel
+from deepsim.models.head import HeadModel
+from deepsim.train import (
+    factorise_split,
+    filter_counts,
+    finetune_head,
+    reembed_from_store,
+    run_training,
+    solve_item_factors,
+    split_tracks,
+    train_head,
+)
+from deepsim.wmf import confidence, fit_wmf
+
+#: A tiny Dieleman network used as the backbone (32-d output, 8 kHz front end).
+TINY = {
+    "factors": 32,
+    "filters": [4, 4],
+    "pools": [2],
+    "dense": [],
+    "batch_norm": False,
+    "patch_frames": 16,
+    "frontend": {
+        "sample_rate": 8000,
+        "n_fft": 256,
+        "hop_length": 128,
+        "n_mels": 16,
+        "clip_seconds": 2.0,
+    },
+}
+
+
+def planted(
+    *,
+    n_tracks: int = 300,
+    n_users: int = 200,
+    dim: int = 400,
+    clusters: int = 4,
+    noise: float = 1.5,
+    plays_per_user: int = 20,
+    in_cluster: float = 0.9,
+    seed: int = 0,
+) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Tracks in clusters whose features differ by cluster; users who keep to one cluster.
+
+    Returns play counts (users × tracks), unit feature rows and each track's cluster.
+    """
+    rng = np.random.default_rng(seed)
+    cluster = rng.integers(0, clusters, n_tracks)
+    means = rng.standard_normal((clusters, dim))
+    features = means[cluster] + noise * rng.standard_normal((n_tracks, dim))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    taste = rng.integers(0, clusters, n_users)
+    rows: list[int] = []
+    cols: list[int] = []
+    for u in range(n_users):
+        n = 1 + rng.poisson(plays_per_user)
+        own = np.flatnonzero(cluster == taste[u])
+        pick = np.where(
+            rng.random(n) < in_cluster, rng.choice(own, n), rng.integers(0, n_tracks, n)
+        )
+        rows += [u] * n
+        cols += pick.tolist()
+    counts = sp.csr_matrix(
+        (np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_tracks)
+    )
+    return counts, features.astype(np.float32), cluster
+
+
+# --------------------------------------------------------------------------------------------
+# The core: WMF on training tracks, a head, held-out metrics
+
+
+def test_head_beats_random_on_planted_structure() -> None:
+    counts, features, _ = planted()
+    users, tracks = filter_counts(counts)
+    counts, features = counts[users][:, tracks], features[tracks]
+    train, held = split_tracks(len(tracks), heldout_fraction=0.2, seed=0)
+    split = factorise_split(counts, train, held, factors=16, seed=0)
+    fit = train_head(features[train], split.train_factors, hidden=128, seed=0)
+    with torch.no_grad():
+        raw = fit.head(torch.from_numpy(features[held]))
+    predicted = torch.nn.functional.normalize(raw, dim=1).numpy()
+    m = evaluate_heldout(split.user_factors, counts[:, held], predicted, split.heldout_factors)
+    assert m.n_tracks == len(held) and m.n_users > 100
+    assert m.predicted.auc >= 0.65
+    assert 0.35 < m.random.auc < 0.65
+    assert m.predicted.auc - m.random.auc >= 0.15
+    assert m.predicted.map_at_k > m.random.map_at_k
+    assert m.wmf.auc > m.random.auc + 0.2
+    assert m.cosine > m.cosine_random + 0.1
+
+
+def test_solved_heldout_factors_agree_with_the_fit() -> None:
+    """Solving the item equation against the fitted users reproduces the fitted items."""
+    counts, _, _ = planted(n_tracks=120, n_users=150, dim=8)
+    result = fit_wmf(counts, factors=8, iterations=30, regularization=0.1)
+    conf = confidence(counts, alpha=result.params["alpha"], epsilon=result.params["epsilon"])
+    solved = solve_item_factors(result.user_factors, conf, regularization=0.1)
+    played = np.asarray(counts.sum(axis=0)).ravel() > 0
+    a, b = solved[played], result.item_factors[played]
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.median(cos) > 0.99
+    assert np.all(solved[~played] == 0)
+
+
+def test_heldout_tracks_are_cold_start() -> None:
+    counts, _, _ = planted(n_tracks=100, n_users=80, dim=8)
+    train, held = split_tracks(100, heldout_fraction=0.3, seed=1)
+    assert len(held) == 30 and len(np.intersect1d(train, held)) == 0
+    assert np.array_equal(np.union1d(train, held), np.arange(100))
+    split = factorise_split(counts, train, held, factors=8, seed=0)
+    assert split.train_factors.shape == (70, 8) and split.heldout_factors.shape == (30, 8)
+    np.testing.assert_allclose(np.linalg.norm(split.train_factors, axis=1), 1.0, atol=1e-5)
+    # the held-out plays take no part: removing them changes neither users nor targets
+    masked = counts.tolil()
+    masked[:, held] = 0
+    again = factorise_split(masked.tocsr(), train, held, factors=8, seed=0)
+    np.testing.assert_allclose(again.user_factors, split.user_factors, atol=1e-5)
+    np.testing.assert_allclose(again.train_factors, split.train_factors, atol=1e-5)
+
+
+def test_filter_counts_applies_rules_until_stable() -> None:
+    dense = np.array(
+        [
+            [1, 1, 0, 0],
+            [1, 1, 0, 1],
+            [0, 0, 5, 0],  # one track only, and that track has one listener
+            [1, 0, 0, 1],
+        ],
+        np.float32,
+    )
+    users, tracks = filter_counts(sp.csr_matrix(dense), min_plays=2, min_listeners=2)
+    assert tracks.tolist() == [0, 1, 3] and users.tolist() == [0, 1, 3]
+    # with min_user_tracks=3 user 1 alone is left, then every track loses its listeners
+    users, tracks = filter_counts(sp.csr_matrix(dense), min_user_tracks=3)
+    assert len(tracks) == 0
+
+
+def test_split_is_seeded() -> None:
+    a = split_tracks(50, heldout_fraction=0.2, seed=3)
+    b = split_tracks(50, heldout_fraction=0.2, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len(split_tracks(50, heldout_fraction=0.0)[1]) == 0
+    assert [len(x) for x in split_tracks(3, heldout_fraction=0.9)] == [1, 2]
+    assert [len(x) for x in split_tracks(10, heldout_fraction=0.01)] == [9, 1]
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        split_tracks(50, heldout_fraction=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# train_head
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 20)).astype(np.float32)  # features unrelated to targets:
+    y = rng.standard_normal((200, 4)).astype(np.float32)  # training can only overfit
+    xv = rng.standard_normal((100, 20)).astype(np.float32)
+    yv = rng.standard_normal((100, 4)).astype(np.float32)
+    fit = train_head(
+        x, y, validation=(xv, yv), hidden=256, dropout=0.0, lr=3e-3, epochs=300, patience=5
+    )
+    assert fit.stopped_early
+    assert fit.epochs == fit.best_epoch + 5 < 300
+    assert fit.val_loss[fit.best_epoch - 1] == min(fit.val_loss)
+    assert fit.train_loss[-1] < fit.train_loss[0]
+    with torch.no_grad():
+        kept = torch.nn.functional.mse_loss(fit.head(torch.from_numpy(xv)), torch.from_numpy(yv))
+    assert float(kept) == pytest.approx(fit.best_val_loss, rel=1e-5)  # best weights restored
+    assert (fit.n_train, fit.n_val) == (200, 100)
+
+
+def test_train_head_without_validation_runs_all_epochs_and_is_seeded() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 10)).astype(np.float32)
+    y = rng.standard_normal((64, 3)).astype(np.float32)
+    a = train_head(x, y, val_fraction=0.0, epochs=7, hidden=8, seed=4)
+    b = train_head(x, y, val_fraction=0.0, epochs=7, hidden=8, seed=4)
+    assert a.epochs == 7 and not a.stopped_early and a.val_loss == [] and a.n_val == 0
+    for (ka, va), (kb, vb) in zip(
+        a.head.state_dict().items(), b.head.state_dict().items(), strict=True
+    ):
+        assert ka == kb and torch.equal(va, vb)
+    split = train_head(x, y, val_fraction=0.25, epochs=2, hidden=8)
+    assert (split.n_train, split.n_val) == (48, 16)
+
+
+def test_train_head_rejects_bad_parameters() -> None:
+    x = np.zeros((10, 4), np.float32)
+    y = np.zeros((10, 2), np.float32)
+    for kwargs, word in (
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"patience": 0}, "patience"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": "fast"}, "lr"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            train_head(x, y, **kwargs)
+    with pytest.raises(ValueError, match="one row per track"):
+        train_head(x, y[:5])
+    with pytest.raises(ValueError, match="NaN"):
+        train_head(np.full((10, 4), np.nan, np.float32), y)
+
+
+def test_callback_interrupt_propagates() -> None:
+    seen: list[int] = []
+
+    def stop(epoch: int, train: float, val: float) -> None:
+        seen.append(epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    x = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        train_head(x, x[:, :2], callback=stop, epochs=10)
+    assert seen == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning (tiny, on the CPU)
+
+
+def _tiny_head(tmp_path: Path, *, out_dim: int = 3) -> tuple[HeadModel, Path]:
+    torch.manual_seed(0)
+    backbone = DielemanModel(TINY)
+    path = backbone.save(tmp_path / "tiny.safetensors")
+    model = HeadModel(
+        backbone=str(path), in_dim=32, out_dim=out_dim, hidden=16, backbone_model=backbone.eval()
+    )
+    return model, path
+
+
+def test_finetune_trains_backbone_and_head(tmp_path: Path) -> None:
+    model, _ = _tiny_head(tmp_path)
+    rng = np.random.default_rng(0)
+    # two kinds of "audio": the target depends on which band is loud
+    mels = rng.random((24, 40, 16)).astype(np.float32)
+    kind = np.arange(24) % 2
+    mels[kind == 1, :, :4] += 2.0
+    targets = np.where(kind[:, None] == 1, [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]).astype(np.float32)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    fit = finetune_head(model, mels, targets, epochs=6, batch_size=8, lr=1e-2, head_lr=1e-2)
+    assert model.finetune and fit.epochs >= 1 and fit.head is None
+    assert fit.train_loss[-1] < fit.train_loss[0]
+    after = model.backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    out = model.save(tmp_path / "ft.safetensors")
+    assert any(k.startswith("backbone.") for k in load_tensors(out))
+
+
+# --------------------------------------------------------------------------------------------
+# run_training on a beets library
+
+
+class World:
+    """A library whose items carry planted 32-d backbone vectors, plus matching listens."""
+
+    def __init__(
+        self, tmp_path: Path, *, n_tracks: int = 200, n_audio: int = 3, broken: bool = True
+    ) -> None:
+        torch.manual_seed(0)
+        self.backbone_path = DielemanModel(TINY).save(tmp_path / "backbone.safetensors")
+        self.backbone = str(self.backbone_path)
+        self.backbone_id = model_id_of(self.backbone)
+        self.state = tmp_path / "state"
+        counts, features, _ = planted(n_tracks=n_tracks, n_users=160, dim=32, noise=0.6)
+        self.lib = Library(str(tmp_path / "library.db"))
+        self.ids: list[int] = []
+        for j in range(n_tracks):
+            item = Item(artist=f"Artist {j % 7}", title=f"Song {j}", path=f"/m/{j}.mp3".encode())
+            self.ids.append(self.lib.add(item))
+        # a few tracks have audio and no stored vector: they are embedded from audio
+        audio_dir = tmp_path / "audio"
+        audio_dir.mkdir()
+        self.audio_ids = self.ids[:n_audio]
+        for j, item_id in enumerate(self.audio_ids):
+            path = write_audio(
+                audio_dir / f"{j}.wav",
+                tone(1.5, rate=8000, channels=1, freqs=(200.0 + 100 * j,), seed=j),
+                rate=8000,
+            )
+            item = self.lib.get_item(item_id)
+            item.path = str(path).encode()
+            item.store()
+        # and one has neither a vector nor a readable file: it is left out
+        self.broken_ids = self.ids[n_audio : n_audio + 1] if broken else []
+        store.write_vectors(
+            self.lib,
+            [
+                (i, features[j])
+                for j, i in enumerate(self.ids)
+                if i not in self.audio_ids and i not in self.broken_ids
+            ],
+            self.backbone_id,
+        )
+        # the listening data names tracks by artist and title, plus tracks not in the library
+        tracks = [
+            TrackKey(f"artist {j % 7}{KEY_SEP}song {j}", f"Artist {j % 7}", f"Song {j}")
+            for j in range(n_tracks)
+        ]
+        tracks += [TrackKey(f"x{KEY_SEP}{k}", "Nobody", f"Unknown {k}") for k in range(10)]
+        extra = sp.random(counts.shape[0], 10, density=0.05, random_state=0, format="csr")
+        self.listens = Listens(
+            sp.hstack([counts, extra]).tocsr(), [f"u{u}" for u in range(counts.shape[0])], tracks
+        )
+
+    def train(self, **kwargs) -> object:  # type: ignore[no-untyped-def]
+        options = {
+            "listens": self.listens,
+            "state_dir": self.state,
+            "backbone": self.backbone,
+            "factors": 16,
+            "hidden": 64,
+            "min_tracks": 20,
+            "workers": 0,
+            "seed": 0,
+        }
+        options.update(kwargs)
+        return run_training(self.lib, **options)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def test_run_training_end_to_end(world: World) -> None:
+    lines: list[str] = []
+    report = world.train(log=lines.append)
+    assert report.n_listened_tracks == 210 and report.n_matched == 200
+    assert report.match_rate == pytest.approx(200 / 210)
+    assert report.n_embedded == 3 and report.n_failed == 1
+    assert report.n_tracks <= 199
+    assert any("/m/3.mp3" in line and "left out" in line for line in lines)
+    assert report.n_train + report.n_heldout == report.n_tracks
+    assert report.n_heldout == round(0.2 * report.n_tracks)
+    m = report.metrics
+    assert m is not None and m.predicted.auc > m.random.auc + 0.1
+    assert report.model_id.startswith("head-") and report.activated
+    assert report.path == world.state / "models" / f"{report.model_id}.safetensors"
+    assert active_model("auto", state_dir=world.state) == str(report.path.resolve())
+    table = report.format_table()
+    assert report.model_id in table and "wmf (upper bound)" in table and "mAP@500" in table
+    assert any("matched 200 of 210" in line for line in lines)
+    # the audio-embedded vectors were cached for items that had none
+    assert set(world.audio_ids) <= store.ids_with_vectors(world.lib, world.backbone_id)
+
+    model = load_model(report.path)
+    assert isinstance(model, HeadModel) and model.model_id == report.model_id
+    assert report.model is not None and report.model.model_id == report.model_id
+    assert not report.model.training
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    np.testing.assert_allclose(model.apply_to_vectors(x), report.model.apply_to_vectors(x))
+    assert model.config["info"]["heldout"]["auc"] == pytest.approx(m.predicted.auc, abs=1e-4)
+
+    # re-embedding from the store: every item with a backbone vector, no audio needed
+    no_vector = world.lib.add(Item(artist="New", title="Song", path=b"/m/new.mp3"))
+    missing = reembed_from_store(world.lib, model, batch_size=50)
+    assert sorted(missing.tolist()) == sorted([no_vector, *world.broken_ids])
+    head_ids, head_vectors = store.read_vectors(world.lib, model.model_id)
+    assert len(head_ids) == len(world.ids) - 1 and head_vectors.shape[1] == 16
+    _, base = store.read_vectors(world.lib, world.backbone_id, ids=[world.ids[5]])
+    assert len(base) == 0  # the item's vector slot now holds the head's vector
+    again = reembed_from_store(world.lib, model)  # nothing left but the two without vectors
+    assert sorted(again.tolist()) == sorted(missing.tolist())
+
+
+def test_training_errors(world: World) -> None:
+    with pytest.raises(TrainingError, match="empty"):
+        world.train(listens=Listens.empty())
+    strangers = Listens(
+        sp.csr_matrix(np.ones((2, 3), np.float32)),
+        ["a", "b"],
+        [TrackKey(f"n{KEY_SEP}{k}", "Nobody", f"Nothing {k}") for k in range(3)],
+    )
+    with pytest.raises(TrainingError, match="0 of 3 listened tracks matched the library"):
+        world.train(listens=strangers)
+    with pytest.raises(TrainingError, match=r"only \d+ of the 200 .* at least 5000"):
+        world.train(min_tracks=5000)
+    assert not (world.state / "models").exists()
+
+
+def test_interrupt_leaves_previous_model_active(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    first = world.train()
+    models = world.state / "models"
+    before = sorted(models.iterdir())
+
+    def interrupt(epoch: int, train: float, val: float) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        world.train(on_epoch=interrupt, seed=1)
+    assert active_model("auto", state_dir=world.state) == str(first.path.resolve())
+    assert sorted(models.iterdir()) == before
+
+    # interrupted while activating: the new, complete file is removed again
+    def no_activate(path: object, *, state_dir: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("deepsim.models.set_active_model", no_activate)
+    with pytest.raises(KeyboardInterrupt):
+        world.train(seed=2)
+    assert active_model("auto", state_dir=world.state) == str(first.path.resolve())
+    assert sorted(models.iterdir()) == before
+    monkeypatch.setattr("deepsim.models.set_active_model", set_active_model)
+
+
+def test_run_training_with_finetuning(tmp_path: Path) -> None:
+    """Fine-tuning end to end on a small library of real (generated) audio files."""
+    world = World(tmp_path, n_tracks=24, n_audio=24, broken=False)
+    report = world.train(
+        finetune=True,
+        finetune_epochs=2,
+        finetune_batch_size=8,
+        min_tracks=10,
+        heldout_fraction=0.25,
+        epochs=20,
+    )
+    assert report.finetune and report.n_embedded == 24
+    assert report.metrics is not None and report.metrics.n_tracks == 6
+    tensors = load_tensors(report.path)
+    assert any(k.startswith("backbone.") for k in tensors)
+    model = load_model(report.path)
+    assert isinstance(model, HeadModel) and model.finetune
+    assert model.embed([np.zeros(4000, np.float32) + 0.1]).vectors.shape == (1, 16)
+    # a fine-tuned backbone cannot reuse stored vectors: everything needs audio
+    assert len(reembed_from_store(world.lib, model)) == len(world.ids)
