@@ -1,0 +1,153 @@
+"""The seed's CF-regression convnet (deepsim.models.dieleman)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepsim.errors import ModelError
+from deepsim.frontend import FrontendParams
+from deepsim.models import load_model, model_id
+from deepsim.models.checkpoint import read_metadata, save_checkpoint
+from deepsim.models.dieleman import (
+    DEFAULT_CONFIG,
+    DielemanModel,
+    min_frames,
+    normalise_config,
+    output_frames,
+    summary,
+)
+
+SMALL = {
+    "factors": 6,
+    "filters": [8, 12],
+    "pools": [2],
+    "dense": [16],
+    "dropout": 0.0,
+    "patch_frames": 20,
+    "frontend": {"n_mels": 16},
+}
+
+
+def test_default_front_end_gives_599_frames_for_30_seconds() -> None:
+    frontend = FrontendParams.from_dict(normalise_config()["frontend"])
+    assert (frontend.sample_rate, frontend.n_fft, frontend.n_mels) == (22050, 1024, 128)
+    assert frontend.n_frames(round(30.0 * 22050)) == 599
+    assert frontend.clip_seconds == 30.0
+
+
+def test_default_layers_follow_the_published_shapes() -> None:
+    config = normalise_config()
+    # 599 -> 596 -> 149 -> 146 -> 73 -> 70 -> 35 -> 32 frames, as in Dieleman (2014).
+    assert output_frames(config, 599) == 32
+    assert "conv4 596x256 -> pool4 149x256" in summary(config)
+    assert "mean/max/L2 768 -> dense 2048 -> dense 2048 -> out 40" in summary(config)
+    model = DielemanModel().eval()
+    assert (model.dim, model.patch_frames) == (40, 599)
+    with torch.no_grad():
+        out = model(torch.randn(2, 599, 128))
+    assert out.shape == (2, 40)
+
+
+def test_global_pooling_accepts_any_length_down_to_the_minimum() -> None:
+    model = DielemanModel(SMALL).eval()
+    shortest = min_frames(model.config)
+    with torch.no_grad():
+        for frames in (shortest, 20, 57):
+            assert model(torch.randn(3, frames, 16)).shape == (3, 6)
+        with pytest.raises(RuntimeError):
+            model(torch.randn(1, shortest - 1, 16))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"patch_frames": 5}, "patch_frames 5"),
+        ({"pools": [2, 2]}, "pools [2, 2]"),
+        ({"filters": [8, 0]}, "[8, 0]"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+        ({"factors": "40"}, "factors must be a positive integer, got '40'"),
+        ({"colour": "blue"}, "unknown keys ['colour']"),
+        ({"frontend": {"n_mels": 0}}, "bad frontend"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_value(overrides: dict, fragment: str) -> None:
+    with pytest.raises(ModelError) as info:
+        normalise_config({**SMALL, **overrides})
+    assert fragment in str(info.value)
+
+
+def test_defaults_are_not_mutated_by_configs() -> None:
+    before = repr(DEFAULT_CONFIG)
+    normalise_config({"filters": [4, 4, 4, 4], "frontend": {"n_mels": 40}})
+    assert repr(DEFAULT_CONFIG) == before
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DielemanModel(SMALL).eval()
+    path = model.save(tmp_path / "m.safetensors")
+    meta = read_metadata(path)
+    assert meta["kind"] == "dieleman"
+    assert meta["model_id"] == model.model_id == model_id(path)
+    assert model.model_id.startswith("dieleman-") and len(model.model_id) == len("dieleman-") + 12
+    assert meta["config"] == model.config
+
+    loaded = load_model(path)
+    assert isinstance(loaded, DielemanModel)
+    assert loaded.model_id == model.model_id
+    x = torch.randn(2, 20, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_model_id_names_the_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    a = DielemanModel(SMALL)
+    torch.manual_seed(0)
+    b = DielemanModel(SMALL)
+    assert a.weights_id() == b.weights_id()
+    with torch.no_grad():
+        b.output.bias.add_(0.01)
+    assert a.weights_id() != b.weights_id()
+
+
+def test_embed_gives_unit_vectors_and_loops_short_audio(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = load_model(DielemanModel(SMALL).save(tmp_path / "m.safetensors"))
+    rng = np.random.default_rng(0)
+    long = rng.standard_normal(22050 * 3).astype(np.float32) * 0.1
+    short = long[:3000]  # fewer samples than one patch: looped to one patch
+    result = model.embed([long, short])
+    assert result.vectors.shape == (2, 6) and result.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-5)
+    assert result.tags is None
+    # the same audio gives the same vector whatever else is in the batch
+    alone = model.embed([long]).vectors[0]
+    np.testing.assert_allclose(alone, result.vectors[0], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_whose_weights_do_not_fit_the_config_is_refused(tmp_path: Path) -> None:
+    model = DielemanModel(SMALL)
+    wrong = {**SMALL, "dense": [32]}
+    path = save_checkpoint(
+        tmp_path / "bad.safetensors",
+        model.state_dict(),
+        kind="dieleman",
+        model_id="dieleman-000000000000",
+        config=normalise_config(wrong),
+    )
+    with pytest.raises(ModelError, match="weights do not fit the stored config"):
+        load_model(path)
+
+
+def test_original_layers_without_batch_norm() -> None:
+    model = DielemanModel({**SMALL, "batch_norm": False})
+    names = [type(m).__name__ for m in model.modules()]
+    assert "BatchNorm1d" not in names
+    assert all(
+        conv.bias is not None for conv in model.modules() if isinstance(conv, torch.nn.Conv1d)
+    )
