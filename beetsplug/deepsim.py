@@ -401,15 +401,49 @@ class DeepsimPlugin(BeetsPlugin):
                 "vector (use -f to recompute)"
             )
             return
-        self.embed_items(lib, todo, skipped=skipped, progress=True)
+        self.embed_items(lib, todo, skipped=skipped, progress=True, force=opts.force)
+
+    def _embed_from_backbone(self, lib: Library, items: Sequence[Item], head: Any) -> list[Item]:
+        """Give items with a stored backbone vector the head's vector; return the others."""
+        backbone_id = head.config["backbone_id"]
+        ids, matrix = store.read_vectors(lib, backbone_id, ids=[item.id for item in items])
+        if len(ids):
+            vectors = head.apply_to_vectors(matrix)
+            rows = (
+                (item_id, vector, None, backbone)
+                for item_id, vector, backbone in zip(ids.tolist(), vectors, matrix, strict=True)
+            )
+            store.write_vectors(lib, rows, head.model_id, backbone_id=backbone_id)
+            self._vectors_changed = True
+            self._log.info("{} track(s) embedded from stored {} vectors", len(ids), backbone_id)
+        done = set(ids.tolist())
+        return [item for item in items if item.id not in done]
 
     def embed_items(
-        self, lib: Library, items: Sequence[Item], *, skipped: int = 0, progress: bool = False
+        self,
+        lib: Library,
+        items: Sequence[Item],
+        *,
+        skipped: int = 0,
+        progress: bool = False,
+        force: bool = False,
     ) -> None:
         """Embed ``items`` and store their vectors, reporting failures per file."""
         from deepsim.embed import embed_files
 
         model = self.load_model()
+        head = None
+        if hasattr(model, "apply_to_vectors") and not getattr(model, "finetune", True):
+            # A head on a frozen backbone: reuse stored backbone vectors, and
+            # run the backbone (keeping its vectors) for the rest.
+            head = model
+            backbone_id = head.config["backbone_id"]
+            if not force:
+                items = self._embed_from_backbone(lib, items, head)
+                if not items:
+                    ui.print_(f"deepsim-embed: embedded from stored {backbone_id} vectors")
+                    return
+            model = head.backbone
         batch_size = self._positive_int("batch_size")
         commit_every = self._positive_int("commit_every")
         store_tags = self.config["store_tags"].get(bool) and bool(model.tag_names)
@@ -432,7 +466,11 @@ class DeepsimPlugin(BeetsPlugin):
                     tags = None
                     if store_tags and outcome.tags is not None:
                         tags = _top_tags(model.tag_names, outcome.tags)
-                    yield ids[outcome.index], outcome.vector, tags
+                    if head is None:
+                        yield ids[outcome.index], outcome.vector, tags
+                    else:
+                        vector = head.apply_to_vectors(outcome.vector[None])[0]
+                        yield ids[outcome.index], vector, tags, outcome.vector
             except KeyboardInterrupt:
                 interrupted = True
             finally:
@@ -440,7 +478,13 @@ class DeepsimPlugin(BeetsPlugin):
 
         started = time.monotonic()
         try:
-            written = store.write_vectors(lib, rows(), model.model_id, batch_size=commit_every)
+            written = store.write_vectors(
+                lib,
+                rows(),
+                model.model_id if head is None else head.model_id,
+                batch_size=commit_every,
+                backbone_id=None if head is None else model.model_id,
+            )
         finally:
             reporter.close()
             self._vectors_changed = True
@@ -448,7 +492,7 @@ class DeepsimPlugin(BeetsPlugin):
         rate = written / elapsed if elapsed > 0 else 0.0
         summary = (
             f"deepsim-embed: embedded {written}, skipped {skipped} (already embedded), "
-            f"failed {len(failures)} — {model.model_id}, {rate:.1f} tracks/s"
+            f"failed {len(failures)} — {(head or model).model_id}, {rate:.1f} tracks/s"
         )
         ui.print_(summary)
         for reason, count in Counter(failures).most_common():
@@ -647,13 +691,17 @@ class DeepsimPlugin(BeetsPlugin):
                 backbone=cfg["backbone"].as_str(),
                 min_plays=opts.min_plays if opts.min_plays is not None else cfg["min_plays"].get(),
                 min_tracks=self._positive_int("min_tracks", cfg["min_tracks"].get()),
-                factors=self._positive_int("factors", opts.factors or cfg["factors"].get()),
+                factors=self._positive_int(
+                    "factors", cfg["factors"].get() if opts.factors is None else opts.factors
+                ),
                 alpha=optional("alpha"),
                 epsilon=optional("epsilon"),
                 regularization=optional("regularization"),
                 iterations=optional("iterations"),
                 heldout_fraction=opts.heldout if opts.heldout is not None else cfg["heldout"].get(),
-                epochs=self._positive_int("epochs", opts.epochs or cfg["epochs"].get()),
+                epochs=self._positive_int(
+                    "epochs", cfg["epochs"].get() if opts.epochs is None else opts.epochs
+                ),
                 finetune=opts.finetune,
                 device=resolve_device(self.config["device"].as_str()),
                 threads=cfg["threads"].get(),

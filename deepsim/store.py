@@ -13,6 +13,12 @@ Each embedded item carries two flexible attributes:
 
 Optionally ``deepsim_tags`` holds the model's top tags as text.
 
+A second slot, ``deepsim_backbone_vector`` / ``deepsim_backbone_model``, keeps
+the vector of the model a trained head reads (its *backbone*), so that
+re-training, re-embedding after ``beet deepsim-train --no-embed`` and going
+back to ``model: default`` need no audio.  Reads for a model id look in both
+slots (the main one wins); a vector means the same whichever slot holds it.
+
 Reads go through one SQL query (never by loading ``Item`` objects); writes go
 in transactions of ``batch_size`` items, so an interruption loses at most the
 batch in flight.  torch is never imported here.
@@ -35,6 +41,9 @@ if TYPE_CHECKING:
 VECTOR_FIELD = "deepsim_vector"
 MODEL_FIELD = "deepsim_model"
 TAGS_FIELD = "deepsim_tags"
+BACKBONE_VECTOR_FIELD = "deepsim_backbone_vector"
+BACKBONE_MODEL_FIELD = "deepsim_backbone_model"
+_SLOTS = ((BACKBONE_VECTOR_FIELD, BACKBONE_MODEL_FIELD), (VECTOR_FIELD, MODEL_FIELD))
 
 _DTYPE = np.dtype("<f2")
 
@@ -94,13 +103,24 @@ class VectorType(types.Type):  # type: ignore[type-arg]
         return encode_vector(model_value)
 
 
-_VECTOR_ROWS = f"""
+def _slot_rows(vector_key: str, model_key: str) -> str:
+    return f"""
     FROM item_attributes AS v
     JOIN item_attributes AS m
-      ON m.entity_id = v.entity_id AND m.key = '{MODEL_FIELD}'
+      ON m.entity_id = v.entity_id AND m.key = '{model_key}'
     JOIN items AS i ON i.id = v.entity_id
-    WHERE v.key = '{VECTOR_FIELD}' AND m.value = ?
+    WHERE v.key = '{vector_key}' AND m.value = ?
 """
+
+
+def _query_slots(lib: Library, columns: str, model_id: str, extra: str = "", params=()) -> list:
+    """Rows of both slots for ``model_id``; main-slot rows come last (and win)."""
+    rows: list[Any] = []
+    with lib.transaction() as tx:
+        for vector_key, model_key in _SLOTS:
+            sql = f"SELECT {columns} {_slot_rows(vector_key, model_key)}{extra}"
+            rows.extend(tx.query(sql, [model_id, *params]))
+    return rows
 
 
 def _rows_to_matrix(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,27 +161,33 @@ def read_vectors(
         int64 item ids (ascending) and float32 ``(n, dim)`` unit rows.  Items
         without a vector of this model are absent.
     """
-    sql = f"SELECT v.entity_id, v.value {_VECTOR_ROWS}"
-    params: list[Any] = [model_id]
+    extra = ""
+    params: list[Any] = []
     wanted: set[int] | None = None
     if ids is not None:
         wanted = {int(i) for i in ids}
         if len(wanted) <= 500:
-            sql += f" AND v.entity_id IN ({','.join('?' * len(wanted))})"
+            extra = f" AND v.entity_id IN ({','.join('?' * len(wanted))})"
             params.extend(sorted(wanted))
             wanted = None
-    sql += " ORDER BY v.entity_id"
-    with lib.transaction() as tx:
-        rows = tx.query(sql, params)
+    by_id = {
+        int(row[0]): row[1]
+        for row in _query_slots(lib, "v.entity_id, v.value", model_id, extra, params)
+    }
     if wanted is not None:
-        rows = [row for row in rows if row[0] in wanted]
-    return _rows_to_matrix(rows)
+        by_id = {i: v for i, v in by_id.items() if i in wanted}
+    return _rows_to_matrix(sorted(by_id.items()))
 
 
 def ids_with_vectors(lib: Library, model_id: str) -> set[int]:
-    """Ids of the items that hold a vector of ``model_id`` (one query, no decoding)."""
+    """Ids of the items that hold a vector of ``model_id`` (one query a slot, no decoding)."""
+    return {int(row[0]) for row in _query_slots(lib, "v.entity_id", model_id)}
+
+
+def ids_with_any_vector(lib: Library) -> set[int]:
+    """Ids of the items that hold a main vector of any model."""
     with lib.transaction() as tx:
-        rows = tx.query(f"SELECT v.entity_id {_VECTOR_ROWS}", [model_id])
+        rows = tx.query("SELECT entity_id FROM item_attributes WHERE key = ?", [VECTOR_FIELD])
     return {int(row[0]) for row in rows}
 
 
@@ -178,8 +204,8 @@ def fingerprint(lib: Library, model_id: str) -> str:
     with lib.transaction() as tx:
         (row,) = tx.query(
             "SELECT count(*), total(id), max(id), total(entity_id) "
-            "FROM item_attributes WHERE key = ?",
-            [VECTOR_FIELD],
+            "FROM item_attributes WHERE key IN (?, ?)",
+            [VECTOR_FIELD, BACKBONE_VECTOR_FIELD],
         )
     text = f"{model_id}|{row[0]}|{row[1]}|{row[2]}|{row[3]}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -187,16 +213,19 @@ def fingerprint(lib: Library, model_id: str) -> str:
 
 def write_vectors(
     lib: Library,
-    rows: Iterable[tuple[int, np.ndarray] | tuple[int, np.ndarray, str | None]],
+    rows: Iterable[tuple[Any, ...]],
     model_id: str,
     *,
     batch_size: int = 64,
+    backbone_id: str | None = None,
 ) -> int:
     """Store vectors (and optional tag text) for item ids, ``batch_size`` per transaction.
 
-    Rows are ``(item_id, vector)`` or ``(item_id, vector, tags_text)``.  Each
-    transaction commits before the next batch is read from ``rows``, so a
-    generator that embeds lazily loses at most one batch when interrupted.
+    Rows are ``(item_id, vector)``, ``(item_id, vector, tags_text)`` or, with
+    ``backbone_id``, ``(item_id, vector, tags_text, backbone_vector)``: the
+    backbone vector goes to the backbone slot.  Each transaction commits
+    before the next batch is read from ``rows``, so a generator that embeds
+    lazily loses at most one batch when interrupted.
 
     Returns
     -------
@@ -206,20 +235,23 @@ def write_vectors(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size!r}")
     written = 0
-    batch: list[tuple[int, str, str | None]] = []
+    batch: list[tuple[str, ...] | tuple[Any, ...]] = []
 
     def flush() -> None:
         nonlocal written
         if not batch:
             return
         records: list[tuple[int, str, str]] = []
-        for item_id, encoded, tags in batch:
-            # Vector first, then model, then tags: a rewritten vector row never
-            # holds the highest row id, so it always gets a new one.
+        for item_id, encoded, tags, backbone in batch:
+            # Vector first, then model, then the rest: a rewritten vector row
+            # never holds the highest row id, so it always gets a new one.
             records.append((item_id, VECTOR_FIELD, encoded))
             records.append((item_id, MODEL_FIELD, model_id))
             if tags is not None:
                 records.append((item_id, TAGS_FIELD, tags))
+            if backbone is not None and backbone_id is not None:
+                records.append((item_id, BACKBONE_VECTOR_FIELD, backbone))
+                records.append((item_id, BACKBONE_MODEL_FIELD, backbone_id))
         with lib.transaction() as tx:
             tx.mutate_many(
                 "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)",
@@ -230,12 +262,35 @@ def write_vectors(
 
     for row in rows:
         item_id, vector = int(row[0]), row[1]
-        tags = row[2] if len(row) > 2 else None  # type: ignore[misc]
-        batch.append((item_id, encode_vector(vector), tags))
+        tags = row[2] if len(row) > 2 else None
+        backbone = row[3] if len(row) > 3 and row[3] is not None else None
+        batch.append(
+            (
+                item_id,
+                encode_vector(vector),
+                tags,
+                None if backbone is None else encode_vector(backbone),
+            )
+        )
         if len(batch) >= batch_size:
             flush()
     flush()
     return written
+
+
+def write_backbone_vectors(
+    lib: Library, rows: Iterable[tuple[int, np.ndarray]], model_id: str
+) -> int:
+    """Store vectors in the backbone slot only (the main vector is left alone)."""
+    records: list[tuple[int, str, str]] = []
+    for item_id, vector in rows:
+        records.append((int(item_id), BACKBONE_VECTOR_FIELD, encode_vector(vector)))
+        records.append((int(item_id), BACKBONE_MODEL_FIELD, model_id))
+    with lib.transaction() as tx:
+        tx.mutate_many(
+            "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)", records
+        )
+    return len(records) // 2
 
 
 def clear_vectors(lib: Library, item_ids: Iterable[int]) -> None:
@@ -243,6 +298,16 @@ def clear_vectors(lib: Library, item_ids: Iterable[int]) -> None:
     ids = [int(i) for i in item_ids]
     with lib.transaction() as tx:
         tx.mutate_many(
-            "DELETE FROM item_attributes WHERE entity_id = ? AND key IN (?, ?, ?)",
-            [(i, VECTOR_FIELD, MODEL_FIELD, TAGS_FIELD) for i in ids],
+            "DELETE FROM item_attributes WHERE entity_id = ? AND key IN (?, ?, ?, ?, ?)",
+            [
+                (
+                    i,
+                    VECTOR_FIELD,
+                    MODEL_FIELD,
+                    TAGS_FIELD,
+                    BACKBONE_VECTOR_FIELD,
+                    BACKBONE_MODEL_FIELD,
+                )
+                for i in ids
+            ],
         )

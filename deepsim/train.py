@@ -974,11 +974,15 @@ def backbone_features(
                 have[item_id] = outcome.vector
                 n_embedded += 1
                 if cache_vectors:
-                    item = lib.get_item(item_id)
-                    if item is not None and item.get(store.MODEL_FIELD) is None:
-                        to_store.append((item_id, outcome.vector))
+                    to_store.append((item_id, outcome.vector))
             if to_store:
-                store.write_vectors(lib, to_store, backbone_id)
+                # Items without any vector get it as their main vector; the
+                # others keep theirs and get it in the backbone slot.
+                bare = {int(i) for i in missing} - store.ids_with_any_vector(lib)
+                store.write_vectors(lib, [r for r in to_store if r[0] in bare], backbone_id)
+                store.write_backbone_vectors(
+                    lib, [r for r in to_store if r[0] not in bare], backbone_id
+                )
     kept = [int(i) for i in wanted.tolist() if int(i) in have]
     if not kept:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), n_embedded
@@ -1013,11 +1017,18 @@ def reembed_from_store(lib: Library, head_model: HeadModel, *, batch_size: int =
     todo = np.setdiff1d(all_ids, done)
     if head_model.finetune or len(todo) == 0:
         return todo
-    ids, matrix = store.read_vectors(lib, head_model.config["backbone_id"], ids=todo.tolist())
+    backbone_id = head_model.config["backbone_id"]
+    ids, matrix = store.read_vectors(lib, backbone_id, ids=todo.tolist())
     if len(ids):
         vectors = head_model.apply_to_vectors(matrix)
+        # The backbone vector moves to the backbone slot, so that training again
+        # or going back to the backbone model needs no audio.
+        rows = (
+            (item_id, vector, None, backbone)
+            for item_id, vector, backbone in zip(ids.tolist(), vectors, matrix, strict=True)
+        )
         store.write_vectors(
-            lib, zip(ids.tolist(), vectors, strict=True), head_model.model_id, batch_size=batch_size
+            lib, rows, head_model.model_id, batch_size=batch_size, backbone_id=backbone_id
         )
     return np.setdiff1d(todo, ids)
 
