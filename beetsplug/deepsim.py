@@ -627,6 +627,12 @@ class DeepsimPlugin(BeetsPlugin):
             )
             if result.index_state in ("stale", "corrupt", "missing"):
                 self._vectors_changed = True  # rebuilt once this command is done (cli_exit)
+        if not any(result.items for result in results):
+            raise UserError(
+                "similar: no track passes the filters"
+                if opts.where or any(caps.values())
+                else f"similar: no other track has a {self.model_id} vector yet"
+            )
         if opts.output:
             self._write_playlist(opts, results[0].items)
             return
