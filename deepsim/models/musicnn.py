@@ -1,0 +1,556 @@
+"""musicnn (Pons & Serra, MTG-UPF, 2019) in PyTorch: deepsim's shipped default model.
+
+Two networks of the same architecture ship with deepsim, converted from the
+TensorFlow checkpoints of the musicnn 0.1.0 package (ISC licence): MSD_musicnn,
+trained on the Million Song Dataset's 50 most common Last.fm tags, and
+MTT_musicnn, trained on MagnaTagATune's 50 tags.  See ``docs/model-card.md``.
+
+Architecture of one network (input: log-mel patches of 187 frames x 96 bands,
+about 3 s; every block is convolution -> ReLU -> batch norm, eps 1e-3):
+
+front end
+    A batch norm of the whole input (one channel), then five convolutions read
+    it: two *timbral* ones spanning 7 frames x 38 or 67 bands (204 filters
+    each, time zero-padded 3+3, no padding in frequency) and three *temporal*
+    ones spanning 128, 64 or 32 frames x 1 band (51 filters each, TF "same"
+    padding in time: ``(k - 1) // 2`` zeros before, the rest after).  Each is
+    max-pooled over all frequencies and the five are concatenated: 561
+    channels per frame.
+mid end
+    Three 1-D convolutions over time (7 frames, 64 filters, zero-padded 3+3),
+    the 2nd and 3rd with residual connections; the front-end output and the
+    three mid-end outputs are concatenated (dense connections): 753 channels.
+back end
+    Max and mean over time of each channel, interleaved (max_0, mean_0,
+    max_1, ...: 1506 values), batch norm, dense 200 + ReLU + batch norm (the
+    *penultimate* layer, deepsim's embedding), dense 50 + sigmoid (tags).
+
+Inference evaluates the frequency max-pool before ReLU and batch norm, which
+is exact: ``max_f(s * relu(z_f) + t)`` is ``s * relu(max_f z_f) + t`` when the
+batch-norm scale ``s`` is positive and ``s * relu(min_f z_f) + t`` when it is
+negative, and ``min_f z_f = -max_f(-z_f)`` is computed by negating those
+filters.  So the large per-frequency maps are only convolved and reduced.
+
+Preprocessing (:data:`FRONTEND`): 16 kHz mono, 512-point STFT with a Hann
+window, hop 256, Slaney mel filterbank of 96 bands, ``log10(10000 x + 1)``;
+unlike musicnn's own extractor this is computed in float32, so loud music does
+not overflow float16 to infinity.  Patches do not overlap (10 in 30 s).  A
+track's vector per network is the mean of its patches' penultimate layers,
+L2-normalised; its tags are the mean of the patches' sigmoid outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deepsim.errors import ModelError
+from deepsim.frontend import FrontendParams
+from deepsim.models.base import Model
+from deepsim.models.checkpoint import load_tensors, read_metadata
+
+#: The log-mel front end both networks were trained with.
+FRONTEND = FrontendParams(
+    sample_rate=16000,
+    n_fft=512,
+    hop_length=256,
+    n_mels=96,
+    compression="log10",
+    compression_scale=10000.0,
+    clip_seconds=30.0,
+)
+
+#: Frames per input patch (3 s).
+PATCH_FRAMES = 187
+
+#: The 50 Last.fm tags of MSD_musicnn, in output order (musicnn's configuration.py).
+MSD_TAGS: tuple[str, ...] = (
+    "rock", "pop", "alternative", "indie", "electronic", "female vocalists", "dance", "00s",
+    "alternative rock", "jazz", "beautiful", "metal", "chillout", "male vocalists",
+    "classic rock", "soul", "indie rock", "Mellow", "electronica", "80s", "folk", "90s", "chill",
+    "instrumental", "punk", "oldies", "blues", "hard rock", "ambient", "acoustic", "experimental",
+    "female vocalist", "guitar", "Hip-Hop", "70s", "party", "country", "easy listening", "sexy",
+    "catchy", "funk", "electro", "heavy metal", "Progressive rock", "60s", "rnb", "indie pop",
+    "sad", "House", "happy",
+)  # fmt: skip
+
+#: The 50 MagnaTagATune tags of MTT_musicnn, in output order.
+MTT_TAGS: tuple[str, ...] = (
+    "guitar", "classical", "slow", "techno", "strings", "drums", "electronic", "rock", "fast",
+    "piano", "ambient", "beat", "violin", "vocal", "synth", "female", "indian", "opera", "male",
+    "singing", "vocals", "no vocals", "harpsichord", "loud", "quiet", "flute", "woman",
+    "male vocal", "no vocal", "pop", "soft", "sitar", "solo", "man", "classic", "choir", "voice",
+    "new age", "dance", "male voice", "female vocal", "beats", "harp", "cello", "no voice",
+    "weird", "country", "metal", "female voice", "choral",
+)  # fmt: skip
+
+#: Network key -> tag vocabulary.
+NETWORK_TAGS: dict[str, tuple[str, ...]] = {"msd": MSD_TAGS, "mtt": MTT_TAGS}
+#: Network key -> id of the shipped weights.
+NETWORK_IDS: dict[str, str] = {"msd": "musicnn-msd-1", "mtt": "musicnn-mtt-1"}
+#: Id of the two networks used together.
+ENSEMBLE_ID = "musicnn-msd-mtt-1"
+
+#: Where the shipped weights live.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: Built-in name -> weight files (one per network, in ensemble order).
+BUILTIN_FILES: dict[str, tuple[str, ...]] = {
+    "default": ("msd-musicnn.safetensors", "mtt-musicnn.safetensors"),
+    "msd-musicnn": ("msd-musicnn.safetensors",),
+    "mtt-musicnn": ("mtt-musicnn.safetensors",),
+}
+
+#: Numeric precisions of the convolutions; see :class:`MusicnnNetwork`.
+PRECISIONS = ("fp32", "bf16")
+
+#: Patches convolved at a time on a CPU (on other devices: all at once).  One
+#: at a time was the fastest setting measured (see docs/model-card.md).
+CHUNK_PATCHES = 1
+
+_BN_EPS = 1e-3
+
+
+def checkpoint_config(network: str) -> dict[str, Any]:
+    """The ``deepsim_config`` of a musicnn checkpoint for ``network`` ("msd"/"mtt")."""
+    if network not in NETWORK_TAGS:
+        raise ValueError(f"network must be 'msd' or 'mtt', got {network!r}")
+    return {
+        "network": network,
+        "tag_names": list(NETWORK_TAGS[network]),
+        "frontend": FRONTEND.to_dict(),
+    }
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX).
+
+    Only there is ``precision="bf16"`` faster than ``"fp32"``.  Reads
+    ``/proc/cpuinfo``; ``False`` where that is unavailable.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+class FrozenBatchNorm(torch.nn.Module):
+    """Batch norm with fixed statistics (inference only), TF's epsilon of 1e-3.
+
+    Applied to dimension 1 of its input, as :class:`torch.nn.BatchNorm1d`/``2d``.
+    """
+
+    def __init__(self, channels: int, *, eps: float = _BN_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, t)`` with ``norm(x) = s * x + t`` per channel."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_shift()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(shape) + shift.view(shape)
+
+
+class MusicnnNetwork(torch.nn.Module):
+    """One musicnn network ("musicnn" architecture of Pons & Serra, 2019).
+
+    Parameters
+    ----------
+    n_tags
+        Size of the tag output layer.
+    precision
+        ``"fp32"`` (default) or ``"bf16"``: with ``"bf16"`` the two timbral
+        convolutions (about 80 % of the arithmetic) run as bfloat16 matrix
+        products with float32 accumulation, everything else in float32.  About
+        1.6 times as fast on CPUs with native bfloat16 dot products
+        (AVX512-BF16 or AMX, see :func:`cpu_has_native_bf16`), with slightly
+        perturbed outputs (see ``docs/model-card.md``); no faster, or slower,
+        on other CPUs.
+
+    The network is inference-only: its parameters do not require gradients
+    and the batch norms use their stored statistics in every mode.
+    """
+
+    n_mels = 96
+    timbral_widths = (38, 67)  # int(0.4 * 96), int(0.7 * 96)
+    timbral_filters = 204  # int(1.6 * 128)
+    temporal_lengths = (128, 64, 32)
+    temporal_filters = 51  # int(1.6 * 32)
+    midend_filters = 64
+    backend_units = 200
+
+    def __init__(self, *, n_tags: int = 50, precision: str = "fp32") -> None:
+        super().__init__()
+        self.precision = _check_precision(precision)
+        self.input_norm = FrozenBatchNorm(1)
+        self.timbral = torch.nn.ModuleList(
+            torch.nn.Conv2d(1, self.timbral_filters, (7, w)) for w in self.timbral_widths
+        )
+        self.timbral_norm = torch.nn.ModuleList(
+            FrozenBatchNorm(self.timbral_filters) for _ in self.timbral_widths
+        )
+        self.temporal = torch.nn.ModuleList(
+            torch.nn.Conv2d(1, self.temporal_filters, (k, 1)) for k in self.temporal_lengths
+        )
+        self.temporal_norm = torch.nn.ModuleList(
+            FrozenBatchNorm(self.temporal_filters) for _ in self.temporal_lengths
+        )
+        front = (
+            len(self.timbral_widths) * self.timbral_filters
+            + len(self.temporal_lengths) * self.temporal_filters
+        )
+        mid = self.midend_filters
+        self.midend = torch.nn.ModuleList(torch.nn.Conv1d(c, mid, 7) for c in (front, mid, mid))
+        self.midend_norm = torch.nn.ModuleList(FrozenBatchNorm(mid) for _ in range(3))
+        pooled = 2 * (front + 3 * mid)
+        self.pool_norm = FrozenBatchNorm(pooled)
+        self.dense = torch.nn.Linear(pooled, self.backend_units)
+        self.dense_norm = FrozenBatchNorm(self.backend_units)
+        self.classifier = torch.nn.Linear(self.backend_units, n_tags)
+        self.requires_grad_(False)
+
+    def _folded(
+        self, conv: torch.nn.Conv2d, norm: FrozenBatchNorm
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weights with the filters of negative batch-norm scale negated.
+
+        Returns ``(weight, bias, sign, scale, shift)``; see the module docstring.
+        """
+        scale, shift = norm.scale_shift()
+        sign = torch.where(scale < 0, -1.0, 1.0).to(scale.dtype)
+        weight = conv.weight * sign.view(-1, 1, 1, 1)
+        return weight, conv.bias * sign, sign, scale, shift
+
+    @staticmethod
+    def _finish(
+        peak: torch.Tensor,
+        bias: torch.Tensor,
+        sign: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+    ) -> torch.Tensor:
+        """Bias, ReLU and batch norm of the (sign-folded) frequency maxima ``(P, T, C)``."""
+        return torch.relu((peak.float() + bias) * sign) * scale + shift
+
+    def front_end(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(P, T, 96)`` log-mel patches -> ``(P, 561, T)`` front-end features."""
+        scale, shift = self.input_norm.scale_shift()
+        x = patches.float() * scale + shift
+        bf16 = self.precision == "bf16"
+        timbral = []
+        for conv, norm in zip(self.timbral, self.timbral_norm, strict=True):
+            weight, *rest = self._folded(conv, norm)
+            if bf16:
+                # (7 * width, 204): the kernel taps are the reduction dimension.
+                weight = weight.flatten(1).t().to(torch.bfloat16).contiguous()
+            timbral.append((conv.kernel_size, weight, rest))
+        temporal = [
+            self._folded(c, n) for c, n in zip(self.temporal, self.temporal_norm, strict=True)
+        ]
+        outputs = []
+        # On a CPU, one patch at a time: its per-frequency maps (about 20 MB in
+        # float32) then stay in cache between the convolution and the max.
+        chunk_size = CHUNK_PATCHES if x.device.type == "cpu" else max(1, len(x))
+        for chunk in x.split(chunk_size):
+            features = []
+            padded = F.pad(chunk, (0, 0, 3, 3))
+            low = padded.to(torch.bfloat16) if bf16 else padded
+            for (taps, width), weight, rest in timbral:
+                if bf16:
+                    # A one-channel convolution gains nothing from bfloat16 dot
+                    # products (they pair input channels), a matrix product over
+                    # the unfolded taps does (about 2x on AVX512-BF16).
+                    cols = low.unfold(1, taps, 1).unfold(2, width, 1)
+                    maps = cols.reshape(-1, taps * width) @ weight
+                    peak = maps.view(*chunk.shape[:2], -1, weight.shape[1]).amax(dim=2)
+                else:
+                    peak = F.conv2d(padded.unsqueeze(1), weight).amax(dim=3).transpose(1, 2)
+                features.append(self._finish(peak, *rest))
+            for (weight, *rest), k in zip(temporal, self.temporal_lengths, strict=True):
+                before = (k - 1) // 2
+                shifted = F.pad(chunk, (0, 0, before, k - 1 - before)).unsqueeze(1)
+                peak = F.conv2d(shifted, weight).amax(dim=3).transpose(1, 2)
+                features.append(self._finish(peak, *rest))
+            outputs.append(torch.cat(features, dim=2))
+        return torch.cat(outputs).transpose(1, 2)
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the network.
+
+        Parameters
+        ----------
+        patches
+            ``(P, 187, 96)`` log-mel patches (any number of frames >= 1 works,
+            as in musicnn; deepsim always uses 187).
+
+        Returns
+        -------
+        dict
+            ``"embedding"``: the penultimate layer ``(P, 200)``; ``"tags"``:
+            sigmoid tag probabilities ``(P, n_tags)``; both float32.
+        """
+        if patches.dim() != 3 or patches.shape[2] != self.n_mels:
+            raise ValueError(
+                f"expected patches of shape (P, frames, {self.n_mels}), got {tuple(patches.shape)}"
+            )
+        front = self.front_end(patches)
+        layers = [front]
+        h = front
+        for i, (conv, norm) in enumerate(zip(self.midend, self.midend_norm, strict=True)):
+            out = norm(torch.relu(F.conv1d(F.pad(h, (3, 3)), conv.weight, conv.bias)))
+            h = out if i == 0 else out + h
+            layers.append(h)
+        features = torch.cat(layers, dim=1)  # (P, 753, frames)
+        pooled = torch.stack([features.amax(dim=2), features.mean(dim=2)], dim=2).flatten(1)
+        embedding = self.dense_norm(torch.relu(self.dense(self.pool_norm(pooled))))
+        tags = torch.sigmoid(self.classifier(embedding))
+        return {"embedding": embedding, "tags": tags}
+
+
+class MusicnnModel(Model):
+    """One musicnn network as a deepsim :class:`~deepsim.models.base.Model` (200-d).
+
+    Parameters
+    ----------
+    network
+        ``"msd"`` or ``"mtt"``.
+    precision
+        ``"fp32"`` or ``"bf16"``; see :class:`MusicnnNetwork`.
+    model_id
+        Id of the weights (default: that of the shipped weights of ``network``).
+    tag_names
+        Tag vocabulary (default: the network's 50 tags).
+    frontend
+        Front-end parameters (default: :data:`FRONTEND`).
+
+    The network starts with untrained (random) weights; :func:`load_builtin`
+    and :func:`from_checkpoint` return it loaded.
+    """
+
+    patch_frames = PATCH_FRAMES
+
+    def __init__(
+        self,
+        *,
+        network: str,
+        precision: str = "fp32",
+        model_id: str | None = None,
+        tag_names: Sequence[str] | None = None,
+        frontend: FrontendParams | None = None,
+    ) -> None:
+        super().__init__()
+        if network not in NETWORK_TAGS:
+            raise ValueError(f"network must be 'msd' or 'mtt', got {network!r}")
+        names = tuple(NETWORK_TAGS[network] if tag_names is None else tag_names)
+        self.network = network
+        self.model_id = NETWORK_IDS[network] if model_id is None else model_id
+        self.frontend = FRONTEND if frontend is None else frontend
+        self.tag_names = names
+        self.dim = MusicnnNetwork.backend_units
+        self.net = MusicnnNetwork(n_tags=len(names), precision=precision)
+
+    @property
+    def precision(self) -> str:
+        return self.net.precision
+
+    def embed_patches(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(patches)
+
+    def pool(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs["embedding"]
+
+
+class MusicnnEnsemble(Model):
+    """The MSD and MTT networks side by side on one shared front end (400-d).
+
+    The log-mel is computed once and both networks read the same patches.  The
+    vector is the concatenation of the two networks' L2-normalised mean
+    penultimate layers (so each network weighs the same), renormalised by
+    :meth:`~deepsim.models.base.Model.embed`.  Tags are the MSD tags prefixed
+    ``"msd:"`` followed by the MTT tags prefixed ``"mtt:"``.
+
+    Parameters
+    ----------
+    msd, mtt
+        The two loaded networks.
+    model_id
+        Id of the pair (default :data:`ENSEMBLE_ID`).
+    """
+
+    patch_frames = PATCH_FRAMES
+
+    def __init__(
+        self, msd: MusicnnModel, mtt: MusicnnModel, *, model_id: str = ENSEMBLE_ID
+    ) -> None:
+        super().__init__()
+        if msd.frontend != mtt.frontend:
+            raise ValueError("the two networks of an ensemble must share one front end")
+        if msd.precision != mtt.precision:
+            raise ValueError(
+                f"the two networks of an ensemble must share one precision, got "
+                f"{msd.precision!r} and {mtt.precision!r}"
+            )
+        self.msd = msd
+        self.mtt = mtt
+        self.model_id = model_id
+        self.frontend = msd.frontend
+        self.dim = msd.dim + mtt.dim
+        self.tag_names = tuple(f"msd:{t}" for t in msd.tag_names) + tuple(
+            f"mtt:{t}" for t in mtt.tag_names
+        )
+
+    @property
+    def precision(self) -> str:
+        return self.msd.precision
+
+    def embed_patches(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = self.msd.embed_patches(patches)
+        b = self.mtt.embed_patches(patches)
+        return {
+            "embedding": torch.cat([a["embedding"], b["embedding"]], dim=1),
+            "tags": torch.cat([a["tags"], b["tags"]], dim=1),
+        }
+
+    def pool(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        emb = outputs["embedding"]
+        split = self.msd.dim
+        return torch.cat(
+            [F.normalize(emb[:, :split], dim=1), F.normalize(emb[:, split:], dim=1)], dim=1
+        )
+
+
+def _load_network(path: Path, meta: dict[str, Any], *, precision: str) -> MusicnnModel:
+    if meta.get("kind") != "musicnn":
+        raise ModelError(f"{path}: not a musicnn checkpoint (kind {meta.get('kind')!r})")
+    config = meta.get("config") or {}
+    network = config.get("network")
+    if network not in NETWORK_TAGS:
+        raise ModelError(f"{path}: unknown musicnn network {network!r} (expected 'msd' or 'mtt')")
+    try:
+        frontend = FrontendParams.from_dict(config.get("frontend", FRONTEND.to_dict()))
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: bad front-end parameters ({exc})") from exc
+    model = MusicnnModel(
+        network=network,
+        precision=precision,
+        model_id=str(meta["model_id"]),
+        tag_names=config.get("tag_names"),
+        frontend=frontend,
+    )
+    try:
+        model.net.load_state_dict(load_tensors(path), strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not fit the musicnn network ({exc})") from exc
+    return model.eval()
+
+
+def from_checkpoint(
+    path: str | os.PathLike[str], meta: dict[str, Any], *, precision: str = "fp32"
+) -> MusicnnModel:
+    """Load a ``kind="musicnn"`` checkpoint (one network).
+
+    Parameters
+    ----------
+    path
+        The ``.safetensors`` file.
+    meta
+        Its metadata, as returned by :func:`deepsim.models.checkpoint.read_metadata`.
+    precision
+        ``"fp32"`` or ``"bf16"``.
+    """
+    return _load_network(Path(path), meta, precision=_check_precision(precision))
+
+
+def load_builtin(name: str, *, precision: str = "fp32") -> Model:
+    """Load a shipped model: ``"default"`` (ensemble), ``"msd-musicnn"`` or ``"mtt-musicnn"``.
+
+    Raises
+    ------
+    ModelError
+        If ``name`` is unknown or a weight file is missing or damaged.
+    """
+    if name not in BUILTIN_FILES:
+        known = ", ".join(sorted(BUILTIN_FILES))
+        raise ModelError(f"unknown built-in model {name!r} (known: {known})")
+    _check_precision(precision)
+    networks = []
+    for filename in BUILTIN_FILES[name]:
+        path = WEIGHTS_DIR / filename
+        networks.append(_load_network(path, read_metadata(path), precision=precision))
+    if len(networks) == 1:
+        return networks[0]
+    return MusicnnEnsemble(*networks).eval()
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m deepsim.models.musicnn FILE...``: print top tags and vector size."""
+    import argparse
+    import sys
+
+    from deepsim.audio import decode_middle
+    from deepsim.errors import DeepsimError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m deepsim.models.musicnn",
+        description="Tag audio files with the shipped musicnn networks.",
+    )
+    parser.add_argument("files", nargs="+", help="audio files")
+    parser.add_argument("--model", default="default", choices=sorted(BUILTIN_FILES))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--top", type=int, default=5, help="tags to show per vocabulary")
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top must be at least 1, got {args.top}")
+    model = load_builtin(args.model, precision=args.precision)
+    failed = 0
+    for path in args.files:
+        try:
+            wave = decode_middle(
+                path, sample_rate=model.frontend.sample_rate, seconds=model.frontend.clip_seconds
+            )
+        except DeepsimError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        result = model.embed([wave])
+        vector = result.vectors[0]
+        print(
+            f"{path}: {len(wave) / model.frontend.sample_rate:.1f} s, model {model.model_id}, "
+            f"vector {vector.shape[0]}-d, norm {np.linalg.norm(vector):.4f}"
+        )
+        tags = result.tags[0] if result.tags is not None else np.zeros(0, np.float32)
+        vocabularies: dict[str, list[int]] = {}
+        for i, name in enumerate(model.tag_names):
+            vocabularies.setdefault(
+                name.split(":")[0] if ":" in name else model.model_id, []
+            ).append(i)
+        for vocab, indices in vocabularies.items():
+            top = sorted(indices, key=lambda i: -tags[i])[: args.top]
+            shown = ", ".join(f"{model.tag_names[i].split(':', 1)[-1]} {tags[i]:.3f}" for i in top)
+            print(f"  {vocab}: {shown}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,306 @@
+"""The musicnn port against the original TensorFlow graphs, and its Model wrappers.
+
+``tests/data/musicnn_golden.npz`` holds the tags and penultimate layers that
+musicnn 0.1.0's own TF graphs (``.meta`` + checkpoint) computed for six fixed
+log-mel patches; ``tools/make_musicnn_golden.py`` regenerates it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from deepsim.errors import ModelError
+from deepsim.frontend import FrontendParams
+from deepsim.models import BUILTIN_MODELS, load_model, model_id
+from deepsim.models.checkpoint import load_tensors, read_metadata, save_checkpoint
+from deepsim.models.musicnn import (
+    MSD_TAGS,
+    MTT_TAGS,
+    WEIGHTS_DIR,
+    MusicnnEnsemble,
+    MusicnnModel,
+    from_checkpoint,
+    load_builtin,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "data" / "musicnn_golden.npz"
+TOLERANCE = 1e-4
+
+VOCAL_MTT = (
+    "vocal", "vocals", "singing", "female", "male", "woman", "man", "voice", "male vocal",
+    "female vocal", "male voice", "female voice", "choir", "choral", "opera",
+)  # fmt: skip
+
+
+def _golden_tool() -> Any:
+    """``tools/make_musicnn_golden.py`` as a module (TensorFlow is only imported in main)."""
+    spec = importlib.util.spec_from_file_location(
+        "make_musicnn_golden", ROOT / "tools" / "make_musicnn_golden.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> MusicnnEnsemble:
+    model = load_builtin("default")
+    assert isinstance(model, MusicnnEnsemble)
+    return model
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# -- the port against TensorFlow ---------------------------------------------------
+
+
+@pytest.mark.parametrize("network", ["msd", "mtt"])
+def test_matches_tensorflow_graph(
+    ensemble: MusicnnEnsemble, golden: dict[str, np.ndarray], network: str
+) -> None:
+    model = getattr(ensemble, network)
+    patches = torch.from_numpy(golden["patches"])
+    with torch.inference_mode():
+        out = model.embed_patches(patches)
+    penultimate = out["embedding"].numpy()
+    tags = out["tags"].numpy()
+    assert penultimate.shape == (6, 200) and tags.shape == (6, 50)
+    np.testing.assert_allclose(
+        penultimate, golden[f"{network}_penultimate"], rtol=0, atol=TOLERANCE
+    )
+    np.testing.assert_allclose(tags, golden[f"{network}_tags"], rtol=0, atol=TOLERANCE)
+
+
+def test_golden_patches_are_not_degenerate(golden: dict[str, np.ndarray]) -> None:
+    # The comparison above means something only if the six inputs differ and the
+    # outputs spread: each patch gets a distinct top tag profile.
+    for network in ("msd", "mtt"):
+        tags = golden[f"{network}_tags"]
+        assert np.ptp(tags, axis=0).max() > 0.2
+        corr = np.corrcoef(golden[f"{network}_penultimate"])
+        assert corr[np.triu_indices(6, 1)].min() < 0.9
+    assert np.isfinite(golden["patches"]).all() and golden["patches"].max() > 5.0
+
+
+@pytest.mark.parametrize("network", ["msd", "mtt"])
+def test_bf16_stays_close(golden: dict[str, np.ndarray], network: str) -> None:
+    model = load_builtin(f"{network}-musicnn", precision="bf16")
+    assert model.precision == "bf16"
+    with torch.inference_mode():
+        out = model.embed_patches(torch.from_numpy(golden["patches"]))
+    np.testing.assert_allclose(out["tags"].numpy(), golden[f"{network}_tags"], atol=0.01)
+    cosine = (_unit(out["embedding"].numpy()) * _unit(golden[f"{network}_penultimate"])).sum(1)
+    assert cosine.min() > 0.999
+
+
+def test_whole_pipeline_on_synthetic_signal(
+    ensemble: MusicnnEnsemble, golden: dict[str, np.ndarray]
+) -> None:
+    """Wave -> deepsim front end -> patches -> both networks -> mean -> vector."""
+    wave = _golden_tool().synthetic_signal()
+    mels = ensemble.compute_logmels([wave])
+    patches, owner = ensemble.patchify(mels)
+    assert patches.shape == (3, 187, 96) and owner.tolist() == [0, 0, 0]
+    np.testing.assert_allclose(patches.numpy(), golden["patches"][3:], rtol=0, atol=1e-4)
+
+    result = ensemble.embed([wave])
+    expected = np.concatenate(
+        [_unit(golden[f"{n}_penultimate"][3:].mean(0)) for n in ("msd", "mtt")]
+    )
+    np.testing.assert_allclose(result.vectors[0], _unit(expected), atol=TOLERANCE)
+    assert result.tags is not None
+    expected_tags = np.concatenate([golden[f"{n}_tags"][3:].mean(0) for n in ("msd", "mtt")])
+    np.testing.assert_allclose(result.tags[0], expected_tags, atol=TOLERANCE)
+
+
+# -- model attributes --------------------------------------------------------------
+
+
+def test_single_network_attributes() -> None:
+    expected_frontend = FrontendParams(
+        sample_rate=16000,
+        n_fft=512,
+        hop_length=256,
+        n_mels=96,
+        compression="log10",
+        compression_scale=10000.0,
+        clip_seconds=30.0,
+    )
+    for name, network, tags in (("msd-musicnn", "msd", MSD_TAGS), ("mtt-musicnn", "mtt", MTT_TAGS)):
+        model = load_builtin(name)
+        assert isinstance(model, MusicnnModel)
+        assert model.model_id == BUILTIN_MODELS[name] == f"musicnn-{network}-1"
+        assert model.dim == 200 and model.patch_frames == 187
+        assert model.frontend == expected_frontend
+        assert model.tag_names == tags and len(set(tags)) == 50
+        assert not model.training
+        assert all(not p.requires_grad for p in model.parameters())
+    assert MSD_TAGS[:3] == ("rock", "pop", "alternative") and MSD_TAGS[-1] == "happy"
+    assert MTT_TAGS[:3] == ("guitar", "classical", "slow") and MTT_TAGS[-1] == "choral"
+
+
+def test_ensemble_attributes(ensemble: MusicnnEnsemble) -> None:
+    assert ensemble.model_id == BUILTIN_MODELS["default"] == "musicnn-msd-mtt-1"
+    assert ensemble.dim == 400
+    assert len(ensemble.tag_names) == 100
+    assert ensemble.tag_names[:2] == ("msd:rock", "msd:pop")
+    assert ensemble.tag_names[50:52] == ("mtt:guitar", "mtt:classical")
+    assert ensemble.frontend == ensemble.msd.frontend == ensemble.mtt.frontend
+
+
+def test_shipped_files_and_registry() -> None:
+    for name in ("msd-musicnn", "mtt-musicnn"):
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+        meta = read_metadata(path)
+        assert meta["kind"] == "musicnn"
+        assert meta["model_id"] == model_id(name)
+        assert meta["config"]["tag_names"] == list(load_builtin(name).tag_names)
+        tensors = load_tensors(path)
+        assert len(tensors) == 64
+        assert sum(t.numel() for t in tensors.values()) == 792_079
+    licence = (WEIGHTS_DIR / "LICENSE-musicnn").read_text()
+    assert "Universitat Pompeu Fabra" in licence and "Permission to use, copy" in licence
+    model = load_model("default")
+    assert isinstance(model, MusicnnEnsemble) and not model.training
+
+
+# -- ensemble behaviour ----------------------------------------------------------------
+
+
+def test_ensemble_is_concat_of_singles_renormalised(ensemble: MusicnnEnsemble) -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 7) / 16000
+    waves = [
+        (0.1 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32),
+        (0.05 * rng.standard_normal(16000 * 4)).astype(np.float32),
+        (0.2 * np.sign(np.sin(2 * np.pi * 110 * t[:20000]))).astype(np.float32),
+    ]
+    both = ensemble.embed(waves)
+    msd = ensemble.msd.embed(waves)
+    mtt = ensemble.mtt.embed(waves)
+    assert both.vectors.shape == (3, 400)
+    np.testing.assert_allclose(np.linalg.norm(both.vectors, axis=1), 1.0, atol=1e-5)
+    expected = _unit(np.concatenate([msd.vectors, mtt.vectors], axis=1))
+    np.testing.assert_allclose(both.vectors, expected, atol=1e-5)
+    # Each network weighs the same: both halves have norm 1/sqrt(2).
+    np.testing.assert_allclose(np.linalg.norm(both.vectors[:, :200], axis=1), 2**-0.5, atol=1e-5)
+    assert both.tags is not None and msd.tags is not None and mtt.tags is not None
+    np.testing.assert_allclose(both.tags, np.concatenate([msd.tags, mtt.tags], 1), atol=1e-6)
+    # Different sounds give different vectors.
+    assert (both.vectors @ both.vectors.T)[np.triu_indices(3, 1)].max() < 0.99
+
+
+def test_ensemble_computes_logmel_once() -> None:
+    model = load_builtin("default")
+    calls: list[tuple[int, ...]] = []
+    model.logmel.register_forward_hook(lambda _m, args, _out: calls.append(tuple(args[0].shape)))
+    waves = [np.zeros(16000 * 5, np.float32) + 0.01 * i for i in range(3)]
+    model.embed(waves)
+    assert calls == [(3, 16000 * 5)]  # one batched log-mel for the three tracks
+    assert model.msd._logmel is None and model.mtt._logmel is None
+
+
+def test_loud_input_is_finite(ensemble: MusicnnEnsemble) -> None:
+    # A full-scale square wave: mel power far above float16's range once
+    # multiplied by 10000 (musicnn's own extractor returns inf/nan here).
+    t = np.arange(16000 * 6) / 16000
+    wave = np.where(np.sin(2 * np.pi * 220 * t) >= 0, 1.0, -1.0).astype(np.float32)
+    mel = ensemble.compute_logmels([wave])[0]
+    assert float(mel.max()) > np.log10(65504.0)  # past float16 after x 10000
+    result = ensemble.embed([wave])
+    assert np.isfinite(result.vectors).all()
+    assert result.tags is not None and np.isfinite(result.tags).all()
+    assert abs(float(np.linalg.norm(result.vectors[0])) - 1.0) < 1e-5
+
+
+# -- loading and errors ---------------------------------------------------------------
+
+
+def test_from_checkpoint_round_trip(tmp_path: Path, golden: dict[str, np.ndarray]) -> None:
+    source = load_builtin("mtt-musicnn")
+    assert isinstance(source, MusicnnModel)
+    config = read_metadata(WEIGHTS_DIR / "mtt-musicnn.safetensors")["config"]
+    path = save_checkpoint(
+        tmp_path / "copy.safetensors",
+        source.net.state_dict(),
+        kind="musicnn",
+        model_id="musicnn-mtt-copy",
+        config=config,
+    )
+    model = load_model(path)
+    assert isinstance(model, MusicnnModel) and model.model_id == "musicnn-mtt-copy"
+    with torch.inference_mode():
+        tags = model.embed_patches(torch.from_numpy(golden["patches"][:2]))["tags"].numpy()
+    np.testing.assert_allclose(tags, golden["mtt_tags"][:2], atol=TOLERANCE)
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="nope"):
+        load_builtin("nope")
+    with pytest.raises(ValueError, match="fp16"):
+        load_builtin("msd-musicnn", precision="fp16")
+    with pytest.raises(ValueError, match="'xyz'"):
+        MusicnnModel(network="xyz")
+    tensors = load_tensors(WEIGHTS_DIR / "msd-musicnn.safetensors")
+    bad = save_checkpoint(
+        tmp_path / "bad.safetensors",
+        tensors,
+        kind="musicnn",
+        model_id="x",
+        config={"network": "gtzan"},
+    )
+    with pytest.raises(ModelError, match="gtzan"):
+        from_checkpoint(bad, read_metadata(bad))
+    del tensors["dense.weight"]
+    short = save_checkpoint(
+        tmp_path / "short.safetensors",
+        tensors,
+        kind="musicnn",
+        model_id="x",
+        config={"network": "msd"},
+    )
+    with pytest.raises(ModelError, match="do not fit"):
+        from_checkpoint(short, read_metadata(short))
+    with pytest.raises(ValueError, match="patches of shape"):
+        load_builtin("msd-musicnn").embed_patches(torch.zeros(2, 187, 128))
+
+
+# -- real music ------------------------------------------------------------------------
+
+
+def test_real_excerpt_tags(corpus: Path, ensemble: MusicnnEnsemble) -> None:
+    """wesnoth "Battle Music": an orchestral, instrumental game soundtrack."""
+    from deepsim.audio import decode_middle
+
+    path = corpus / "excerpts" / "wesnoth-1.16-music-00.mp3"
+    if not path.is_file():
+        pytest.skip(f"{path} is not present")
+    wave = decode_middle(path, sample_rate=16000, seconds=30.0)
+    result = ensemble.embed([wave])
+    assert result.tags is not None
+    tags = dict(zip(ensemble.tag_names, result.tags[0].tolist(), strict=True))
+    mtt = {name[4:]: p for name, p in tags.items() if name.startswith("mtt:")}
+    msd = {name[4:]: p for name, p in tags.items() if name.startswith("msd:")}
+    mtt_top = sorted(mtt, key=mtt.__getitem__, reverse=True)
+    msd_top = sorted(msd, key=msd.__getitem__, reverse=True)
+    assert mtt_top[0] == "classical"
+    assert {"strings", "violin"} <= set(mtt_top[:4])
+    assert max(mtt["strings"], mtt["violin"]) > max(mtt[t] for t in VOCAL_MTT)
+    assert "instrumental" in msd_top[:5]
+    assert not set(msd_top[:5]) & {"metal", "Hip-Hop", "punk", "hard rock", "heavy metal"}
