@@ -94,6 +94,7 @@ class DeepsimPlugin(BeetsPlugin):
                 "auto": True,
                 "model": "auto",
                 "device": "auto",
+                "precision": "auto",
                 "workers": "auto",
                 "batch_size": 8,
                 "commit_every": 32,
@@ -202,7 +203,9 @@ class DeepsimPlugin(BeetsPlugin):
         except ValueError as exc:
             raise UserError(f"deepsim: {exc}") from exc
         try:
-            model = load_model(self.model_name, device=device)
+            model = load_model(
+                self.model_name, device=device, precision=self.config["precision"].as_str()
+            )
         except DeepsimError as exc:
             raise UserError(f"deepsim: {exc}") from exc
         self._log.debug("model {} on {}", model.model_id, device)

@@ -1,8 +1,9 @@
 """Decode the middle of an audio file to mono float32 samples with PyAV.
 
 Only the analysis window is decoded: the decoder seeks to the start of the
-window, so an 8-hour file costs about as much as a 3-minute one.  Down-mixing
-to mono and resampling go through FFmpeg's resampler (``av.AudioResampler``).
+window, so an 8-hour file costs about as much as a 3-minute one.  Resampling
+goes through FFmpeg's resampler (``av.AudioResampler``); channels are then
+averaged to mono, as librosa does.
 
 Every failure is an :class:`~deepsim.errors.AudioError` naming the file and the
 reason; nothing else escapes.
@@ -109,7 +110,10 @@ def _decode(
             except av.error.FFmpegError:
                 container.seek(0)
                 # Fall back to decoding from the start and skipping.
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        # Resample keeping the channels, then average them: the plain mean is
+        # what librosa (and so musicnn's training pipeline) does; FFmpeg's own
+        # downmix would be about 3 dB louder.
+        resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
         want = round(span * sample_rate)
         chunks: list[np.ndarray] = []
         have = 0
@@ -126,12 +130,12 @@ def _decode(
                 elif first_time is None:
                     first_time = start
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))
                     have += out.samples
                 if have >= want + int((start - (first_time or start)) * sample_rate) + sample_rate:
                     break
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))
         except av.error.FFmpegError as exc:
             if not chunks:
                 raise AudioError(path, f"cannot decode audio ({_reason(exc)})") from None
