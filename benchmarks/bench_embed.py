@@ -34,9 +34,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import beets  # noqa: E402
 from audiogen import write_audio  # noqa: E402
 
 from deepsim.embed import _decoded, default_workers  # noqa: E402
+
+beets.config["create_backup_before_migrations"] = False
 
 
 def music_like(seconds: float, rate: int, seed: int) -> np.ndarray:
@@ -92,6 +95,7 @@ def bench_beet(
             f"library: {root / 'library.db'}",
             f"directory: {root}",
             "plugins: [deepsim]",
+            "create_backup_before_migrations: no",
             "deepsim:",
             f"  model: {model}",
             f"  workers: {workers}",
@@ -124,6 +128,32 @@ def bench_beet(
         }
 
 
+def db_growth(count: int = 10_000, dim: int = 400) -> None:
+    """Bytes the beets database grows by when ``count`` items get a vector."""
+    from beets.library import Item, Library
+
+    from deepsim import store
+
+    with tempfile.TemporaryDirectory(prefix="deepsim-bench-db-") as tmp:
+        path = Path(tmp) / "library.db"
+        lib = Library(str(path), tmp)
+        with lib.transaction():
+            for i in range(count):
+                lib.add(Item(path=f"/m/{i}.mp3".encode(), title=f"t{i}", artist="a"))
+        before = path.stat().st_size
+        rng = np.random.default_rng(0)
+        tags = "msd:rock, msd:pop, msd:indie, mtt:guitar, mtt:rock, mtt:drums"
+        rows = ((i + 1, rng.standard_normal(dim).astype(np.float32), tags) for i in range(count))
+        store.write_vectors(lib, rows, "musicnn-msd-mtt-1", batch_size=500)
+        lib._close()
+        after = path.stat().st_size
+    print(
+        f"\n== database growth: {count} items × {dim}-d vectors "
+        "(float16 base64 + model id + tags): "
+        f"{(after - before) / 1e6:.1f} MB ({(after - before) / count:.0f} bytes/item)"
+    )
+
+
 def report(
     label: str, paths: list[Path], models: list[str], workers: int, extra: dict[str, str]
 ) -> None:
@@ -150,6 +180,7 @@ def main() -> None:
         "--cache", type=Path, default=Path.home() / ".cache" / "deepsim-bench" / "mp3"
     )
     args = parser.parse_args()
+    db_growth()
     extra = {} if args.batch_size is None else {"batch_size": str(args.batch_size)}
     report(
         "generated 4-min mp3",
