@@ -263,6 +263,13 @@ class TestSimilarOutput(SimilarHelper):
         assert self.titles(capsys, "--where", "artist:Cat", "title:seed-a") == ["a6"]
         with pytest.raises(UserError, match="invalid query"):
             self.run_command("similar", "--where", "year:1..x..2", "title:seed-a")
+        # nothing passes: an error, and no playlist is written
+        playlist = self.temp_path / "empty.m3u"
+        with pytest.raises(UserError, match="no track passes the filters"):
+            self.run_command(
+                "similar", "--where", "artist:Nobody", "-o", str(playlist), "title:seed-a"
+            )
+        assert not playlist.exists()
 
     def test_exact_gives_the_default_result(self, capsys: pytest.CaptureFixture[str]) -> None:
         queries = [
