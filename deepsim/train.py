@@ -907,12 +907,11 @@ class TrainReport:
 
 
 def _item_paths(lib: Library, item_ids: Sequence[int]) -> dict[int, bytes]:
-    paths: dict[int, bytes] = {}
-    for item_id in item_ids:
-        item = lib.get_item(int(item_id))
-        if item is not None and item.path:
-            paths[int(item_id)] = item.path
-    return paths
+    """Absolute paths of the items that exist and have one (a few queries in all)."""
+    from deepsim.similar import load_items
+
+    items = load_items(lib, [int(i) for i in item_ids])
+    return {int(i): items[int(i)].path for i in item_ids if int(i) in items and items[int(i)].path}
 
 
 def backbone_features(
