@@ -70,3 +70,11 @@ class AnnIndexError(DeepsimError):
 
 class TrainingError(DeepsimError):
     """Training cannot proceed (too little data, no matches...)."""
+
+
+class ParameterError(DeepsimError, ValueError):
+    """A function was called with an unusable argument (the librosa convention).
+
+    The message names the parameter, what it must be and the value given:
+    ``"n_trees must be an integer >= 1, got 0"``.
+    """
