@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from deepsim.errors import ModelError
 from deepsim.models.checkpoint import read_metadata
+from deepsim.util import atomic_write
 
 if TYPE_CHECKING:
     from deepsim.models.base import Model
@@ -130,16 +131,11 @@ def set_active_model(
     The record is replaced atomically, so an interrupted call leaves the
     previous model active.
     """
-    state = Path(state_dir)
-    pointer = state / ACTIVE_FILE
+    pointer = Path(state_dir) / ACTIVE_FILE
     if path is None:
         pointer.unlink(missing_ok=True)
         return
     meta = read_metadata(path)  # refuse anything that is not a complete checkpoint
-    state.mkdir(parents=True, exist_ok=True)
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps({"path": os.fspath(Path(path).resolve()), "model_id": meta["model_id"]}),
-        encoding="utf-8",
-    )
-    os.replace(tmp, pointer)
+    record = {"path": os.fspath(Path(path).resolve()), "model_id": meta["model_id"]}
+    with atomic_write(pointer, "w") as handle:
+        handle.write(json.dumps(record))

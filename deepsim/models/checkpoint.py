@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepsim.errors import ModelError
+from deepsim.util import atomic_temp_path
 
 if TYPE_CHECKING:
     import torch
@@ -84,14 +84,13 @@ def save_checkpoint(
         "deepsim_config": json.dumps(config, sort_keys=True),
     }
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = atomic_temp_path(path)
     try:
-        save_file(contiguous, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes 0600; a model file is not a secret
+        save_file(contiguous, os.fspath(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644 & ~_umask())  # a model file is not a secret
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -100,6 +99,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def weights_id(kind: str, arch: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """``<kind>-<12 hex digits>``: a hash of the architecture and the weights.
+
+    The one id scheme of every trainable model: the same architecture and
+    weights give the same id, on any machine and in any process.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return f"{kind}-{digest.hexdigest()[:12]}"
 
 
 def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -34,7 +34,6 @@ L2-normalises them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from deepsim.errors import ModelError
 from deepsim.frontend import FrontendParams
 from deepsim.models.base import Model
 from deepsim.models.checkpoint import load_tensors, save_checkpoint
+from deepsim.models.checkpoint import weights_id as checkpoint_weights_id
 
 KIND = "dieleman"
 
@@ -247,11 +247,7 @@ class DielemanModel(Model):
 
     def weights_id(self) -> str:
         """``dieleman-<12 hex digits>``: a hash of the configuration and weights."""
-        digest = hashlib.sha256(repr(sorted(self.config.items())).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return f"{KIND}-{digest.hexdigest()[:12]}"
+        return checkpoint_weights_id(KIND, self.config, self.state_dict())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the weights as a deepsim checkpoint (atomically).
