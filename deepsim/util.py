@@ -212,7 +212,5 @@ def loop_to_length(frames: torch.Tensor | np.ndarray, length: int) -> Any:
         return frames
     reps = -(-length // n)
     if isinstance(frames, np.ndarray):
-        tiled = np.concatenate([frames] * reps, axis=0)
-    else:
-        tiled = frames.repeat(reps, *([1] * (frames.dim() - 1)))
-    return tiled[:length]
+        return np.concatenate([frames] * reps, axis=0)[:length]
+    return frames.repeat(reps, *([1] * (frames.dim() - 1)))[:length]
