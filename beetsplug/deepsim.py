@@ -539,8 +539,8 @@ class DeepsimPlugin(BeetsPlugin):
         self.refresh_index(lib)
 
     def refresh_index(self, lib: Library, *, force: bool = False) -> Any:
-        """Rebuild the ANN index of the active model if it is stale (no torch)."""
-        from deepsim.similar import refresh_index
+        """Bring the ANN index of the active model up to date (no torch)."""
+        from deepsim.index import refresh_index
 
         try:
             result = refresh_index(
@@ -558,6 +558,8 @@ class DeepsimPlugin(BeetsPlugin):
             return None
         if result.action == "built":
             self._log.info("index of {} vectors built in {:.1f} s", result.count, result.seconds)
+        elif result.action == "updated":
+            self._log.debug("index updated in {:.2f} s: {}", result.seconds, result.reason)
         return result
 
     def index_command(self, lib: Library, opts: IndexOpts, args: list[str]) -> None:
@@ -568,6 +570,8 @@ class DeepsimPlugin(BeetsPlugin):
             "fresh": f"the {self.model_id} index of {result.count} vectors is up to date",
             "built": f"built the {self.model_id} index of {result.count} vectors "
             f"in {result.seconds:.1f} s",
+            "updated": f"the {self.model_id} index of {result.count} vectors is up to date "
+            f"({result.changed} changed vectors searched exactly beside it)",
             "small": f"{result.count} vectors: small enough for exact search, no index kept",
             "empty": f"no {self.model_id} vectors yet; run `beet deepsim-embed`",
         }

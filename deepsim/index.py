@@ -33,23 +33,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import math
 import os
 import re
-import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
+from deepsim import store
 from deepsim.errors import AnnIndexError
+from deepsim.util import atomic_temp_path, atomic_write, get_logger
 
 #: Below this many vectors no Annoy index is kept: exact search (which reads
 #: every vector from the library, ~10-20 µs each) costs a few tens of ms, about
@@ -71,11 +73,22 @@ DEFAULT_N_TREES = 20
 #: gives ≥ 0.99 on both, for 4-10 ms per query at 100k items.
 SEARCH_FRACTION = 0.5
 
+#: The changes kept beside a saved index (vectors written since its build,
+#: searched exactly, and built ids filtered out) are folded into a rebuild
+#: once they pass this share of it: 5 % of 100k is 5,000 vectors, 2 ms of
+#: exact search and 8 MB of delta file; a rebuild costs seconds.
+REBUILD_SHARE = 0.05
+
 #: Version of the sidecar layout; a sidecar of another version is stale.
-SIDECAR_FORMAT = 1
+SIDECAR_FORMAT = 2
 
 #: Annoy ids are signed 32-bit integers.
 MAX_ANNOY_ID = 2**31 - 1
+
+if TYPE_CHECKING:
+    from beets.library import Library
+
+_log = get_logger(__name__)
 
 Backend = Literal["annoy", "exact"]
 State = Literal["fresh", "missing", "stale", "corrupt"]
@@ -148,22 +161,10 @@ def _order(ids: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[order].astype(np.int64, copy=False), sims[order].astype(np.float32, copy=False)
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and :func:`os.replace`."""
-    tmp = _temp_path(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
 
 
 def _sampled_digest(path: Path, size: int, salt: str) -> str:
@@ -191,17 +192,14 @@ def _sampled_digest(path: Path, size: int, salt: str) -> str:
 # --------------------------------------------------------------------------- interface
 
 
-class VectorIndex(ABC):
-    """Nearest neighbours of L2-normalised vectors by cosine similarity.
+class SearchIndex(ABC):
+    """What a search needs: nearest neighbours of a vector by cosine similarity.
 
-    Build with :meth:`build` (or load a saved one with :meth:`load`), then
-    :meth:`query`.  Ids are non-negative integers (beets item ids).
+    Ids are non-negative integers (beets item ids).
     """
 
     #: Backend name, as used by :func:`make_index` and in the sidecar.
     backend: ClassVar[Backend]
-    #: File name suffix of a saved index.
-    suffix: ClassVar[str]
 
     @property
     @abstractmethod
@@ -211,14 +209,6 @@ class VectorIndex(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """Number of indexed vectors."""
-
-    @abstractmethod
-    def build(self, ids: Any, matrix: Any) -> VectorIndex:
-        """Index ``matrix`` (``(n, dim)``, rows need not be normalised) under ``ids``.
-
-        Returns ``self``.  Raises :class:`ValueError` for unusable input
-        (shape mismatch, duplicate or negative ids, zero or non-finite rows).
-        """
 
     @abstractmethod
     def query(
@@ -241,6 +231,30 @@ class VectorIndex(ABC):
         ids, similarities
             int64 ids and float32 cosine similarities in [-1, 1], sorted by
             decreasing similarity (ties by increasing id).
+        """
+
+
+class VectorIndex(SearchIndex):
+    """A search index that is built from vectors and saved to one file.
+
+    Build with :meth:`build` (or load a saved one with :meth:`load`), then
+    :meth:`query`.
+    """
+
+    #: File name suffix of a saved index.
+    suffix: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def max_id(self) -> int:
+        """The largest indexed id (-1 when empty or unknown)."""
+
+    @abstractmethod
+    def build(self, ids: Any, matrix: Any) -> VectorIndex:
+        """Index ``matrix`` (``(n, dim)``, rows need not be normalised) under ``ids``.
+
+        Returns ``self``.  Raises :class:`ValueError` for unusable input
+        (shape mismatch, duplicate or negative ids, zero or non-finite rows).
         """
 
     @abstractmethod
@@ -388,12 +402,15 @@ class AnnoyIndex(VectorIndex):
         self._annoy: Any = None
         self._dim = 0
         self._count = 0
-        #: The largest indexed id (-1: none or unknown).
-        self.max_id = -1
+        self._max_id = -1
 
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def max_id(self) -> int:
+        return self._max_id
 
     def __len__(self) -> int:
         return self._count
@@ -411,7 +428,7 @@ class AnnoyIndex(VectorIndex):
             index.add_item(item_id, row.tolist())
         index.build(self.n_trees, n_jobs=self.n_jobs)
         self._annoy, self._dim, self._count = index, int(mat.shape[1]), int(ids_arr.size)
-        self.max_id = int(ids_arr.max()) if ids_arr.size else -1
+        self._max_id = int(ids_arr.max()) if ids_arr.size else -1
         return self
 
     def _require(self) -> Any:
@@ -447,7 +464,7 @@ class AnnoyIndex(VectorIndex):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
-        tmp = _temp_path(path)
+        tmp = atomic_temp_path(path)
         index = self._require()
         try:
             index.save(os.fspath(tmp))
@@ -466,13 +483,16 @@ class AnnoyIndex(VectorIndex):
         count: int,
         max_id: int | None = None,
         n_trees: int = DEFAULT_N_TREES,
+        trees: int | None = None,
         search_fraction: float = SEARCH_FRACTION,
         search_k: int | None = None,
     ) -> AnnoyIndex:
         """Memory-map a saved index.
 
         ``max_id`` (the largest id, when known) is checked against Annoy's item
-        count (Annoy allocates every id up to the largest).
+        count (Annoy allocates every id up to the largest), ``trees`` (what the
+        build produced, default ``n_trees``) against its tree count: Annoy
+        builds fewer trees than asked for a few hundred items or less.
         """
         import annoy
 
@@ -486,14 +506,14 @@ class AnnoyIndex(VectorIndex):
         problem = None
         if max_id is not None and index.get_n_items() != max_id + 1:
             problem = f"holds {index.get_n_items()} Annoy items, expected {max_id + 1}"
-        elif index.get_n_trees() != n_trees:
-            problem = f"has {index.get_n_trees()} trees, expected {n_trees}"
+        elif index.get_n_trees() != (n_trees if trees is None else trees):
+            problem = f"has {index.get_n_trees()} trees, expected {trees or n_trees}"
         if problem is not None:
             index.unload()
             raise AnnIndexError(f"{os.fspath(path)}: {problem}")
         loaded = cls(n_trees=n_trees, search_fraction=search_fraction, search_k=search_k)
         loaded._annoy, loaded._dim, loaded._count = index, int(dim), int(count)
-        loaded.max_id = -1 if max_id is None else int(max_id)
+        loaded._max_id = -1 if max_id is None else int(max_id)
         return loaded
 
 
@@ -541,9 +561,24 @@ def index_paths(
     return base / f"{stem}{suffix}", base / f"{stem}.json"
 
 
+def _aux_path(directory: str | os.PathLike[str], model_id: str, kind: str) -> Path:
+    """``rows`` (the built vectors' item and row ids), ``delta`` (changes since) or ``lock``."""
+    suffix = {"rows": ".rows.npy", "delta": ".delta.npz", "lock": ".lock"}[kind]
+    return Path(os.fspath(directory)) / f"index-{_safe_name(model_id)}{suffix}"
+
+
 @dataclass(frozen=True)
 class Sidecar:
-    """What a saved index was built from (the JSON next to the index file)."""
+    """What a saved index was built from (the JSON next to the index file).
+
+    ``n_trees`` is the setting the index was built with; ``trees`` what Annoy
+    actually built (fewer for a few hundred items, where one tree holds every
+    item).  ``pinned``: built on request (``deepsim-index -f``) below the
+    small-library threshold, so kept there.  ``delta_count``/``dropped_count``
+    and ``delta_digest`` describe the delta file: vectors written since the
+    build (searched exactly beside the index) and built ids no longer current.
+    ``fingerprint`` is the store's state the index *with its delta* describes.
+    """
 
     model_id: str
     backend: str
@@ -557,6 +592,11 @@ class Sidecar:
     file_size: int
     file_mtime_ns: int
     file_digest: str
+    trees: int = 0
+    pinned: bool = False
+    delta_count: int = 0
+    dropped_count: int = 0
+    delta_digest: str = ""
     format: int = SIDECAR_FORMAT
 
     @classmethod
@@ -564,7 +604,7 @@ class Sidecar:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        fields = {
+        fields: dict[str, Any] = {
             "model_id": str,
             "backend": str,
             "count": int,
@@ -577,18 +617,37 @@ class Sidecar:
             "file_size": int,
             "file_mtime_ns": int,
             "file_digest": str,
+            "trees": int,
+            "pinned": bool,
+            "delta_count": int,
+            "dropped_count": int,
+            "delta_digest": str,
             "format": int,
         }
         for name, kind in fields.items():
-            if not isinstance(data.get(name), kind) or isinstance(data.get(name), bool):
+            value = data.get(name)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
                 raise ValueError(f"field {name!r} missing or of the wrong type")
         return cls(**{name: data[name] for name in fields})
+
+    @property
+    def live_count(self) -> int:
+        """Vectors the index answers for: built, less dropped, plus the delta."""
+        return self.count - self.dropped_count + self.delta_count
 
     def salt(self) -> str:
         """The fields the file digest covers besides the file itself."""
         return "|".join(
             str(v)
-            for v in (self.backend, self.model_id, self.dim, self.count, self.max_id, self.n_trees)
+            for v in (
+                self.backend,
+                self.model_id,
+                self.dim,
+                self.count,
+                self.max_id,
+                self.n_trees,
+                self.trees,
+            )
         )
 
     def to_json(self) -> str:
@@ -607,12 +666,58 @@ class IndexCheck:
 
     state: State
     reason: str
-    index: VectorIndex | None = None
+    index: SearchIndex | None = None
     sidecar: Sidecar | None = None
 
     @property
     def fresh(self) -> bool:
         return self.state == "fresh"
+
+
+class UpdatedIndex(SearchIndex):
+    """A saved Annoy index plus the changes since it was built.
+
+    Vectors written since the build are searched exactly (a small matrix)
+    beside the Annoy index; built ids whose vector was rewritten or removed
+    are filtered out of Annoy's answers.  The two answer lists are merged by
+    similarity.  :func:`refresh_index` folds the changes into a rebuild once
+    they pass :data:`REBUILD_SHARE` of the index.
+    """
+
+    backend: ClassVar[Backend] = "annoy"
+
+    def __init__(self, base: AnnoyIndex, delta: ExactIndex, dropped: np.ndarray) -> None:
+        self.base = base
+        self.delta = delta
+        self.dropped = np.unique(dropped.astype(np.int64, copy=False))
+
+    @property
+    def dim(self) -> int:
+        return self.base.dim
+
+    def __len__(self) -> int:
+        return len(self.base) - int(self.dropped.size) + len(self.delta)
+
+    def query(
+        self, vector: Any, n: int, *, exclude: Iterable[int] | np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        n = _check_n(n)
+        excluded = _exclude_array(exclude)
+        extra = min(int(self.dropped.size), n)
+        while True:
+            want = min(n + extra, len(self.base))
+            ids, sims = self.base.query(vector, want, exclude=excluded)
+            if self.dropped.size:
+                keep = ~np.isin(ids, self.dropped)
+                if keep.sum() < n and ids.size == want and want < len(self.base):
+                    extra = max(4 * extra, n)
+                    continue
+                ids, sims = ids[keep], sims[keep]
+            break
+        if len(self.delta):
+            d_ids, d_sims = self.delta.query(vector, n, exclude=excluded)
+            ids, sims = _order(np.concatenate([ids, d_ids]), np.concatenate([sims, d_sims]))
+        return ids[:n], sims[:n]
 
 
 def save_index(
@@ -623,13 +728,18 @@ def save_index(
     fingerprint: str,
     max_id: int | None = None,
     build_seconds: float = 0.0,
+    pinned: bool = False,
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
     """Save ``index`` and its sidecar under ``directory`` (created if missing).
 
-    The index file is written first and the sidecar last, both atomically, so
-    a reader sees either the old pair, or a new file with an old sidecar
-    (reported ``corrupt`` by :func:`load_index`), never a half-written file.
-    Returns the index file's path.
+    ``rows`` (item ids and store row ids of the indexed vectors, see
+    :func:`deepsim.store.vector_row_ids`) lets :func:`refresh_index` find
+    what changed later.  Any delta of an earlier build is removed.  The index
+    file is written first and the sidecar last, all atomically, so a reader
+    sees either the old pair, or a new file with an old sidecar (reported
+    ``corrupt`` by :func:`load_index`), never a half-written file.  Returns the
+    index file's path.
     """
     if len(index) == 0:
         raise AnnIndexError("refusing to save an empty index")
@@ -639,16 +749,31 @@ def save_index(
     except OSError as exc:
         raise AnnIndexError(f"{directory}: cannot create index directory ({exc})") from exc
     path, sidecar_path = index_paths(directory, model_id, backend=index.backend)
+    rows_path = _aux_path(directory, model_id, "rows")
     try:
         index.save(path)
+        if rows is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, np.stack([rows[0], rows[1]]).astype(np.int64), allow_pickle=False)
+            _atomic_write_bytes(rows_path, buffer.getvalue())
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                rows_path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            _aux_path(directory, model_id, "delta").unlink()
         stat = os.stat(path)
+        annoy_index = index._annoy if isinstance(index, AnnoyIndex) else None
+        if max_id is None:
+            max_id = index.max_id
         sidecar = Sidecar(
             model_id=model_id,
             backend=index.backend,
             count=len(index),
-            max_id=int(max_id if max_id is not None else getattr(index, "max_id", -1)),
+            max_id=int(max_id),
             dim=index.dim,
-            n_trees=int(getattr(index, "n_trees", 0)),
+            n_trees=index.n_trees if isinstance(index, AnnoyIndex) else 0,
+            trees=int(annoy_index.get_n_trees()) if annoy_index is not None else 0,
+            pinned=bool(pinned),
             fingerprint=fingerprint,
             built_at=time.time(),
             build_seconds=float(build_seconds),
@@ -664,14 +789,72 @@ def save_index(
     return path
 
 
+def _save_delta(
+    directory: Path,
+    sidecar: Sidecar,
+    *,
+    fingerprint: str,
+    ids: np.ndarray,
+    rowids: np.ndarray,
+    matrix: np.ndarray,
+    dropped: np.ndarray,
+) -> None:
+    """Write the delta file, then the sidecar that names it (both atomically)."""
+    _, sidecar_path = index_paths(directory, sidecar.model_id, backend=sidecar.backend)
+    delta_path = _aux_path(directory, sidecar.model_id, "delta")
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        ids=ids.astype(np.int64),
+        rowids=rowids.astype(np.int64),
+        matrix=matrix.astype(np.float32).reshape(len(ids), sidecar.dim),
+        dropped=dropped.astype(np.int64),
+    )
+    data = buffer.getvalue()
+    try:
+        _atomic_write_bytes(delta_path, data)
+        new = dataclasses.replace(
+            sidecar,
+            fingerprint=fingerprint,
+            delta_count=int(ids.size),
+            dropped_count=int(dropped.size),
+            delta_digest=hashlib.blake2b(data, digest_size=16).hexdigest(),
+        )
+        _atomic_write_bytes(sidecar_path, new.to_json().encode("utf-8"))
+    except OSError as exc:
+        raise AnnIndexError(f"{delta_path}: cannot write index ({exc.strerror or exc})") from exc
+
+
+def _read_delta(directory: Path, sidecar: Sidecar) -> dict[str, np.ndarray]:
+    """The delta file the sidecar names; AnnIndexError when absent or not that one."""
+    delta_path = _aux_path(directory, sidecar.model_id, "delta")
+    try:
+        data = delta_path.read_bytes()
+    except OSError as exc:
+        raise AnnIndexError(f"{delta_path}: {exc.strerror or exc}") from exc
+    if hashlib.blake2b(data, digest_size=16).hexdigest() != sidecar.delta_digest:
+        raise AnnIndexError(f"{delta_path}: content does not match its sidecar")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            delta = {key: npz[key] for key in ("ids", "rowids", "matrix", "dropped")}
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise AnnIndexError(f"{delta_path}: unreadable delta ({exc})") from exc
+    if delta["ids"].shape != (sidecar.delta_count,) or delta["dropped"].shape != (
+        sidecar.dropped_count,
+    ):
+        raise AnnIndexError(f"{delta_path}: does not hold what its sidecar says")
+    return delta
+
+
 def remove_index(directory: str | os.PathLike[str], model_id: str) -> bool:
-    """Delete ``model_id``'s saved index and sidecar (any backend); True if any existed."""
+    """Delete ``model_id``'s saved index, sidecar and delta (any backend); True if any existed."""
     removed = False
-    for backend in BACKENDS:
-        for path in index_paths(directory, model_id, backend=backend):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed = True
+    paths = [p for backend in BACKENDS for p in index_paths(directory, model_id, backend=backend)]
+    paths += [_aux_path(directory, model_id, kind) for kind in ("rows", "delta")]
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed = True
     return removed
 
 
@@ -712,8 +895,26 @@ def load_index(
     -------
     IndexCheck
         Never raises for a missing, stale or damaged index: the state says
-        which, and ``index`` is set only when ``fresh``.
+        which, and ``index`` is set only when ``fresh`` (an
+        :class:`UpdatedIndex` when changes since the build are kept beside
+        it).  A file that does not match its sidecar is read once more, so a
+        reader that raced a writer's replacement sees the new pair.
     """
+    if callable(fingerprint):
+        fingerprint = functools.cache(fingerprint)
+    check = _load_once(directory, model_id, fingerprint, search_fraction, search_k)
+    if check.state == "corrupt":
+        check = _load_once(directory, model_id, fingerprint, search_fraction, search_k)
+    return check
+
+
+def _load_once(
+    directory: str | os.PathLike[str],
+    model_id: str,
+    fingerprint: str | Callable[[], str] | None,
+    search_fraction: float,
+    search_k: int | None,
+) -> IndexCheck:
     _, sidecar_path = index_paths(directory, model_id)
     try:
         text = sidecar_path.read_text(encoding="utf-8")
@@ -762,17 +963,322 @@ def load_index(
         return IndexCheck("corrupt", f"{path}: content does not match its sidecar", sidecar=sidecar)
     try:
         if sidecar.backend == "annoy":
-            index: VectorIndex = AnnoyIndex.load(
+            base = AnnoyIndex.load(
                 path,
                 dim=sidecar.dim,
                 count=sidecar.count,
                 max_id=sidecar.max_id if sidecar.max_id >= 0 else None,
                 n_trees=sidecar.n_trees,
+                trees=sidecar.trees or sidecar.n_trees,
                 search_fraction=search_fraction,
                 search_k=search_k,
             )
+            index: SearchIndex = base
+            if sidecar.delta_count or sidecar.dropped_count:
+                delta = _read_delta(Path(os.fspath(directory)), sidecar)
+                exact = ExactIndex()
+                if delta["ids"].size:
+                    exact.build(delta["ids"], delta["matrix"])
+                index = UpdatedIndex(base, exact, delta["dropped"])
         else:
             index = ExactIndex.load(path, dim=sidecar.dim, count=sidecar.count)
-    except AnnIndexError as exc:
+    except (AnnIndexError, ValueError) as exc:
         return IndexCheck("corrupt", str(exc), sidecar=sidecar)
     return IndexCheck("fresh", "up to date", index=index, sidecar=sidecar)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What :func:`refresh_index` did.
+
+    ``action`` is ``"fresh"`` (the saved index was up to date), ``"built"``
+    (rebuilt from every vector), ``"updated"`` (the changes since the build
+    were recorded beside it, ``changed`` vectors), ``"small"`` (fewer vectors
+    than ``exact_below``: exact search is used and any saved index was
+    removed) or ``"empty"`` (no vectors of the model).
+    """
+
+    action: Literal["fresh", "built", "updated", "small", "empty"]
+    count: int
+    seconds: float
+    reason: str
+    path: str | None = None
+    changed: int = 0
+
+
+@contextlib.contextmanager
+def index_lock(directory: str | os.PathLike[str], model_id: str) -> Iterator[None]:
+    """Hold ``model_id``'s index lock (an advisory ``flock`` on ``index-<id>.lock``).
+
+    Writers of the index take it, so one process at a time builds or updates
+    it; a second one waits, then finds the index fresh.  Readers never need
+    it: every file is replaced atomically.
+    """
+    path = _aux_path(directory, model_id, "lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+b")  # noqa: SIM115 - held for the block
+    except OSError as exc:
+        raise AnnIndexError(f"{path}: cannot take the index lock ({exc.strerror or exc})") from exc
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log.info("waiting for another process to finish the index (%s)", path)
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def open_index(
+    lib: Library,
+    model_id: str,
+    directory: str | os.PathLike[str],
+    *,
+    search_fraction: float = SEARCH_FRACTION,
+    search_k: int | None = None,
+) -> IndexCheck:
+    """The saved index of ``model_id`` if it matches ``lib``'s stored vectors now.
+
+    What ``beet similar`` calls: a fresh index (with the changes since its
+    build, if any) or the reason there is none — the caller then searches
+    exactly, and :func:`refresh_index` brings it up to date when the command
+    ends.
+    """
+    return load_index(
+        directory,
+        model_id=model_id,
+        fingerprint=lambda: store.fingerprint(lib, model_id),
+        search_fraction=search_fraction,
+        search_k=search_k,
+    )
+
+
+def _unchanged(ids: np.ndarray, rowids: np.ndarray, ref_ids: np.ndarray, ref_rows: np.ndarray):
+    """Mask of the ``(id, rowid)`` pairs also in the reference pairs (reference ids sorted)."""
+    if ref_ids.size == 0 or ids.size == 0:
+        return np.zeros(ids.shape, bool)
+    pos = np.minimum(np.searchsorted(ref_ids, ids), ref_ids.size - 1)
+    return (ref_ids[pos] == ids) & (ref_rows[pos] == rowids)
+
+
+def _read_some_vectors(lib: Library, model_id: str, ids: np.ndarray, dim: int):
+    """Vectors of ``ids`` in indexed queries of 500 (never a read of every vector)."""
+    out_ids, parts = [], []
+    for start in range(0, ids.size, 500):
+        got_ids, matrix = store.read_vectors(lib, model_id, ids=ids[start : start + 500].tolist())
+        if got_ids.size and matrix.shape[1] == dim:
+            out_ids.append(got_ids)
+            parts.append(matrix)
+    if not out_ids:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return np.concatenate(out_ids), np.concatenate(parts)
+
+
+def refresh_index(
+    lib: Library,
+    model_id: str,
+    index_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    exact_below: int = EXACT_THRESHOLD,
+    n_trees: int = DEFAULT_N_TREES,
+    n_jobs: int = -1,
+    rebuild_share: float = REBUILD_SHARE,
+) -> RefreshResult:
+    """Bring ``model_id``'s saved index under ``index_dir`` up to date, by one process.
+
+    The decision, under :func:`index_lock`:
+
+    * fresh (sidecar, file and store fingerprint agree, same ``n_trees``):
+      nothing to do;
+    * vectors added, rewritten or removed since the build, together at most
+      ``rebuild_share`` of the index: the changed vectors (found by comparing
+      the store's item/row id pairs with those recorded at the build) are
+      written to a small delta file searched exactly beside the index, and
+      the rewritten or removed ids are filtered out of it — cost in
+      proportion to the change, not the library;
+    * missing, damaged, built for another ``n_trees`` or more changes than
+      that: rebuilt from every vector;
+    * fewer than ``exact_below`` vectors: no index is kept (exact search is
+      as fast) and an old one is removed — unless it was built on request
+      (``force``), which is then kept up to date like any other.
+
+    The fingerprint is taken before anything is read, so a vector written
+    meanwhile makes the result stale, never silently incomplete.  Every file
+    is replaced atomically, the sidecar last.
+
+    Parameters
+    ----------
+    lib
+        The beets library.
+    model_id
+        The active model's id.
+    index_dir
+        ``<beets config dir>/deepsim``; created if missing.
+    force
+        Rebuild even when fresh, and build (and keep) even below ``exact_below``.
+    exact_below
+        No index below this many vectors.
+    n_trees, n_jobs
+        Annoy build parameters (see :class:`AnnoyIndex`).
+    rebuild_share
+        Rebuild once the changes kept beside the index exceed this share of it.
+
+    Raises
+    ------
+    AnnIndexError
+        The index cannot be written (the message names the path and reason).
+    """
+    started = time.perf_counter()
+    with index_lock(index_dir, model_id):
+        current = store.fingerprint(lib, model_id)
+        check = load_index(index_dir, model_id=model_id, fingerprint=None)
+        sidecar = check.sidecar if check.fresh else None
+        if sidecar is not None and (force or sidecar.n_trees != n_trees):
+            sidecar = None
+        if sidecar is not None and sidecar.fingerprint == current:
+            if sidecar.live_count < exact_below and not sidecar.pinned:
+                remove_index(index_dir, model_id)
+                return RefreshResult(
+                    "small",
+                    sidecar.live_count,
+                    time.perf_counter() - started,
+                    f"{sidecar.live_count} vectors, below {exact_below}: exact search",
+                )
+            return RefreshResult(
+                "fresh", sidecar.live_count, time.perf_counter() - started, check.reason
+            )
+        ids, rowids = store.vector_row_ids(lib, model_id)
+        if ids.size == 0:
+            remove_index(index_dir, model_id)
+            return RefreshResult("empty", 0, time.perf_counter() - started, "no vectors")
+        pinned = force or (sidecar is not None and sidecar.pinned)
+        if ids.size < exact_below and not pinned:
+            remove_index(index_dir, model_id)
+            return RefreshResult(
+                "small",
+                int(ids.size),
+                time.perf_counter() - started,
+                f"{ids.size} vectors, below {exact_below}: exact search",
+            )
+        if sidecar is not None:
+            updated = _update(lib, index_dir, sidecar, current, ids, rowids, rebuild_share)
+            if updated is not None:
+                return dataclasses.replace(updated, seconds=time.perf_counter() - started)
+        return _rebuild(
+            lib, index_dir, model_id, current, ids, rowids, n_trees, n_jobs, pinned, started
+        )
+
+
+def _update(
+    lib: Library,
+    index_dir: str | os.PathLike[str],
+    sidecar: Sidecar,
+    current: str,
+    ids: np.ndarray,
+    rowids: np.ndarray,
+    rebuild_share: float,
+) -> RefreshResult | None:
+    """Record the changes since the build beside the index; None when a rebuild is due."""
+    directory = Path(os.fspath(index_dir))
+    try:
+        built = np.load(_aux_path(directory, sidecar.model_id, "rows"), allow_pickle=False)
+        has_delta = bool(sidecar.delta_count or sidecar.dropped_count)
+        old = _read_delta(directory, sidecar) if has_delta else None
+    except (OSError, ValueError, AnnIndexError):
+        return None
+    if built.shape != (2, sidecar.count):
+        return None
+    built_ids, built_rows = built[0], built[1]
+    kept = _unchanged(ids, rowids, built_ids, built_rows)
+    new_ids, new_rows = ids[~kept], rowids[~kept]
+    dropped = built_ids[~_unchanged(built_ids, built_rows, ids, rowids)]
+    if new_ids.size + dropped.size > rebuild_share * sidecar.count:
+        return None
+    # Reuse the vectors already in the delta; read only the ones new since.
+    matrix = np.zeros((new_ids.size, sidecar.dim), np.float32)
+    have = np.zeros(new_ids.size, bool)
+    if old is not None and old["ids"].size:
+        order = np.argsort(old["ids"])
+        have = _unchanged(new_ids, new_rows, old["ids"][order], old["rowids"][order])
+        pos = np.searchsorted(old["ids"][order], new_ids[have])
+        matrix[have] = old["matrix"][order][pos]
+    got_ids, got = _read_some_vectors(lib, sidecar.model_id, new_ids[~have], sidecar.dim)
+    keep = have.copy()
+    if got_ids.size:
+        pos = np.searchsorted(new_ids, got_ids)
+        matrix[pos] = got
+        keep[pos] = True
+    # An id whose vector could not be read (damaged, or removed meanwhile) is left out.
+    new_ids, new_rows, matrix = new_ids[keep], new_rows[keep], matrix[keep]
+    _save_delta(
+        directory,
+        sidecar,
+        fingerprint=current,
+        ids=new_ids,
+        rowids=new_rows,
+        matrix=matrix,
+        dropped=dropped,
+    )
+    path, _ = index_paths(directory, sidecar.model_id)
+    return RefreshResult(
+        "updated",
+        sidecar.count - int(dropped.size) + int(new_ids.size),
+        0.0,
+        f"{new_ids.size} new or rewritten and {dropped.size} dropped vectors kept beside the "
+        f"index of {sidecar.count}",
+        os.fspath(path),
+        changed=int(new_ids.size + dropped.size),
+    )
+
+
+def _rebuild(
+    lib: Library,
+    index_dir: str | os.PathLike[str],
+    model_id: str,
+    current: str,
+    ids: np.ndarray,
+    rowids: np.ndarray,
+    n_trees: int,
+    n_jobs: int,
+    pinned: bool,
+    started: float,
+) -> RefreshResult:
+    vec_ids, matrix = store.read_vectors(lib, model_id)
+    if vec_ids.size == 0:
+        remove_index(index_dir, model_id)
+        return RefreshResult("empty", 0, time.perf_counter() - started, "no usable vectors")
+    # Row ids of the vectors read (a vector that vanished in between is simply not indexed;
+    # one written in between has a newer row id than recorded and is read again next time).
+    pos = np.minimum(np.searchsorted(ids, vec_ids), ids.size - 1)
+    known = ids[pos] == vec_ids
+    vec_rows = np.where(known, rowids[pos], -1)
+    build_started = time.perf_counter()
+    index = AnnoyIndex(n_trees=n_trees, n_jobs=n_jobs).build(vec_ids, matrix)
+    path = save_index(
+        index,
+        index_dir,
+        model_id=model_id,
+        fingerprint=current,
+        max_id=int(vec_ids.max()),
+        build_seconds=time.perf_counter() - build_started,
+        pinned=pinned,
+        rows=(vec_ids, vec_rows),
+    )
+    return RefreshResult(
+        "built",
+        int(vec_ids.size),
+        time.perf_counter() - started,
+        f"{vec_ids.size} vectors, {n_trees} trees",
+        os.fspath(path),
+    )

@@ -21,7 +21,8 @@ The path of one search:
    ``distance`` set on them (in memory only) for ``$similarity`` /
    ``$distance`` in beets formats.
 
-:func:`refresh_index` rebuilds the saved index when it is stale.
+:mod:`deepsim.index` owns the saved index (:func:`deepsim.index.open_index`,
+:func:`deepsim.index.refresh_index`); this module only ranks and filters.
 
 No torch here.
 """
@@ -32,7 +33,6 @@ import contextlib
 import functools
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,16 +43,16 @@ from beets.dbcore import query as dbquery
 from deepsim import store
 from deepsim.errors import DeepsimError
 from deepsim.index import (
-    DEFAULT_N_TREES,
     EXACT_THRESHOLD,
     SEARCH_FRACTION,
-    AnnoyIndex,
     ExactIndex,
-    VectorIndex,
-    load_index,
-    remove_index,
-    save_index,
+    SearchIndex,
+    open_index,
 )
+
+# The index lifecycle lives in deepsim.index; re-exported for existing callers.
+from deepsim.index import RefreshResult as RefreshResult
+from deepsim.index import refresh_index as refresh_index
 
 if TYPE_CHECKING:
     from beets.library import Item, Library
@@ -343,7 +343,7 @@ class _Searcher:
         self.all_allowed = all_allowed
         self.index_state = "unused"
         self.index_reason = ""
-        self.index: VectorIndex = ExactIndex()
+        self.index: SearchIndex = ExactIndex()
         if allowed is not None:
             self.index_reason = f"exact search over the {allowed.size} items matching the query"
             self._use_exact(allowed)
@@ -353,12 +353,8 @@ class _Searcher:
         elif index_dir is None:
             self.index_state, self.index_reason = "missing", "no index directory"
         else:
-            check = load_index(
-                index_dir,
-                model_id=model_id,
-                fingerprint=lambda: store.fingerprint(lib, model_id),
-                search_fraction=search_fraction,
-                search_k=search_k,
+            check = open_index(
+                lib, model_id, index_dir, search_fraction=search_fraction, search_k=search_k
             )
             self.index_state, self.index_reason = check.state, check.reason
             if check.fresh and check.index is not None:
@@ -685,107 +681,3 @@ def find_similar_each(
         search_k=search_k,
     )
     return [_search(plan, [seed]) for seed in seeds]
-
-
-# --------------------------------------------------------------------------- index upkeep
-
-
-@dataclass(frozen=True)
-class RefreshResult:
-    """What :func:`refresh_index` did.
-
-    ``action`` is ``"fresh"`` (the saved index was up to date), ``"built"``,
-    ``"small"`` (fewer vectors than ``exact_below``: exact search is used and
-    any saved index was removed) or ``"empty"`` (no vectors of the model).
-    """
-
-    action: Literal["fresh", "built", "small", "empty"]
-    count: int
-    seconds: float
-    reason: str
-    path: str | None = None
-
-
-def refresh_index(
-    lib: Library,
-    model_id: str,
-    index_dir: str | os.PathLike[str],
-    *,
-    force: bool = False,
-    exact_below: int = EXACT_THRESHOLD,
-    n_trees: int = DEFAULT_N_TREES,
-    n_jobs: int = -1,
-) -> RefreshResult:
-    """Rebuild ``model_id``'s Annoy index under ``index_dir`` if it is stale.
-
-    The index is rebuilt when it is missing, stale (vectors written or items
-    removed since), damaged, or built with another ``n_trees``; with fewer
-    than ``exact_below`` vectors no index is kept (exact search is as fast)
-    and an old one is removed.  Cheap when the index is fresh (a sidecar
-    read, a SQL aggregate and a few MiB of the file checked).  The
-    fingerprint is taken before the vectors are read, so a vector written
-    meanwhile makes the new index stale, never silently incomplete.
-
-    Parameters
-    ----------
-    lib
-        The beets library.
-    model_id
-        The active model's id.
-    index_dir
-        ``<beets config dir>/deepsim``; created if missing.
-    force
-        Rebuild even when fresh, and build even below ``exact_below``.
-    exact_below
-        No index below this many vectors.
-    n_trees, n_jobs
-        Annoy build parameters (see :class:`deepsim.index.AnnoyIndex`).
-
-    Raises
-    ------
-    AnnIndexError
-        The index cannot be written (the message names the path and reason).
-    """
-    started = time.perf_counter()
-    current = store.fingerprint(lib, model_id)
-    if not force:
-        check = load_index(index_dir, model_id=model_id, fingerprint=current)
-        if (
-            check.fresh
-            and check.index is not None
-            and check.sidecar is not None
-            and check.sidecar.n_trees == n_trees
-            and len(check.index) >= exact_below
-        ):
-            return RefreshResult(
-                "fresh", len(check.index), time.perf_counter() - started, check.reason
-            )
-    ids, matrix = store.read_vectors(lib, model_id)
-    if ids.size == 0:
-        remove_index(index_dir, model_id)
-        return RefreshResult("empty", 0, time.perf_counter() - started, "no vectors")
-    if ids.size < exact_below and not force:
-        remove_index(index_dir, model_id)
-        return RefreshResult(
-            "small",
-            int(ids.size),
-            time.perf_counter() - started,
-            f"{ids.size} vectors, below {exact_below}: exact search",
-        )
-    build_started = time.perf_counter()
-    index = AnnoyIndex(n_trees=n_trees, n_jobs=n_jobs).build(ids, matrix)
-    path = save_index(
-        index,
-        index_dir,
-        model_id=model_id,
-        fingerprint=current,
-        max_id=int(ids.max()),
-        build_seconds=time.perf_counter() - build_started,
-    )
-    return RefreshResult(
-        "built",
-        int(ids.size),
-        time.perf_counter() - started,
-        f"{ids.size} vectors, {n_trees} trees",
-        os.fspath(path),
-    )

@@ -184,6 +184,18 @@ def ids_with_vectors(lib: Library, model_id: str) -> set[int]:
     return {int(row[0]) for row in _query_slots(lib, "v.entity_id", model_id)}
 
 
+def vector_row_ids(lib: Library, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Item ids (ascending) and SQLite row ids of ``model_id``'s vectors, without decoding.
+
+    beets replaces a rewritten attribute row, which gets a new row id, so
+    comparing these pairs with an earlier read tells added, rewritten and
+    removed vectors apart (what :func:`deepsim.index.refresh_index` keeps up).
+    """
+    by_id = {int(r[0]): int(r[1]) for r in _query_slots(lib, "v.entity_id, v.id", model_id)}
+    ids = np.fromiter(sorted(by_id), np.int64, count=len(by_id))
+    return ids, np.fromiter((by_id[i] for i in ids.tolist()), np.int64, count=len(by_id))
+
+
 def ids_with_any_vector(lib: Library) -> set[int]:
     """Ids of the items that hold a main vector of any model."""
     with lib.transaction() as tx:

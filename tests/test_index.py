@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from beets.library import Item, Library
 
+from deepsim import store
 from deepsim.errors import AnnIndexError
 from deepsim.index import (
     EXACT_THRESHOLD,
     AnnoyIndex,
     ExactIndex,
+    UpdatedIndex,
     VectorIndex,
     choose_backend,
+    index_lock,
     index_paths,
     load_index,
     make_index,
+    open_index,
     read_sidecar,
+    refresh_index,
     remove_index,
     save_index,
 )
@@ -367,3 +375,161 @@ def test_sidecar_records_the_build(saved: tuple[Path, Path, Path]) -> None:
     assert data["backend"] == "annoy" and data["n_trees"] == 5
     assert data["file_size"] == path.stat().st_size
     assert data["built_at"] > 0
+
+
+# --------------------------------------------------------------------------- lifecycle on a library
+
+
+LIB_DIM = 16
+
+
+@pytest.fixture
+def lib(tmp_path: Path) -> Iterator[Library]:
+    """A beets library of 400 items with clustered vectors of MODEL."""
+    library = Library(str(tmp_path / "library.db"), str(tmp_path / "music"))
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(8, LIB_DIM))
+    with library.transaction():
+        items = [
+            Item(title=f"Song {k}", artist=f"A{k % 8}", path=f"/{k}.mp3".encode())
+            for k in range(400)
+        ]
+        for item in items:
+            library.add(item)
+    rows = [(it.id, centres[it.id % 8] + 0.7 * rng.normal(size=LIB_DIM)) for it in items]
+    store.write_vectors(library, rows, MODEL, batch_size=len(rows))
+    yield library
+    library._close()
+
+
+def exact_top(lib: Library, vector: np.ndarray, n: int, exclude: int) -> list[int]:
+    ids, matrix = store.read_vectors(lib, MODEL)
+    return ExactIndex().build(ids, matrix).query(vector, n, exclude=[exclude])[0].tolist()
+
+
+@pytest.mark.parametrize("count", [20, 150, 200])
+def test_a_fresh_small_400_d_index_is_not_corrupt(count: int, tmp_path: Path) -> None:
+    # Annoy reports 39 "trees" for 20 asked with <= ~400 items of 400-d (a root per leaf)
+    matrix = clustered(count, 400, clusters=4, seed=count)
+    index = AnnoyIndex(n_trees=20).build(np.arange(1, count + 1), matrix)
+    save_index(index, tmp_path, model_id=MODEL, fingerprint=FP)
+    check = load_index(tmp_path, model_id=MODEL, fingerprint=FP)
+    assert check.state == "fresh", check.reason
+    assert check.index is not None and len(check.index) == count
+
+
+def test_a_small_annoy_index_loads_fresh(lib: Library, tmp_path: Path) -> None:
+    # Annoy builds fewer trees than asked for a few hundred items: never "corrupt" for it
+    directory = tmp_path / "deepsim"
+    result = refresh_index(lib, MODEL, directory, exact_below=100, n_trees=20)
+    assert result.action == "built"
+    sidecar = read_sidecar(directory, MODEL)
+    assert sidecar is not None and sidecar.n_trees == 20 and sidecar.trees > 0
+    check = open_index(lib, MODEL, directory)
+    assert check.state == "fresh", check.reason
+    assert refresh_index(lib, MODEL, directory, exact_below=100, n_trees=20).action == "fresh"
+
+
+def test_an_index_built_on_request_is_kept_in_a_small_library(lib: Library, tmp_path: Path) -> None:
+    directory = tmp_path / "deepsim"
+    assert refresh_index(lib, MODEL, directory, force=True).action == "built"  # 400 < 2000
+    assert refresh_index(lib, MODEL, directory).action == "fresh"
+    store.write_vectors(lib, [(5, np.ones(LIB_DIM))], MODEL)
+    assert refresh_index(lib, MODEL, directory).action == "updated"
+    assert open_index(lib, MODEL, directory).fresh
+    # an index built for the threshold (not on request) is dropped once the library is small
+    assert refresh_index(lib, MODEL, directory, exact_below=100, force=False).action == "fresh"
+    remove_index(directory, MODEL)
+    assert refresh_index(lib, MODEL, directory, exact_below=100).action == "built"
+    assert refresh_index(lib, MODEL, directory, exact_below=1000).action == "small"
+    assert not index_paths(directory, MODEL)[0].exists()
+
+
+def test_changes_are_kept_beside_the_index_in_proportion(lib: Library, tmp_path: Path) -> None:
+    directory = tmp_path / "deepsim"
+    refresh_index(lib, MODEL, directory, exact_below=10, n_trees=10)
+    built = index_paths(directory, MODEL)[0].stat().st_mtime_ns
+    rng = np.random.default_rng(9)
+    # 5 new items, 3 rewritten vectors, 2 removed items: 10 changes of 400 (2.5 %)
+    new_items = [Item(title=f"New {k}", path=f"/new{k}.mp3".encode()) for k in range(5)]
+    for item in new_items:
+        lib.add(item)
+    target = store.read_vectors(lib, MODEL, ids=[17])[1][0]
+    rows = [(it.id, target + 0.01 * rng.normal(size=LIB_DIM)) for it in new_items]
+    rows += [(k, rng.normal(size=LIB_DIM)) for k in (30, 31, 32)]
+    store.write_vectors(lib, rows, MODEL)
+    for k in (40, 41):
+        lib.get_item(k).remove()
+    assert open_index(lib, MODEL, directory).state == "stale"
+    result = refresh_index(lib, MODEL, directory, exact_below=10, n_trees=10)
+    assert result.action == "updated" and result.changed == 5 + 3 + 3 + 2
+    assert index_paths(directory, MODEL)[0].stat().st_mtime_ns == built  # not rebuilt
+    check = open_index(lib, MODEL, directory)
+    assert check.fresh and isinstance(check.index, UpdatedIndex)
+    index = check.index
+    assert len(index) == 400 + 5 - 2
+    # the new vectors are found, the removed and the old rewritten ones never are
+    found, _ = index.query(target, 10, exclude=[17])
+    assert {it.id for it in new_items} <= set(found.tolist())
+    assert found.tolist() == exact_top(lib, target, 10, 17)
+    ids, matrix = store.read_vectors(lib, MODEL)
+    hits = []
+    for row in range(0, len(ids), 7):
+        got, got_sims = index.query(matrix[row], 10, exclude=[ids[row]])
+        assert not {40, 41} & set(got.tolist())
+        if int(ids[row]) in (30, 31, 32):
+            continue
+        truth = exact_top(lib, matrix[row], 10, int(ids[row]))
+        hits.append(len(set(truth) & set(got.tolist())) / 10)
+        for item_id, sim in zip(got.tolist(), got_sims.tolist(), strict=True):
+            np.testing.assert_allclose(
+                sim, float(matrix[ids == item_id][0] @ matrix[row]), atol=1e-4
+            )
+    assert np.mean(hits) >= 0.99
+    # a second update reuses the delta and stays in proportion; a no-op is "fresh"
+    store.write_vectors(lib, [(50, rng.normal(size=LIB_DIM))], MODEL)
+    again = refresh_index(lib, MODEL, directory, exact_below=10, n_trees=10)
+    assert again.action == "updated" and again.changed == 13 + 2
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=10).action == "fresh"
+
+
+def test_changes_past_the_share_rebuild(lib: Library, tmp_path: Path) -> None:
+    directory = tmp_path / "deepsim"
+    refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5)
+    rng = np.random.default_rng(1)
+    store.write_vectors(lib, [(k, rng.normal(size=LIB_DIM)) for k in range(1, 40)], MODEL)
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "built"
+    assert not (directory / f"index-{MODEL}.delta.npz").exists()
+    check = open_index(lib, MODEL, directory)
+    assert check.fresh and isinstance(check.index, AnnoyIndex)
+
+
+def test_a_damaged_delta_falls_back_and_is_rebuilt(lib: Library, tmp_path: Path) -> None:
+    directory = tmp_path / "deepsim"
+    refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5)
+    store.write_vectors(lib, [(3, np.ones(LIB_DIM))], MODEL)
+    refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5)
+    delta = directory / f"index-{MODEL}.delta.npz"
+    delta.write_bytes(delta.read_bytes()[:-10])
+    assert open_index(lib, MODEL, directory).state == "corrupt"
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "built"
+    assert open_index(lib, MODEL, directory).fresh
+
+
+def test_one_writer_at_a_time(lib: Library, tmp_path: Path) -> None:
+    directory = tmp_path / "deepsim"
+    results: list[str] = []
+    with index_lock(directory, MODEL):
+        worker = threading.Thread(
+            target=lambda: results.append(
+                refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action
+            )
+        )
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and results == []  # waiting for the lock
+        assert not index_paths(directory, MODEL)[0].exists()
+    worker.join(timeout=30)
+    assert results == ["built"]
+    # the second writer finds the work done
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "fresh"

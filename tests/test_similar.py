@@ -283,7 +283,7 @@ def test_index_is_stale_after_a_vector_write(lib: Library, tmp_path: Path) -> No
     store.write_vectors(lib, [(7, np.ones(DIM, np.float32))], MODEL)
     result = find_similar(lib, [lib.get_item(1)], model_id=MODEL, index_dir=index_dir)
     assert result.index_state == "stale" and result.backend == "exact"
-    assert refresh_index(lib, MODEL, index_dir, exact_below=10, n_trees=5).action == "built"
+    assert refresh_index(lib, MODEL, index_dir, exact_below=10, n_trees=5).action == "updated"
     result = find_similar(lib, [lib.get_item(1)], model_id=MODEL, index_dir=index_dir)
     assert result.index_state == "fresh" and result.backend == "annoy"
 
