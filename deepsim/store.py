@@ -323,3 +323,24 @@ def clear_vectors(lib: Library, item_ids: Iterable[int]) -> None:
                 for i in ids
             ],
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Listening data kept in the library (deepsim.listening.read_library)
+
+
+def read_listening_fields(lib: Library, keys: Sequence[str]) -> list[tuple[Any, ...]]:
+    """Every item with the given flexible attributes, in one query.
+
+    Rows are ``(id, artist, title, mb_trackid, path, key, value)`` ordered by
+    id; an item without any of ``keys`` has one row with ``key`` and ``value``
+    ``None``, an item with several has one row per attribute.
+    """
+    marks = ", ".join("?" for _ in keys)
+    sql = (
+        "SELECT i.id, i.artist, i.title, i.mb_trackid, i.path, a.key, a.value "
+        "FROM items AS i LEFT JOIN item_attributes AS a "
+        f"ON a.entity_id = i.id AND a.key IN ({marks}) ORDER BY i.id"
+    )
+    with lib.transaction() as tx:
+        return list(tx.query(sql, tuple(keys)))

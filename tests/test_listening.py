@@ -17,17 +17,29 @@ from deepsim import listening
 from deepsim.errors import ListeningDataError
 from deepsim.listening import (
     KEY_SEP,
+    Head,
+    ListenReader,
     Listens,
+    Skip,
     TrackKey,
+    jsonstream,
     parse_time,
     read_library,
     read_listens,
     read_playlist,
     sniff_format,
 )
+from deepsim.listening.core import Bad
+from deepsim.listening.read import sniff
+from deepsim.listening.sources import iter_sources
 
 DATA = Path(__file__).resolve().parent / "data" / "listens"
 KARMA = "8ec9a9c2-5c4b-4b1e-b7e5-0a1c4b7e6a01"
+
+
+def by_session(listens: Listens) -> dict[tuple[str, str], float]:
+    """{(session start, track key): count}, whoever the listener is called."""
+    return {(u.split("@")[-1], k): v for (u, k), v in as_dict(listens).items()}
 
 
 def as_dict(listens: Listens) -> dict[tuple[str, str], float]:
@@ -188,7 +200,7 @@ def test_json_array_parsed_across_chunk_boundaries(
     jsonl = tmp_path / "big.jsonl"
     jsonl.write_text("\n".join(json.dumps(x) for x in listens) + "\n")
     expected = as_dict(read_listens(jsonl))
-    monkeypatch.setattr(listening, "_JSON_CHUNK", 97)
+    monkeypatch.setattr(jsonstream, "JSON_CHUNK", 97)
     got = read_listens(arr)
     assert as_dict(got) == expected
     assert got.n_plays == 400
@@ -565,3 +577,310 @@ def test_read_playlist_resolves_entries(tmp_path: Path) -> None:
         b"/lib/b.flac",
         b"/m/song a.mp3",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Every reader: one shared behaviour test over realistic samples of each format
+#
+# Each sample in tests/fixtures/listening/ holds the same four listens (plus rows
+# that its format's rules leave out), as the tool that writes it would.
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "listening"
+T0 = 1612124100  # 2021-01-31T20:15:00Z
+EXPECTED_PLAYS = {
+    ("radiohead", "karma police", T0),
+    ("radiohead", "paranoid android", T0 + 300),
+    ("björk", "jóga", T0 + 660),
+    ("crosby, stills & nash", "suite: judy blue eyes", T0 + 9900),
+}
+SAMPLES = [
+    (
+        "Spotify Extended Streaming History",
+        "spotify-extended",
+        {
+            "podcast episode",
+            "played under 30 s",
+            "private session (incognito_mode)",
+            "no track (video or unavailable)",
+        },
+    ),
+    ("endsong_0.json", "spotify-extended", {"played under 30 s"}),
+    ("MyData", "spotify-account", {"played under 30 s"}),
+    ("exported_tracks.txt", "lastfm-tsv", set()),
+    ("recenttracks-rj-page1.json", "lastfm-json", {"now playing (no time yet)"}),
+    ("recenttracks_flat.json", "lastfm-json", set()),
+    ("lastfm-backup-2021-01.csv", "lastfm-backup", set()),
+    ("lastfm_to_csv-rj.csv", "lastfm-csv", {"now playing (no time yet)"}),
+    ("librefm-export-rj.csv", "librefm", set()),
+    ("lastfm1k-userid-timestamp-artid-artname-traid-traname.tsv", "lastfm-1k", set()),
+    ("maloja_export_2021_02_01_10_00_00.json", "maloja", set()),
+    ("koito_export_2021-02-01.json", "koito", set()),
+    ("pano-scrobbler-scrobbles.jsonl", "pano-scrobbler", {"not a scrobble (love, now playing...)"}),
+    (".scrobbler.log", "scrobbler-log", {"skipped on the player (rating S)"}),
+    ("streaming.csv", "tidal", {"played under 30 s"}),
+    ("listenbrainz_api_rj_listens.json", "listenbrainz-api", set()),
+    ("listenbrainz_rj_2021_1.jsonl", "listenbrainz", set()),
+]
+
+
+def reader_records(path: Path, fmt: str) -> tuple[set[tuple[str, str, int]], set[str]]:
+    """The plays and the reasons of left-out records one reader streams from a sample."""
+    plays: set[tuple[str, str, int]] = set()
+    reasons: set[str] = set()
+    for source in iter_sources(path):
+        reader = sniff(source)
+        if reader is None:  # a companion file of the export
+            continue
+        assert reader.name == fmt, source.name
+        for rec in reader.read(source):
+            assert not isinstance(rec, Bad), (source.name, rec.line, rec.reason)
+            if isinstance(rec, Skip):
+                reasons.add(rec.reason)
+            elif rec.__class__ is tuple:
+                _user, t, artist, title, _mbid, _line = rec
+                plays.add((artist.casefold(), title.casefold(), round(t)))
+    return plays, reasons
+
+
+def test_every_format_has_a_sample() -> None:
+    assert {fmt for _, fmt, _ in SAMPLES} | {"taste-profile"} == set(listening.FORMATS)
+
+
+@pytest.mark.parametrize(("name", "fmt", "left_out"), SAMPLES, ids=[s[0] for s in SAMPLES])
+def test_each_reader_reads_its_sample(name: str, fmt: str, left_out: set[str]) -> None:
+    path = FIX / name
+    assert isinstance(listening.READERS[fmt], ListenReader)
+    assert sniff_format(path) == fmt
+    plays, reasons = reader_records(path, fmt)
+    assert plays == EXPECTED_PLAYS
+    assert reasons == left_out
+    for format in ("auto", fmt):
+        listens = read_listens(path, format=format)
+        assert listens.n_plays == 4 and listens.skipped == 0
+        # 20:15-20:26 then 23:00: two sessions
+        assert sorted(np.asarray(listens.counts.sum(axis=1)).ravel().tolist()) == [1.0, 3.0]
+        titles = {t.title for t in listens.tracks}
+        assert titles == {"Karma Police", "Paranoid Android", "Jóga", "Suite: Judy Blue Eyes"}
+
+
+def test_reader_interface_and_registry() -> None:
+    for name, reader in listening.READERS.items():
+        assert reader.name == name and reader.description
+    head = Head("x.csv", "Radiohead,OK Computer,Karma Police,31 Jan 2021 20:15\n")
+    assert [n for n, r in listening.READERS.items() if r.sniff(head)] == ["lastfm-csv"]
+
+
+def test_spotify_zip_as_downloaded(tmp_path: Path) -> None:
+    """my_spotify_data.zip: the folder inside, Mac resource forks and a read-me beside it."""
+    zpath = tmp_path / "my_spotify_data.zip"
+    folder = FIX / "Spotify Extended Streaming History"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"Spotify Extended Streaming History/{f.name}")
+            zf.writestr(f"__MACOSX/Spotify Extended Streaming History/._{f.name}", b"\0\5\26\7junk")
+    assert sniff_format(zpath) == "spotify-extended"
+    from_zip = read_listens(zpath)
+    assert by_session(from_zip) == by_session(read_listens(folder)) and from_zip.n_plays == 4
+    # one listener: the zip's name, whatever file each play came from
+    assert {u.split("@")[0] for u in from_zip.users} == {"my_spotify_data"}
+
+
+def test_spotify_files_out_of_time_order_make_the_same_sessions(tmp_path: Path) -> None:
+    rows = json.loads((FIX / "endsong_0.json").read_text(encoding="utf-8"))
+    (tmp_path / "endsong_0.json").write_text(json.dumps(rows[::-1]), encoding="utf-8")
+    assert as_dict(read_listens(tmp_path / "endsong_0.json")) == as_dict(
+        read_listens(FIX / "endsong_0.json")
+    )
+    users = read_listens(FIX / "endsong_0.json").users  # username from the rows
+    assert {u.split("@")[0] for u in users} == {"jdoe_spotify"}
+
+
+def test_lastfm_recent_tracks_gz_and_page_user(tmp_path: Path) -> None:
+    gz = tmp_path / "page2.json.gz"
+    gz.write_bytes(gzip.compress((FIX / "recenttracks-rj-page1.json").read_bytes()))
+    assert sniff_format(gz) == "lastfm-json"
+    listens = read_listens(gz)
+    assert listens.n_plays == 4 and {u.split("@")[0] for u in listens.users} == {"rj"}
+    # the track MBID is the key where Last.fm gives one
+    assert KARMA in {t.key for t in listens.tracks}
+
+
+# --------------------------------------------------------------------------------------------
+# Bugs of the old readers
+
+
+def test_librefm_comment_lines_do_not_hide_the_header(tmp_path: Path) -> None:
+    listens = read_listens(FIX / "librefm-export-rj.csv")
+    karma = next(t for t in listens.tracks if t.title == "Karma Police")
+    assert karma.artist == "Radiohead"  # not "OK Computer" as a title, "Karma Police" as album
+    # the same file with its '#' written in UTF-7 (+ACM-), as some exports do
+    utf7 = tmp_path / "librefm.csv"
+    text = (FIX / "librefm-export-rj.csv").read_text(encoding="utf-8")
+    utf7.write_text(text.replace("#", "+ACM-"), encoding="utf-8")
+    assert sniff_format(utf7) == "librefm"
+    assert by_session(read_listens(utf7)) == by_session(read_listens(FIX / "librefm-export-rj.csv"))
+
+
+def test_lastfm_csv_now_playing_row_is_not_a_bad_record(tmp_path: Path) -> None:
+    small = write_lines(
+        tmp_path / "scrobbles.csv",
+        [
+            "Radiohead,OK Computer,No Surprises,",
+            "Radiohead,OK Computer,Karma Police,31 Jan 2021 20:15",
+        ],
+    )
+    listens = read_listens(small, max_bad_fraction=0)
+    assert listens.n_plays == 1 and listens.skipped == 0
+
+
+def listenbrainz_line(i: int) -> str:
+    return json.dumps(
+        {
+            "listened_at": 1_600_000_000 + 200 * i,
+            "user_name": "alice",
+            "track_metadata": {"artist_name": f"A{i % 7}", "track_name": f"T{i % 11}"},
+        }
+    )
+
+
+def test_bad_record_limit_is_per_source_not_per_zip_member(tmp_path: Path) -> None:
+    path = tmp_path / "listenbrainz_alice.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for month in range(1, 13):
+            lines = [listenbrainz_line(month * 100 + k) for k in range(40)]
+            if month == 12:  # one month of 5 listens, the last line truncated by the download
+                lines = [*lines[:4], lines[4][:37]]
+            zf.writestr(f"listens/2021/{month}.jsonl", "\n".join(lines) + "\n")
+    listens = read_listens(path)  # 1 bad record in 445: within the 1 % of the export
+    assert listens.skipped == 1 and listens.n_plays == 444
+    with pytest.raises(ListeningDataError) as info:
+        read_listens(path, max_bad_fraction=0)
+    assert info.value.path == f"{path}!listens/2021/12.jsonl" and info.value.line == 5
+
+
+def test_unknown_json_says_what_was_tried_and_what_it_looks_like(tmp_path: Path) -> None:
+    odd = tmp_path / "history.json"
+    odd.write_text(
+        json.dumps(
+            [{"played": 1, "song": "x", "performer": "y", "extraordinarily_long_key_name": 2}]
+        )
+    )
+    with pytest.raises(ListeningDataError) as info:
+        read_listens(odd)
+    msg = info.value.reason
+    assert "cannot tell the format" in msg
+    assert "a JSON array of objects with keys played, song, performer" in msg
+    for fmt in ("spotify-extended", "lastfm-json", "listenbrainz", "maloja", "koito"):
+        assert fmt in msg
+    assert "track_metadata" not in msg and "invalid JSON" not in msg
+    # a long description is cut between words, never inside one
+    many = tmp_path / "wide.json"
+    many.write_text(json.dumps({f"field_number_{i}": i for i in range(40)}))
+    with pytest.raises(ListeningDataError) as info:
+        read_listens(many)
+    described = info.value.reason.split("(", 1)[1].split(")", 1)[0]
+    assert described.endswith(" …")
+    assert all(
+        w.rstrip(",") in {f"field_number_{i}" for i in range(40)} for w in described.split()[7:-1]
+    )
+
+
+def test_companion_files_are_ignored_and_folders_read_recursively(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    (export / "listens" / "2021").mkdir(parents=True)
+    (export / "listens" / "2021" / "1.jsonl").write_text(
+        (FIX / "listenbrainz_rj_2021_1.jsonl").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    (export / "user.json").write_text('{"user_id": 1, "username": "rj"}')
+    (export / "feedback.jsonl").write_text('{"recording_msid": "x", "score": 1}\n')
+    (export / "pinned_recording.jsonl").write_text('{"blurb_content": "hi"}\n')
+    (export / "README.txt").write_text("This is your ListenBrainz export.\n")
+    (export / "notes.txt").write_text("my own notes, not listens\n")
+    (export / "__MACOSX").mkdir()
+    (export / "__MACOSX" / "._user.json").write_bytes(b"\0\5\26\7")
+    (export / "._1.jsonl").write_bytes(b"\0\5\26\7")
+    listens = read_listens(export)
+    assert listens.n_plays == 4
+    zpath = tmp_path / "export.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(export.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(export).as_posix())
+    assert as_dict(read_listens(zpath)) == as_dict(listens)
+    # a folder with nothing to read says so
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "README.txt").write_text("nothing\n")
+    with pytest.raises(ListeningDataError, match="no listens"):
+        read_listens(tmp_path / "empty")
+
+
+def test_msd_train_triplets_zip_is_the_taste_profile(tmp_path: Path) -> None:
+    zpath = tmp_path / "train_triplets.txt.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.write(DATA / "taste_profile.txt", "train_triplets.txt")
+    assert sniff_format(zpath) == "taste-profile"
+    listens = read_listens(zpath, song_table=DATA / "unique_tracks.txt")
+    assert as_dict(listens) == as_dict(read_listens(DATA / "taste_profile.txt"))
+    assert any(t.artist for t in listens.tracks)
+
+
+def test_exact_duplicate_plays_count_once_also_across_files(tmp_path: Path) -> None:
+    lines = (FIX / "lastfm_to_csv-rj.csv").read_text(encoding="utf-8").splitlines()
+    # lastfm-to-csv fetched page 1 twice: its rows appear twice in the file
+    doubled = write_lines(tmp_path / "rj.csv", [lines[0], *lines[1:3], *lines[1:]])
+    once = read_listens(FIX / "lastfm_to_csv-rj.csv")
+    got = read_listens(doubled)
+    assert got.n_plays == 4 and got.duplicates == 2
+    assert by_session(got) == by_session(once)
+    # the same export given twice (a file and its copy in a folder of the same name)
+    (tmp_path / "rj").mkdir()
+    shutil.copy(doubled, tmp_path / "rj" / "scrobbles.csv")
+    twice = read_listens([doubled, tmp_path / "rj"])
+    assert twice.n_plays == 4 and twice.duplicates == 2 + 6
+    # different listeners' identical plays are not duplicates
+    both = read_listens([FIX / "lastfm_to_csv-rj.csv", FIX / "exported_tracks.txt"])
+    assert both.n_plays == 8
+
+
+@pytest.mark.parametrize(
+    ("encoding", "bom"),
+    [
+        ("utf-8", b""),
+        ("utf-8", b"\xef\xbb\xbf"),
+        ("utf-16-le", b"\xff\xfe"),
+        ("utf-16-be", b"\xfe\xff"),
+        ("utf-16-le", b""),
+    ],
+)
+def test_utf8_and_utf16_are_detected(tmp_path: Path, encoding: str, bom: bytes) -> None:
+    text = (FIX / "lastfm_to_csv-rj.csv").read_text(encoding="utf-8")
+    path = tmp_path / "rj.csv"
+    path.write_bytes(bom + text.encode(encoding))
+    listens = read_listens(path)
+    assert {t.title for t in listens.tracks} >= {"Jóga"} and listens.n_plays == 4
+
+
+def test_other_bytes_are_cp1252_with_a_warning_naming_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = (FIX / "lastfm_to_csv-rj.csv").read_text(encoding="utf-8")
+    path = tmp_path / "rj.csv"
+    path.write_bytes(text.replace("Suite", "Suite – live").encode("cp1252"))
+    with caplog.at_level("WARNING", logger="deepsim"):
+        listens = read_listens(path)
+    titles = {t.title for t in listens.tracks}
+    assert {"Jóga", "Suite – live: Judy Blue Eyes"} <= titles
+    assert not any("\ufffd" in (t.title or "") + (t.artist or "") for t in listens.tracks)
+    assert any(str(path) in r.getMessage() and "cp1252" in r.getMessage() for r in caplog.records)
+    # UTF-8 with a stray cp1252 byte far from the start: that line alone, also reported
+    caplog.clear()
+    mixed = tmp_path / "mixed.csv"
+    rows = [
+        f"Band {i},Album,Song {i},31 Jan 2021 {i // 60 % 24:02d}:{i % 60:02d}" for i in range(3000)
+    ]
+    rows[2500] = "Björk,Homogenic,Jóga,01 Feb 2021 10:00"
+    mixed.write_bytes("\n".join(rows[:2500]).encode() + b"\n" + rows[2500].encode("cp1252") + b"\n")
+    with caplog.at_level("WARNING", logger="deepsim"):
+        got = read_listens(mixed)
+    assert "Jóga" in {t.title for t in got.tracks}
+    assert any(str(mixed) in r.getMessage() and "cp1252" in r.getMessage() for r in caplog.records)

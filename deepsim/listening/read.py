@@ -1,0 +1,412 @@
+"""``read_listens``: every path through the right reader into one :class:`Listens`."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import re
+import textwrap
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from deepsim.errors import ListeningDataError, ParameterError
+from deepsim.listening import jsonformats, text  # noqa: F401  (registers the readers)
+from deepsim.listening.base import READERS, Count, Head, ListenReader, Skip
+from deepsim.listening.core import Bad, Builder, Listens, TrackKey, mbid_of
+from deepsim.listening.sources import Source, iter_sources
+from deepsim.util import check_choice, check_float, get_logger
+
+log = get_logger(__name__)
+
+SNIFF_ORDER = (
+    "scrobbler-log",
+    "spotify-extended",
+    "spotify-account",
+    "lastfm-json",
+    "listenbrainz-api",
+    "maloja",
+    "koito",
+    "pano-scrobbler",
+    "listenbrainz",
+    "taste-profile",
+    "lastfm-1k",
+    "lastfm-tsv",
+    "librefm",
+    "tidal",
+    "lastfm-backup",
+    "lastfm-csv",
+)
+FORMATS = tuple(sorted(READERS))
+"""Names accepted by ``read_listens(format=...)`` besides ``"auto"``."""
+assert set(SNIFF_ORDER) == set(READERS)
+
+EARLY_RECORDS = 1000
+
+
+def _shorten(s: str, width: int = 100) -> str:
+    """``s`` on one line, cut at a word boundary with an ellipsis."""
+    return textwrap.shorten(" ".join(s.split()), width=width, placeholder=" …")
+
+
+class BadRecords:
+    """Counts malformed records of one source given by the user (a file, folder or zip)."""
+
+    def __init__(self, name: str, max_bad_fraction: float) -> None:
+        self.name = name
+        self.max_bad_fraction = max_bad_fraction
+        self.good = 0
+        self.bad = 0
+        self.first: tuple[str, int | None, str] | None = None
+
+    def record(self, where: str, line: int | None, reason: str) -> None:
+        self.bad += 1
+        if self.first is None:
+            self.first = (where, line, reason)
+        if self.max_bad_fraction == 0:
+            raise ListeningDataError(where, line, reason)
+        if self.bad <= 3:
+            at = f"line {line}" if line is not None else "a record"
+            log.warning("%s: skipping %s: %s", where, at, reason)
+        total = self.good + self.bad
+        if total >= EARLY_RECORDS and self.bad > total / 2:
+            self.fail()
+
+    def finish(self) -> int:
+        total = self.good + self.bad
+        if self.bad and self.bad > self.max_bad_fraction * total:
+            self.fail()
+        if self.bad:
+            log.warning("%s: skipped %d malformed records of %d", self.name, self.bad, total)
+        return self.bad
+
+    def fail(self) -> None:
+        assert self.first is not None
+        where, line, reason = self.first
+        total = self.good + self.bad
+        raise ListeningDataError(
+            where,
+            line,
+            f"{reason} ({self.bad} of {total} records read are malformed; at most "
+            f"{self.max_bad_fraction:.1%} are skipped)",
+        )
+
+
+def _describe(head: Head) -> str:
+    """What an unrecognised file looks like, in a few words."""
+    s = head.text.lstrip()
+    if not s:
+        return "it is empty"
+    if s[0] in "[{":
+        try:
+            doc = json.loads(s)
+        except json.JSONDecodeError:
+            doc = None
+        keys = None
+        if isinstance(doc, dict):
+            keys, what = list(doc), "a JSON object"
+        elif isinstance(doc, list):
+            first = doc[0] if doc else None
+            if isinstance(first, dict):
+                keys, what = list(first), "a JSON array of objects"
+            else:
+                return f"it is a JSON array of {type(first).__name__ if doc else 'nothing'}"
+        else:  # too long to parse here: the first keys as text
+            keys = re.findall(r'"([^"\\]{1,60})"\s*:', s[:4000])[:8]
+            what = "a JSON array of objects" if s[0] == "[" else "a JSON object"
+        shown = ", ".join(dict.fromkeys(keys))  # type: ignore[arg-type]
+        return _shorten(f"it is {what} with keys {shown}" if keys else f"it is {what}", 160)
+    lines = head.lines
+    return "its first line is " + repr(_shorten(lines[0], 80)) if lines else "it is blank"
+
+
+def sniff(source: Source) -> ListenReader | None:
+    head = Head(source.basename, source.head_text())
+    for name in SNIFF_ORDER:
+        if READERS[name].sniff(head):
+            return READERS[name]
+    return None
+
+
+def _unknown(source: Source) -> ListeningDataError:
+    head = Head(source.basename, source.head_text())
+    json_like = head.json_start != ""
+    tried = [n for n in SNIFF_ORDER if json_like == (n in _JSON_FORMATS)]
+    return ListeningDataError(
+        source.name,
+        None,
+        f"cannot tell the format of this file ({_describe(head)}); tried "
+        f"{', '.join(tried)}; give one with format= / --listens-format",
+    )
+
+
+_JSON_FORMATS = frozenset(
+    {
+        "spotify-extended",
+        "spotify-account",
+        "lastfm-json",
+        "listenbrainz-api",
+        "maloja",
+        "koito",
+        "pano-scrobbler",
+        "listenbrainz",
+    }
+)
+
+
+def sniff_format(path: str | os.PathLike[str]) -> str:
+    """The format of a listening file, zip or folder (its first listening file).
+
+    Raises
+    ------
+    ListeningDataError
+        When the file cannot be read or its format cannot be told.
+    """
+    first: Source | None = None
+    for source in iter_sources(path):
+        first = first or source
+        try:
+            reader = sniff(source)
+        except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as exc:
+            raise ListeningDataError(source.name, None, f"cannot read: {exc}") from exc
+        if reader is not None:
+            return reader.name
+        if not source.in_container:
+            if not source.head_text().strip():
+                raise ListeningDataError(source.name, None, "no listens")
+            raise _unknown(source)
+    raise ListeningDataError(path, None, "no listening files in it")
+
+
+def read_listens(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    format: str = "auto",
+    song_table: str | os.PathLike[str] | Mapping[str, Sequence[str | None]] | None = None,
+    session_gap: float = 1800.0,
+    min_user_plays: float = 1,
+    max_bad_fraction: float = 0.01,
+) -> Listens:
+    """Read listening files into one :class:`Listens`.
+
+    Parameters
+    ----------
+    paths
+        Files, folders (read recursively) and zip exports, one or several.
+        ``.gz``, ``.bz2`` and ``.xz`` files are decompressed on the fly.
+        Inside folders and zips, hidden files, ``__MACOSX``, companion files
+        (read-me, PDF, ``user.json``, ``feedback.jsonl``...) and files in no
+        known format are ignored (logged); a file given by itself must be
+        in a known format.
+    format
+        ``"auto"`` (each file by its content and name) or one of :data:`FORMATS`:
+        files given by themselves are then read in that format, files inside
+        a folder or zip only when they look like it (others are ignored).
+    song_table
+        Taste Profile only: a file naming the MSD songs (``unique_tracks.txt``
+        layout, or ``song_id <TAB> artist <TAB> title [<TAB> MBID]``), or a
+        mapping ``song_id -> (artist, title[, mbid])``.
+    session_gap
+        Seconds of silence that end a listening session.
+    min_user_plays
+        Rows (users or sessions) with fewer plays are dropped.
+    max_bad_fraction
+        Fraction of malformed records per given path that is skipped (and
+        counted) rather than fatal; ``0`` makes any malformed record fatal.
+
+    Raises
+    ------
+    ListeningDataError
+        Unreadable, empty or malformed data (naming the file and line where it can).
+    ParameterError
+        Bad parameter.
+    """
+    if format != "auto":
+        check_choice("format", format, ("auto", *FORMATS))
+    session_gap = check_float("session_gap", session_gap, low=0, low_open=True)
+    min_user_plays = check_float("min_user_plays", min_user_plays, low=0, low_open=True)
+    max_bad_fraction = check_float(
+        "max_bad_fraction", max_bad_fraction, low=0, high=1, high_open=True
+    )
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ParameterError(f"no listening files given (paths={paths!r})")
+    b = Builder()
+    taste = False
+    for path in paths:
+        taste = _read_path(b, path, format, max_bad_fraction) or taste
+    if song_table is not None:
+        if not taste:
+            raise ParameterError("song_table only applies to the taste-profile format")
+        _apply_song_table(b, song_table, max_bad_fraction)
+    listens = b.build(session_gap=session_gap, min_user_plays=min_user_plays)
+    if listens.duplicates:
+        log.info("counted %d exact duplicate plays once", listens.duplicates)
+    return listens
+
+
+def _read_path(
+    b: Builder, path: str | os.PathLike[str], format: str, max_bad_fraction: float
+) -> bool:
+    """Read one given path; returns whether it held Taste Profile counts."""
+    bad = BadRecords(os.fspath(path), max_bad_fraction)
+    skips: Counter[str] = Counter()
+    ignored: list[str] = []
+    taste = False
+    forced = READERS[format] if format != "auto" else None
+    n_before = b.n_plays + len(b.rows)
+    try:
+        for source in iter_sources(path):
+            if forced is None:
+                reader = sniff(source)
+            elif source.in_container and not forced.sniff(
+                Head(source.basename, source.head_text())
+            ):
+                reader = None  # inside a folder or zip, a forced format reads only its own files
+            else:
+                reader = forced
+            if reader is None:
+                if source.in_container:
+                    ignored.append(source.name)
+                    log.info(
+                        "%s: ignored (%s)",
+                        source.name,
+                        _describe(Head(source.basename, source.head_text())),
+                    )
+                    continue
+                if not source.head_text().strip():
+                    raise ListeningDataError(source.name, None, "no listens")
+                raise _unknown(source)
+            taste = taste or reader.name == "taste-profile"
+            _read_source(b, source, reader, bad, skips)
+    except FileNotFoundError as exc:
+        raise ListeningDataError(path, None, "no such file") from exc
+    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as exc:
+        raise ListeningDataError(path, None, f"cannot read: {exc}") from exc
+    b.skipped += bad.finish()
+    if skips:
+        log.info(
+            "%s: left out %s",
+            os.fspath(path),
+            ", ".join(f"{n} {reason}" for reason, n in skips.most_common()),
+        )
+    if b.n_plays + len(b.rows) == n_before:
+        why = (
+            f" (ignored: {', '.join(os.path.basename(i) for i in ignored[:5])})" if ignored else ""
+        )
+        raise ListeningDataError(path, None, f"no listens{why}")
+    return taste
+
+
+def _read_source(
+    b: Builder, source: Source, reader: ListenReader, bad: BadRecords, skips: Counter[str]
+) -> None:
+    """The hot loop: one reader's records into the builder."""
+    name = source.name
+    default = b.user(source.default_user)
+    user_of = b.user_index.get
+    add_user = b.user
+    cache: dict[tuple[object, object, object], int] = {}
+    get_track = cache.get
+    track_of = b.track_of
+    p_user = b.play_user.append
+    p_track = b.play_track.append
+    p_time = b.play_time.append
+    good = 0
+    for rec in reader.read(source):
+        if rec.__class__ is tuple:
+            user, t, artist, title, mbid, line = rec
+            key = (artist, title, mbid)
+            j = get_track(key)
+            if j is None:
+                try:
+                    j = track_of(artist, title, mbid)
+                except Bad as exc:
+                    bad.good += good
+                    good = 0
+                    bad.record(name, line, exc.reason)
+                    continue
+                cache[key] = j
+            if user is None:
+                u = default
+            else:
+                u = user_of(user)
+                if u is None:
+                    u = add_user(user)
+            p_user(u)
+            p_track(j)
+            p_time(t)
+            good += 1
+        elif rec.__class__ is Skip:
+            skips[rec.reason] += 1
+        elif isinstance(rec, Bad):
+            bad.good += good
+            good = 0
+            bad.record(name, rec.line, rec.reason)
+        elif isinstance(rec, Count):
+            b.add_count(rec.user, b.track(rec.key), rec.count)
+            good += 1
+    bad.good += good
+
+
+def _apply_song_table(
+    b: Builder,
+    table: str | os.PathLike[str] | Mapping[str, Sequence[str | None]],
+    max_bad_fraction: float,
+) -> None:
+    def update(song: str, artist: str | None, title: str | None, mbid: str | None) -> None:
+        j = b.track_index.get(song)
+        if j is None:
+            return
+        old = b.tracks[j]
+        if old.artist is None and old.title is None:
+            b.tracks[j] = TrackKey(song, artist or None, title or None, mbid_of(mbid), None)
+
+    if isinstance(table, Mapping):
+        for song, fields in table.items():
+            fields = [*fields, None, None, None]
+            update(song, fields[0], fields[1], fields[2])
+        return
+    path = Path(table)
+    bad = BadRecords(str(path), max_bad_fraction)
+    try:
+        sources = list(iter_sources(path))
+        for source in sources:
+            with source.open_text() as f:
+                for lineno, raw in enumerate(f, 1):
+                    line = raw.rstrip("\r\n")
+                    if not line.strip():
+                        continue
+                    if "<SEP>" in line:
+                        parts = line.split("<SEP>")
+                        if len(parts) != 4:
+                            bad.record(
+                                source.name,
+                                lineno,
+                                f"expected track_id<SEP>song_id<SEP>artist<SEP>title, "
+                                f"got {len(parts)} fields",
+                            )
+                            continue
+                        update(parts[1].strip(), parts[2].strip(), parts[3].strip(), None)
+                    else:
+                        parts = line.split("\t")
+                        if len(parts) not in (3, 4):
+                            bad.record(
+                                source.name,
+                                lineno,
+                                "expected song_id, artist, title[, MBID] separated "
+                                f"by tabs, got {len(parts)} fields",
+                            )
+                            continue
+                        mbid = parts[3] if len(parts) == 4 else None
+                        update(parts[0].strip(), parts[1].strip(), parts[2].strip(), mbid)
+                    bad.good += 1
+    except OSError as exc:
+        raise ListeningDataError(path, None, f"cannot read: {exc}") from exc
+    if bad.good == 0 and bad.bad == 0:
+        raise ListeningDataError(path, None, "song table is empty")
+    b.skipped += bad.finish()
