@@ -63,6 +63,7 @@ class IndexOpts(Protocol):
 class TrainOpts(Protocol):
     listens: list[str] | None
     listens_format: str | None
+    song_table: str | None
     playlists: list[str] | None
     library: bool
     min_plays: float | None
@@ -331,14 +332,23 @@ class DeepsimPlugin(BeetsPlugin):
             "-l",
             "--listens",
             action="append",
-            metavar="FILE",
-            help="listening data file (repeatable): Last.fm CSV, Last.fm-1K TSV, "
-            "ListenBrainz JSON/JSONL, MSD Taste Profile triplets",
+            metavar="PATH",
+            help="listening history (repeatable): a file, folder or zip export — Spotify, "
+            "Last.fm, Libre.fm, ListenBrainz, Maloja, Koito, Pano Scrobbler, .scrobbler.log, "
+            "TIDAL, MSD Taste Profile (see docs/training.md)",
         )
         p.add_option(
             "--listens-format",
             metavar="FORMAT",
-            help="auto (default), lastfm-csv, lastfm-1k, listenbrainz, taste-profile",
+            help="auto (default), spotify-extended, spotify-account, lastfm-csv, lastfm-tsv, "
+            "lastfm-json, lastfm-backup, lastfm-1k, librefm, listenbrainz, listenbrainz-api, "
+            "maloja, koito, pano-scrobbler, scrobbler-log, tidal, taste-profile",
+        )
+        p.add_option(
+            "--song-table",
+            metavar="FILE",
+            help="MSD Taste Profile: the song names (unique_tracks.txt, or song_id TAB artist "
+            "TAB title)",
         )
         p.add_option(
             "--playlist",
@@ -672,8 +682,13 @@ class DeepsimPlugin(BeetsPlugin):
             sources = []
             if listens_paths:
                 fmt = opts.listens_format or cfg["format"].as_str()
+                table = opts.song_table and os.path.expanduser(opts.song_table)
                 sources.append(
-                    read_listens([os.path.expanduser(p) for p in listens_paths], format=fmt)
+                    read_listens(
+                        [os.path.expanduser(p) for p in listens_paths],
+                        format=fmt,
+                        song_table=table,
+                    )
                 )
             if playlists or use_library:
                 sources.append(

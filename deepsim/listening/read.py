@@ -123,10 +123,14 @@ def _describe(head: Head) -> str:
 
 
 def sniff(source: Source) -> ListenReader | None:
+    """The reader of a file; a ``.csv`` file given by itself falls back to ``lastfm-csv``
+    (whose messages then say what its columns lack)."""
     head = Head(source.basename, source.head_text())
     for name in SNIFF_ORDER:
         if READERS[name].sniff(head):
             return READERS[name]
+    if not source.in_container and source.basename.lower().endswith(".csv") and head.lines:
+        return READERS["lastfm-csv"]
     return None
 
 

@@ -1,0 +1,264 @@
+"""Listening-data reading at scale: a generated Last.fm CSV and Spotify history.
+
+Writes ``--plays`` plays (default 10 million) as
+
+- one Last.fm CSV export as lastfm-to-csv writes it (``artist,album,track,date``,
+  newest first, no header, dates like ``31 Jan 2021 20:15``), with its first
+  page of 200 rows downloaded twice (the duplicates must count once);
+- a Spotify Extended Streaming History folder of the same number of rows, in
+  files of 16,000 rows (``Streaming_History_Audio_<year>_<n>.json``, 4-space
+  indented, every field Spotify writes) — 5 % of them podcast episodes and
+  10 % plays under 30 s, which the reader leaves out;
+
+then reads each with :func:`deepsim.listening.read_listens` in a fresh
+process and prints plays/s, peak RSS of that process, and — since machines
+are shared and noisy — the ratio to a baseline measured in the same run on
+the same files: ``csv.reader`` over the CSV (no parsing of fields) and
+``json.load`` of each Spotify file (no looking at fields).  Last, it times
+the duplicate removal and sessioning of 10 million plays alone.
+
+Run::
+
+    .venv/bin/python benchmarks/bench_listening.py                  # 10M plays each
+    .venv/bin/python benchmarks/bench_listening.py --plays 1000000  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+START = 1_420_070_400  # 2015-01-01
+ROWS_PER_SPOTIFY_FILE = 16_000
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def catalogue(n_artists: int = 20_000, per_artist: int = 15) -> list[tuple[str, str, str]]:
+    rng = random.Random(1)
+    words = [
+        "Blue",
+        "Night",
+        "Echo",
+        "Garden",
+        "Fire",
+        "Static",
+        "Velvet",
+        "Rain",
+        "Motor",
+        "Glass",
+    ]
+    out = []
+    for a in range(n_artists):
+        artist = f"{rng.choice(words)} {rng.choice(words)} {a}"
+        for k in range(per_artist):
+            out.append((artist, f"{artist} LP {k % 3}", f"{rng.choice(words)} Song {k}"))
+    return out
+
+
+def play_times(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unix times of n plays in sessions (3-5 min apart, hours between) and their songs."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.integers(180, 300, n)
+    breaks = rng.random(n) < 1 / 12  # sessions of about 12 plays
+    gaps[breaks] = rng.integers(3 * 3600, 30 * 3600, int(breaks.sum()))
+    times = START + np.cumsum(gaps)
+    songs = np.minimum(rng.zipf(1.3, n) - 1, 299_999)
+    return times, songs
+
+
+def write_lastfm_csv(path: Path, n: int) -> None:
+    cat = catalogue()
+    times, songs = play_times(n, 2)
+    rows = []
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        for i in range(n - 1, -1, -1):
+            artist, album, title = cat[songs[i] % len(cat)]
+            when = datetime.fromtimestamp(int(times[i]), timezone.utc).strftime("%d %b %Y %H:%M")
+            row = (artist, album, title, when)
+            if len(rows) < 200:
+                rows.append(row)
+            w.writerow(row)
+            if i == n - 200:  # lastfm-to-csv fetched page 1 twice
+                w.writerows(rows)
+
+
+def spotify_row(artist: str, album: str, title: str, t: int, kind: float) -> dict:
+    episode = kind < 0.05
+    ms = 4_000 if 0.05 <= kind < 0.15 else 214_000
+    return {
+        "ts": datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "platform": "android",
+        "ms_played": 1_500_000 if episode else ms,
+        "conn_country": "DE",
+        "ip_addr": "192.0.2.44",
+        "master_metadata_track_name": None if episode else title,
+        "master_metadata_album_artist_name": None if episode else artist,
+        "master_metadata_album_album_name": None if episode else album,
+        "spotify_track_uri": None if episode else "spotify:track:6rqhFgbbKwnb9MLmUQDhG6",
+        "episode_name": "Episode 12" if episode else None,
+        "episode_show_name": "A Show" if episode else None,
+        "spotify_episode_uri": "spotify:episode:5m8Wv4fyb2eB2XbFv8W1iv" if episode else None,
+        "audiobook_title": None,
+        "audiobook_uri": None,
+        "audiobook_chapter_uri": None,
+        "audiobook_chapter_title": None,
+        "reason_start": "trackdone",
+        "reason_end": "fwdbtn" if ms < 30_000 else "trackdone",
+        "shuffle": False,
+        "skipped": ms < 30_000,
+        "offline": False,
+        "offline_timestamp": None,
+        "incognito_mode": False,
+    }
+
+
+def write_spotify(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True)
+    cat = catalogue()
+    times, songs = play_times(n, 3)
+    kinds = np.random.default_rng(4).random(n)
+    for part, lo in enumerate(range(0, n, ROWS_PER_SPOTIFY_FILE)):
+        hi = min(n, lo + ROWS_PER_SPOTIFY_FILE)
+        rows = [
+            spotify_row(*cat[songs[i] % len(cat)], int(times[i]), float(kinds[i]))
+            for i in range(lo, hi)
+        ]
+        year = datetime.fromtimestamp(int(times[lo]), timezone.utc).year
+        name = folder / f"Streaming_History_Audio_{year}_{part}.json"
+        name.write_text(json.dumps(rows, indent=4, ensure_ascii=False), encoding="utf-8")
+
+
+def _read(path: str, q: mp.Queue) -> None:
+    from deepsim.listening import read_listens
+
+    t = time.perf_counter()
+    listens = read_listens(path)
+    dt = time.perf_counter() - t
+    q.put(
+        (dt, listens.n_plays, listens.n_users, listens.n_tracks, listens.duplicates, peak_rss_mib())
+    )
+
+
+def _baseline(path: str, q: mp.Queue) -> None:
+    t = time.perf_counter()
+    p = Path(path)
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            with open(f, encoding="utf-8") as fh:
+                json.load(fh)
+    else:
+        with open(p, encoding="utf-8", newline="") as fh:
+            for _ in csv.reader(fh):
+                pass
+    q.put((time.perf_counter() - t, peak_rss_mib()))
+
+
+def in_child(target, path: Path) -> tuple:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=target, args=(str(path), q))
+    proc.start()
+    out = q.get()
+    proc.join()
+    return out
+
+
+def bench_build(n: int) -> None:
+    """Duplicate removal + sessions of n plays alone (Builder.build)."""
+    from deepsim.listening.core import Builder
+
+    rng = np.random.default_rng(5)
+    b = Builder()
+    for u in range(1000):
+        b.user(f"listener{u}")
+    for j in range(300_000):
+        b.track(f"t{j}")
+    users = rng.integers(0, 1000, n).astype(np.int32)
+    times = (START + rng.integers(0, 10 * 365 * 86400, n)).astype(np.float64)
+    times[: n // 100] = times[n // 100 : 2 * (n // 100)]  # 1 % exact duplicates
+    users[: n // 100] = users[n // 100 : 2 * (n // 100)]
+    tracks = rng.integers(0, 300_000, n).astype(np.int32)
+    tracks[: n // 100] = tracks[n // 100 : 2 * (n // 100)]
+    b.play_user.frombytes(users.tobytes())
+    b.play_track.frombytes(tracks.tobytes())
+    b.play_time.frombytes(times.tobytes())
+    del users, tracks, times
+    rss0 = peak_rss_mib()
+    t = time.perf_counter()
+    listens = b.build(session_gap=1800, min_user_plays=1)
+    dt = time.perf_counter() - t
+    print(
+        f"dedupe + sessions of {n:,} plays (1 % duplicates): {dt:.1f} s, "
+        f"{listens.duplicates:,} duplicates dropped, {listens.n_users:,} sessions; "
+        f"peak RSS {peak_rss_mib():.0f} MiB ({peak_rss_mib() - rss0:.0f} MiB above the "
+        f"{16 * n / 2**20:.0f} MiB of play arrays)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--plays", type=int, default=10_000_000)
+    ap.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = ap.parse_args()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench_listening_"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    try:
+        for name, write in (
+            ("lastfm-csv", lambda p: write_lastfm_csv(p, args.plays)),
+            ("spotify-extended", lambda p: write_spotify(p, args.plays)),
+        ):
+            path = root / (
+                "scrobbles.csv" if name == "lastfm-csv" else "Spotify Extended Streaming History"
+            )
+            t = time.perf_counter()
+            write(path)
+            size = (
+                sum(f.stat().st_size for f in path.iterdir())
+                if path.is_dir()
+                else path.stat().st_size
+            )
+            print(
+                f"{name}: wrote {args.plays:,} rows, {size / 2**20:,.0f} MiB "
+                f"in {time.perf_counter() - t:.0f} s"
+            )
+            base_s, base_rss = in_child(_baseline, path)
+            dt, plays, users, tracks, dups, rss = in_child(_read, path)
+            what = "csv.reader" if name == "lastfm-csv" else "json.load"
+            print(
+                f"  read_listens: {dt:.1f} s, {args.plays / dt:,.0f} rows/s "
+                f"({plays:,} plays kept, {dups:,} duplicates, {users:,} sessions, "
+                f"{tracks:,} tracks); "
+                f"peak RSS {rss:.0f} MiB"
+            )
+            print(
+                f"  baseline {what} alone: {base_s:.1f} s, {args.plays / base_s:,.0f} rows/s, "
+                f"peak RSS {base_rss:.0f} MiB; read_listens takes {dt / base_s:.2f}× the baseline"
+            )
+            if not args.keep:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        bench_build(args.plays)
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
