@@ -42,10 +42,14 @@ users times thousands of tracks fit in modest memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+
+from deepsim.errors import ParameterError
+from deepsim.util import check_int
 
 #: Truncation of the average precision, as in the seed paper.
 MAP_K = 500
@@ -68,6 +72,9 @@ class RankingScores:
         Users the two means were taken over.
     n_items
         Tracks ranked.
+    auc_per_user, ap_per_user
+        One value per row of the users given (``nan`` where the user does
+        not qualify), for paired comparisons (:func:`compare`).
     """
 
     auc: float
@@ -76,20 +83,40 @@ class RankingScores:
     n_users_auc: int
     n_users_map: int
     n_items: int
+    auc_per_user: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    ap_per_user: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One row of the held-out table: a way of scoring the held-out tracks.
+
+    Attributes
+    ----------
+    name
+        What scored them (``"untrained: sound profile"``, ``"popularity"``...).
+    scores
+        Its per-user AUC and mAP@k.
+    cosine
+        Mean cosine of its track vectors to the true factors, where that
+        means something (``None`` otherwise).
+    """
+
+    name: str
+    scores: RankingScores
+    cosine: float | None = None
 
 
 @dataclass(frozen=True)
 class HeldoutMetrics:
-    """The held-out comparison: predicted vs. WMF upper bound vs. random.
+    """The held-out comparison: the trained model against honest baselines.
 
     Attributes
     ----------
-    predicted, wmf, random
-        :class:`RankingScores` for the three kinds of track vectors.
-    cosine
-        Mean cosine between predicted and true track vectors.
-    cosine_random
-        The same for the random vectors (about 0; a sanity reference).
+    rows
+        :class:`MetricRow` s in table order (:data:`WMF_ROW`,
+        :data:`PREDICTED_ROW`, :data:`POPULARITY_ROW`, :data:`RANDOM_ROW`, and
+        whatever :meth:`with_row` added).
     n_tracks
         Held-out tracks.
     n_users
@@ -98,22 +125,126 @@ class HeldoutMetrics:
         Non-zero user-track pairs among the held-out tracks of those users.
     """
 
-    predicted: RankingScores
-    wmf: RankingScores
-    random: RankingScores
-    cosine: float
-    cosine_random: float
+    rows: tuple[MetricRow, ...]
     n_tracks: int
     n_users: int
     n_plays: int
 
-    def rows(self) -> list[tuple[str, float, float, float]]:
-        """``(method, mean cosine, AUC, mAP@k)`` rows, best possible first."""
-        return [
-            ("wmf (upper bound)", 1.0, self.wmf.auc, self.wmf.map_at_k),
-            ("predicted", self.cosine, self.predicted.auc, self.predicted.map_at_k),
-            ("random", self.cosine_random, self.random.auc, self.random.map_at_k),
-        ]
+    def row(self, name: str) -> MetricRow:
+        """The row called ``name`` (``KeyError`` if absent)."""
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def with_row(self, row: MetricRow, *, after: str | None = None) -> HeldoutMetrics:
+        """A copy with ``row`` added (after the row ``after``, else at the end)."""
+        rows = list(self.rows)
+        at = len(rows) if after is None else [r.name for r in rows].index(after) + 1
+        rows.insert(at, row)
+        return HeldoutMetrics(tuple(rows), self.n_tracks, self.n_users, self.n_plays)
+
+    @property
+    def predicted(self) -> RankingScores:
+        return self.row(PREDICTED_ROW).scores
+
+    @property
+    def wmf(self) -> RankingScores:
+        return self.row(WMF_ROW).scores
+
+    @property
+    def random(self) -> RankingScores:
+        return self.row(RANDOM_ROW).scores
+
+    @property
+    def cosine(self) -> float:
+        value = self.row(PREDICTED_ROW).cosine
+        return float("nan") if value is None else value
+
+    def format_table(self, *, indent: str = "  ") -> str:
+        """The table as plain text (:func:`format_metrics_table`)."""
+        return format_metrics_table(self.rows, indent=indent)
+
+
+#: Row names of :func:`evaluate_heldout`.
+WMF_ROW = "wmf (upper bound)"
+PREDICTED_ROW = "trained: taste (x_u · predicted)"
+POPULARITY_ROW = "popularity (others' plays)"
+RANDOM_ROW = "random"
+
+
+def format_metrics_table(
+    rows: tuple[MetricRow, ...] | list[MetricRow], *, indent: str = "  "
+) -> str:
+    """The one formatter of held-out tables (``deepsim-train`` and ``pretrain``).
+
+    ``method  cosine  AUC  mAP@k  users``; a cosine that does not apply is
+    shown as ``-``.
+    """
+    if not rows:
+        return ""
+    k = rows[0].scores.k
+    width = max(30, *(len(r.name) for r in rows))
+    lines = [f"{indent}{'method':<{width}} {'cosine':>7} {'AUC':>7} {f'mAP@{k}':>8} {'users':>6}"]
+    for r in rows:
+        cosine = "-" if r.cosine is None else f"{r.cosine:.3f}"
+        lines.append(
+            f"{indent}{r.name:<{width}} {cosine:>7} {r.scores.auc:>7.3f} "
+            f"{r.scores.map_at_k:>8.3f} {r.scores.n_users_map:>6}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Paired per-user difference ``a - b`` of AUC and AP (over users both rank).
+
+    ``z = mean / standard error``; :attr:`beats` asks for both means to be
+    positive with ``z`` above ``z_min`` (one-sided, 1.645 = 95 %).
+    """
+
+    d_auc: float
+    se_auc: float
+    d_map: float
+    se_map: float
+    n_users: int
+    z_min: float = 1.645
+
+    @property
+    def z_auc(self) -> float:
+        return self.d_auc / self.se_auc if self.se_auc > 0 else (np.inf if self.d_auc > 0 else 0.0)
+
+    @property
+    def z_map(self) -> float:
+        return self.d_map / self.se_map if self.se_map > 0 else (np.inf if self.d_map > 0 else 0.0)
+
+    @property
+    def beats(self) -> bool:
+        return bool(
+            self.n_users > 1
+            and self.d_auc > 0
+            and self.d_map > 0
+            and self.z_auc >= self.z_min
+            and self.z_map >= self.z_min
+        )
+
+
+def compare(a: RankingScores, b: RankingScores, *, z_min: float = 1.645) -> Comparison:
+    """Paired comparison of two score sets computed for the same users."""
+    if a.auc_per_user.shape != b.auc_per_user.shape:
+        raise ParameterError("compare needs scores computed over the same users")
+
+    def paired(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
+        ok = np.isfinite(x) & np.isfinite(y)
+        d = x[ok] - y[ok]
+        if len(d) == 0:
+            return float("nan"), float("nan"), 0
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+        return float(d.mean()), se, len(d)
+
+    d_auc, se_auc, _ = paired(a.auc_per_user, b.auc_per_user)
+    d_map, se_map, n = paired(a.ap_per_user, b.ap_per_user)
+    return Comparison(d_auc, se_auc, d_map, se_map, n, z_min)
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -129,7 +260,7 @@ def mean_cosine(predicted: np.ndarray, true: np.ndarray) -> float:
     predicted = np.asarray(predicted, dtype=np.float64)
     true = np.asarray(true, dtype=np.float64)
     if predicted.shape != true.shape or predicted.ndim != 2:
-        raise ValueError(
+        raise ParameterError(
             f"predicted and true must be 2-D arrays of one shape, got {predicted.shape} "
             f"and {true.shape}"
         )
@@ -227,7 +358,7 @@ def ranking_scores(
     Parameters
     ----------
     user_factors
-        ``(n_users, f)`` user factors.
+        ``(n_users, f)`` user factors (or listener profiles).
     item_vectors
         ``(n_items, f)`` track vectors to rank (any norm).
     plays
@@ -250,57 +381,76 @@ def ranking_scores(
     user_factors = np.asarray(user_factors, dtype=np.float32)
     item_vectors = np.asarray(item_vectors, dtype=np.float32)
     if user_factors.ndim != 2 or item_vectors.ndim != 2:
-        raise ValueError("user_factors and item_vectors must be 2-D arrays")
+        raise ParameterError("user_factors and item_vectors must be 2-D arrays")
     if user_factors.shape[1] != item_vectors.shape[1]:
-        raise ValueError(
+        raise ParameterError(
             f"factor dimensions differ: users {user_factors.shape[1]}, "
             f"items {item_vectors.shape[1]}"
         )
-    if plays.shape != (len(user_factors), len(item_vectors)):
-        raise ValueError(
-            f"plays must be (n_users, n_items) = {(len(user_factors), len(item_vectors))}, "
-            f"got {plays.shape}"
-        )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
+    return rank_scores(
+        lambda rows, _rel: user_factors[rows] @ item_vectors.T,
+        plays,
+        shape=(len(user_factors), len(item_vectors)),
+        k=k,
+        chunk_size=chunk_size,
+        method=method,
+    )
+
+
+ScoreFunction = Callable[[np.ndarray, sp.csr_matrix], np.ndarray]
+"""``scores(user_rows, relevance_of_those_rows) -> (len(user_rows), n_items)``."""
+
+
+def rank_scores(
+    scores: ScoreFunction,
+    plays: sp.spmatrix | np.ndarray,
+    *,
+    shape: tuple[int, int] | None = None,
+    k: int = MAP_K,
+    chunk_size: int = 1024,
+    method: str = "auto",
+) -> RankingScores:
+    """:func:`ranking_scores` for any scoring rule (e.g. popularity), chunk by chunk."""
+    if shape is not None and plays.shape != shape:
+        raise ParameterError(f"plays must be (n_users, n_items) = {shape}, got {plays.shape}")
+    k = check_int("k", k, minimum=1)
+    check_int("chunk_size", chunk_size, minimum=1)
     if method not in ("auto", "sort", "compare"):
-        raise ValueError(f"method must be 'auto', 'sort' or 'compare', got {method!r}")
+        raise ParameterError(f"method must be 'auto', 'sort' or 'compare', got {method!r}")
 
     relevance = _as_relevance(plays)
-    n_items = item_vectors.shape[0]
+    n_users, n_items = relevance.shape
     n_pos_all = np.diff(relevance.indptr)
     users = np.flatnonzero(n_pos_all > 0)
-    auc_sum = 0.0
-    ap_sum = 0.0
-    n_auc = 0
+    auc_per_user = np.full(n_users, np.nan)
+    ap_per_user = np.full(n_users, np.nan)
     for start in range(0, len(users), chunk_size):
         rows = users[start : start + chunk_size]
-        scores = user_factors[rows] @ item_vectors.T  # (c, n_items)
         rel = relevance[rows]
+        chunk = np.asarray(scores(rows, rel), dtype=np.float32)
         sparse = rel.nnz < 8 * len(rows)
         if method == "compare" or (method == "auto" and sparse):
-            rank_sum, ap = _chunk_by_comparison(scores, rel, int(k))
+            rank_sum, ap = _chunk_by_comparison(chunk, rel, k)
         else:
-            rank_sum, ap = _chunk_by_sort(scores, rel, int(k))
+            rank_sum, ap = _chunk_by_sort(chunk, rel, k)
         # AUC = Mann-Whitney U / (P · N), U = rank sum of the relevant tracks − P(P+1)/2.
         n_pos = n_pos_all[rows].astype(np.float64)
         n_neg = n_items - n_pos
         has_neg = n_neg > 0
         p, q = n_pos[has_neg], n_neg[has_neg]
-        auc_sum += float(np.sum((rank_sum[has_neg] - p * (p + 1) / 2) / (p * q)))
-        n_auc += int(np.sum(has_neg))
-        ap_sum += float(np.sum(ap))
-
+        auc_per_user[rows[has_neg]] = (rank_sum[has_neg] - p * (p + 1) / 2) / (p * q)
+        ap_per_user[rows] = ap
+    n_auc = int(np.sum(np.isfinite(auc_per_user)))
     n_map = len(users)
     return RankingScores(
-        auc=auc_sum / n_auc if n_auc else float("nan"),
-        map_at_k=ap_sum / n_map if n_map else float("nan"),
-        k=int(k),
+        auc=float(np.nanmean(auc_per_user)) if n_auc else float("nan"),
+        map_at_k=float(np.nanmean(ap_per_user)) if n_map else float("nan"),
+        k=k,
         n_users_auc=n_auc,
         n_users_map=n_map,
         n_items=n_items,
+        auc_per_user=auc_per_user,
+        ap_per_user=ap_per_user,
     )
 
 
@@ -308,6 +458,53 @@ def random_vectors(n: int, dim: int, *, seed: int = 0) -> np.ndarray:
     """``n`` unit vectors drawn uniformly on the sphere (the chance baseline)."""
     rng = np.random.default_rng(seed)
     return _unit_rows(rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def popularity_scores(plays: sp.spmatrix | np.ndarray, *, k: int = MAP_K) -> RankingScores:
+    """Rank the tracks by how many *other* users played them (leave-one-user-out).
+
+    A reference, not a cold-start method: it uses the held-out plays of
+    everyone but the user being ranked for, which a never-played track does
+    not have.
+    """
+    relevance = _as_relevance(plays)
+    listeners = np.asarray(relevance.sum(axis=0), dtype=np.float64).ravel()
+    return rank_scores(lambda _rows, rel: listeners[None, :] - rel.toarray(), relevance, k=k)
+
+
+def listener_profiles(
+    plays: sp.spmatrix | np.ndarray, vectors: np.ndarray, *, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Each user's play-weighted mean of the (unit) vectors of the tracks they played.
+
+    The content-based recommender's profile: ``(n_users, dim)`` unit rows
+    (zero for a user without plays).  ``weights`` optionally multiplies each
+    play (recency).
+    """
+    csr = sp.csr_matrix(plays, dtype=np.float64)
+    if weights is not None:
+        csr = csr.multiply(np.asarray(weights, np.float64)).tocsr()
+    profile = np.asarray(csr @ _unit_rows(np.asarray(vectors, dtype=np.float64)))
+    return _unit_rows(profile).astype(np.float32)
+
+
+def profile_scores(
+    train_plays: sp.spmatrix | np.ndarray,
+    train_vectors: np.ndarray,
+    heldout_plays: sp.spmatrix | np.ndarray,
+    heldout_vectors: np.ndarray,
+    *,
+    k: int = MAP_K,
+) -> RankingScores:
+    """Content-based recommendation of held-out tracks from a listener profile.
+
+    Profile = play-weighted mean of the vectors of the user's training tracks
+    (:func:`listener_profiles`); held-out tracks ranked by cosine to it.
+    """
+    profiles = listener_profiles(train_plays, train_vectors)
+    return ranking_scores(
+        profiles, _unit_rows(np.asarray(heldout_vectors, np.float32)), heldout_plays, k=k
+    )
 
 
 def evaluate_heldout(
@@ -319,13 +516,14 @@ def evaluate_heldout(
     k: int = MAP_K,
     seed: int = 0,
 ) -> HeldoutMetrics:
-    """Compare predicted track vectors with the true factors and with chance.
+    """Compare predicted track vectors with the true factors, popularity and chance.
 
     Parameters
     ----------
     user_factors
         ``(n_users, f)`` factors of the users learned on the training tracks.
-        Rows that are all zero (users without a factor) are not evaluated.
+        Rows that are all zero (users without a factor) are left out, as are
+        users without a held-out play.
     plays
         ``(n_users, n_heldout)`` play counts of those users on the held-out
         tracks.
@@ -343,11 +541,14 @@ def evaluate_heldout(
     Returns
     -------
     HeldoutMetrics
+        Rows :data:`WMF_ROW`, :data:`PREDICTED_ROW`, :data:`POPULARITY_ROW`,
+        :data:`RANDOM_ROW`; add content-based rows with :meth:`~HeldoutMetrics.with_row`
+        and :func:`profile_scores`.
     """
     predicted = np.asarray(predicted, dtype=np.float32)
     true_factors = np.asarray(true_factors, dtype=np.float32)
     if predicted.shape != true_factors.shape:
-        raise ValueError(
+        raise ParameterError(
             f"predicted {predicted.shape} and true_factors {true_factors.shape} differ in shape"
         )
     user_factors = np.asarray(user_factors, dtype=np.float32)
@@ -355,17 +556,26 @@ def evaluate_heldout(
     has_factor = np.any(user_factors != 0, axis=1)
     if not np.all(has_factor):
         keep = np.flatnonzero(has_factor)
-        user_factors = user_factors[keep]
-        relevance = relevance[keep]
+        user_factors, relevance = user_factors[keep], relevance[keep]
     active = np.diff(relevance.indptr) > 0
     unit_true = _unit_rows(true_factors)
     rand = random_vectors(len(predicted), predicted.shape[1], seed=seed)
+    rows = (
+        MetricRow(WMF_ROW, ranking_scores(user_factors, unit_true, relevance, k=k), 1.0),
+        MetricRow(
+            PREDICTED_ROW,
+            ranking_scores(user_factors, predicted, relevance, k=k),
+            mean_cosine(predicted, true_factors),
+        ),
+        MetricRow(POPULARITY_ROW, popularity_scores(relevance, k=k)),
+        MetricRow(
+            RANDOM_ROW,
+            ranking_scores(user_factors, rand, relevance, k=k),
+            mean_cosine(rand, true_factors),
+        ),
+    )
     return HeldoutMetrics(
-        predicted=ranking_scores(user_factors, predicted, relevance, k=k),
-        wmf=ranking_scores(user_factors, unit_true, relevance, k=k),
-        random=ranking_scores(user_factors, rand, relevance, k=k),
-        cosine=mean_cosine(predicted, true_factors),
-        cosine_random=mean_cosine(rand, true_factors),
+        rows=rows,
         n_tracks=len(predicted),
         n_users=int(np.sum(active)),
         n_plays=int(relevance.nnz),

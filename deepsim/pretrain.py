@@ -69,6 +69,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from deepsim.audio import decode_middle
+from deepsim.cf import factorise_split, filter_counts, split_tracks
 from deepsim.errors import AudioError, DeepsimError, TrainingError
 from deepsim.frontend import FrontendParams, make_logmel
 from deepsim.listening import Listens, read_listens
@@ -81,7 +82,7 @@ from deepsim.matching import (
     normalise_title,
 )
 from deepsim.melcache import MelCache, build_cache, loader_context, loop_to
-from deepsim.metrics import HeldoutMetrics, evaluate_heldout
+from deepsim.metrics import PREDICTED_ROW, HeldoutMetrics, MetricRow, evaluate_heldout
 from deepsim.models.checkpoint import read_metadata
 from deepsim.models.dieleman import (
     DEFAULT_CONFIG,
@@ -92,7 +93,6 @@ from deepsim.models.dieleman import (
     parse_int_list,
     summary,
 )
-from deepsim.train import factorise_split, filter_counts, split_tracks
 from deepsim.wmf import unit_normalise
 
 #: Extensions taken as audio when scanning ``--audio``.
@@ -384,10 +384,10 @@ def make_targets(
     """Filter, split, factorise: the data preparation of ``beet deepsim-train``.
 
     Tracks and users with too little data are dropped
-    (:func:`deepsim.train.filter_counts`), a seeded share ``holdout`` of the
-    tracks is held out (:func:`deepsim.train.split_tracks`), WMF is fitted on
+    (:func:`deepsim.cf.filter_counts`), a seeded share ``holdout`` of the
+    tracks is held out (:func:`deepsim.cf.split_tracks`), WMF is fitted on
     the rest and the held-out tracks' factors are solved against its user
-    factors (:func:`deepsim.train.factorise_split`).  ``wmf_options`` go to
+    factors (:func:`deepsim.cf.factorise_split`).  ``wmf_options`` go to
     :func:`deepsim.wmf.fit_wmf`.
     """
     users, tracks = filter_counts(
@@ -703,12 +703,8 @@ class Validation:
         out = [f"held-out: {self.n_tracks} tracks, mse {self.loss:.5f}"]
         if self.metrics is not None:
             m = self.metrics
-            out.append(
-                f"  {m.n_users} users with {m.n_plays} plays on them; "
-                f"method: mean cosine / AUC / mAP@{m.predicted.k}"
-            )
-            for name, cos, auc, ap in m.rows():
-                out.append(f"  {name:<18} {cos:7.4f} {auc:7.4f} {ap:7.4f}")
+            out.append(f"  {m.n_users} users with {m.n_plays} plays on them")
+            out.append(m.format_table())
         return out
 
     def line(self, epoch: int) -> str:
@@ -739,6 +735,16 @@ class Validation:
                 n_users=m.n_users,
             )
         return data
+
+
+def _with_untrained(val: Validation, untrained: Validation | None) -> Validation:
+    """``val`` with the untrained network's ranking as an extra row (when known)."""
+    if val.metrics is None or untrained is None or untrained.metrics is None:
+        return val
+    row = MetricRow(
+        "untrained network (step 0)", untrained.metrics.predicted, untrained.metrics.cosine
+    )
+    return Validation(val.loss, val.metrics.with_row(row, after=PREDICTED_ROW), val.n_tracks)
 
 
 def validate(
@@ -1348,6 +1354,17 @@ class Trainer:
         args = self.args
         last_val: Validation | None = None
         losses: list[float] = []
+        untrained: Validation | None = None
+        if self.step == 0:
+            # The honest baseline: the same network before any training step.
+            untrained = validate(
+                self.model,
+                self.held_loader,
+                self.targets,
+                runtime=self.runtime,
+                amp=self.amp,
+                users=self.eval_users,
+            )
         self.ddp.train()
         while self.step < self.total_steps and self.epoch < args.epochs:
             self.sampler.start_epoch(self.epoch, skip=self.batch * args.batch_size)
@@ -1383,6 +1400,7 @@ class Trainer:
                     users=self.eval_users,
                 )
                 if val is not None:
+                    val = _with_untrained(val, untrained)
                     last_val = val
                     self.say(val.line(epoch_number))
         return last_val

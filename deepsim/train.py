@@ -4,28 +4,28 @@ The recipe of van den Oord, Dieleman & Schrauwen (NIPS 2013), on top of a
 backbone model whose vectors are already in the library:
 
 1. match the listened tracks to library items and merge them
-   (:mod:`deepsim.matching`); drop tracks and users with too little data;
-2. hold out a random ``heldout_fraction`` of the tracks;
-3. factorise the play counts of the *training* tracks with WMF
-   (:mod:`deepsim.wmf`); the held-out tracks take no part, so for the
-   factorisation they are truly cold-start;
-4. give each held-out track its "true" factor by solving the WMF item
-   equation against the fixed user factors of step 3 (one exact ALS
-   half-step, :func:`solve_item_factors`): it lives in the same space as the
-   user factors, as the predictions do, so cosines and rankings compare;
-5. regress the unit-normalised training-track factors from the tracks'
-   backbone vectors with an MLP (:func:`train_head`, MSE, Adam, early
-   stopping on a validation split of the training tracks), optionally
-   fine-tuning the backbone on log-mel patches too (:func:`finetune_head`);
-6. score the held-out tracks (:mod:`deepsim.metrics`: mean cosine, AUC,
-   mAP@500, against the WMF upper bound and random vectors);
-7. save the :class:`~deepsim.models.head.HeadModel` atomically under
-   ``<state_dir>/models/<model_id>.safetensors`` and only then make it the
-   active (``auto``) model.
+   (:mod:`deepsim.matching`); keep tracks and users with enough data, hold out
+   a random ``heldout`` share of the tracks and factorise the *training* tracks
+   with WMF, folding the held-out ones in afterwards (:mod:`deepsim.cf`);
+2. regress the unit-normalised training-track factors from the tracks'
+   backbone vectors.  The head is chosen by validation (:func:`choose_head`):
+   closed-form ridge regression with its ``λ`` picked by k-fold
+   cross-validation is the baseline; an MLP is used only where its
+   cross-validated error is lower; both errors are reported.  Optionally the
+   backbone is fine-tuned on log-mel patches too (:func:`finetune_head`);
+3. score the held-out tracks against honest baselines (:mod:`deepsim.metrics`):
+   the WMF upper bound, the untrained backbone as a content-based
+   recommender, popularity and random;
+4. pick the taste weight ``w`` of the combined "sound + taste" vector on the
+   held-out tracks (:func:`evaluate_split`);
+5. save the :class:`~deepsim.models.head.HeadModel` atomically under
+   ``<state_dir>/models/<model_id>.safetensors``, and make it the active
+   (``auto``) model only if it beats the untrained backbone on held-out AUC
+   *and* mAP@500 (:func:`activation_decision`), unless forced.
 
 The model that is saved is the one that was evaluated (trained on the training
 tracks only), so the printed figures describe it.  Nothing is written before
-step 7 except backbone vectors computed for items that had no vector at all,
+step 5 except backbone vectors computed for items that had no vector at all,
 so an interruption (Ctrl-C) at any point leaves the previous model active.
 """
 
@@ -43,8 +43,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from deepsim.errors import TrainingError
-from deepsim.metrics import HeldoutMetrics, evaluate_heldout
+from deepsim.cf import factorise_split, filter_counts, split_tracks
+from deepsim.errors import ParameterError, TrainingError
+from deepsim.metrics import (
+    PREDICTED_ROW,
+    Comparison,
+    HeldoutMetrics,
+    MetricRow,
+    compare,
+    evaluate_heldout,
+    profile_scores,
+)
+from deepsim.util import check_choice, check_float, check_int, get_logger, loop_to_length
 
 if TYPE_CHECKING:
     import torch
@@ -53,41 +63,163 @@ if TYPE_CHECKING:
     from deepsim.listening import Listens
     from deepsim.models.head import HeadModel
 
+__all__ = [
+    "TrainConfig",
+    "TrainReport",
+    "activation_decision",
+    "choose_head",
+    "evaluate_split",
+    "finetune_head",
+    "fit_ridge",
+    "reembed_from_store",
+    "run_training",
+    "train_head",
+]
+
+log = get_logger(__name__)
+
 #: Called after every epoch with (epoch, training loss, validation loss or nan).
 EpochCallback = Callable[[int, float, float], None]
 #: Receives finished log lines.
 LogFunction = Callable[[str], None]
 
+#: Row names the training adds to the held-out table.
+UNTRAINED_ROW = "untrained: sound profile"
+COMBINED_ROW = "trained: sound+taste profile"
+#: Taste weights tried for the combined vector.  The ends are left out so that
+#: both parts are always stored and any weight can be used at query time.
+TASTE_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: Ridge penalties tried, as multiples of the number of training tracks.
+RIDGE_LAMBDAS = tuple(float(x) for x in np.logspace(-3, 2, 11))
+
 
 # --------------------------------------------------------------------------------------------
-# Parameter checks
+# Configuration
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+@dataclass
+class TrainConfig:
+    """Everything :func:`run_training` can be told (defaults are the library's).
+
+    Attributes
+    ----------
+    backbone
+        Built-in model name or checkpoint path whose vectors the head reads.
+    min_plays, min_listeners, min_user_tracks
+        The data-size rules of :func:`deepsim.cf.filter_counts`.
+    min_tracks
+        Fewest tracks (after those rules) worth training on.
+    factors
+        WMF dimension.
+    alpha, epsilon, regularization, iterations, use_gpu
+        WMF options (``None``: :func:`deepsim.wmf.fit_wmf`'s default).
+    heldout
+        Share of the tracks kept out of the factorisation and of training for
+        evaluation (``0``: no evaluation, and no activation unless forced).
+    head
+        ``"auto"`` (ridge unless the MLP validates better), ``"ridge"`` or
+        ``"mlp"``.
+    folds
+        k of the k-fold cross-validation that picks ridge's ``λ`` and compares
+        the heads.
+    hidden, dropout, lr, weight_decay, epochs, batch_size, patience
+        The MLP and its Adam training (:func:`train_head`).
+    finetune, finetune_epochs, finetune_lr, finetune_batch_size
+        Also train the backbone on log-mels of the tracks' audio (decoded once
+        into a cache under ``<state_dir>/cache``); GPU-oriented.
+    taste_weight
+        Weight of the taste part of the combined vector; ``None`` picks it on
+        the held-out tracks (0.5 without held-out tracks).
+    activate
+        ``None``: activate only on evidence (:func:`activation_decision`);
+        ``True``: always; ``False``: never.
+    device
+        ``auto``, ``cpu``, ``cuda``... for embedding and training.
+    threads
+        torch CPU threads while training (``None``: torch's setting).
+    workers, embed_batch_size
+        Decoding processes and tracks per inference batch when backbone
+        vectors must be computed from audio.
+    cache_vectors
+        Store backbone vectors computed here on items without any vector.
+    seed
+        Seeds the split, WMF, the folds and the networks.
+    """
+
+    backbone: str = "default"
+    min_plays: float = 2
+    min_listeners: int = 2
+    min_user_tracks: int = 2
+    min_tracks: int = 50
+    factors: int = 40
+    alpha: float | None = None
+    epsilon: float | None = None
+    regularization: float | None = None
+    iterations: int | None = None
+    use_gpu: bool | None = None
+    heldout: float = 0.2
+    head: str = "auto"
+    folds: int = 5
+    hidden: int = 512
+    dropout: float = 0.3
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    epochs: int = 200
+    batch_size: int = 256
+    patience: int = 10
+    finetune: bool = False
+    finetune_epochs: int = 20
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 32
+    taste_weight: float | None = None
+    activate: bool | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    workers: int | None = None
+    embed_batch_size: int = 8
+    cache_vectors: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_float("min_plays", self.min_plays, low=0.0)
+        check_int("min_listeners", self.min_listeners, minimum=1)
+        check_int("min_user_tracks", self.min_user_tracks, minimum=1)
+        check_int("min_tracks", self.min_tracks, minimum=2)
+        check_int("factors", self.factors, minimum=1)
+        check_float("heldout", self.heldout, low=0.0, high=1.0, high_open=True)
+        check_choice("head", self.head, ("auto", "ridge", "mlp"))
+        check_int("folds", self.folds, minimum=2)
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("finetune_epochs", self.finetune_epochs, minimum=1)
+        check_int("embed_batch_size", self.embed_batch_size, minimum=1)
+        if self.taste_weight is not None:
+            check_float(
+                "taste_weight", self.taste_weight, low=0.0, high=1.0, low_open=True, high_open=True
+            )
+        if self.threads is not None:
+            check_int("threads", self.threads, minimum=1)
+        if self.activate not in (None, True, False):
+            raise ParameterError(f"activate must be None, True or False, got {self.activate!r}")
+
+    def wmf_options(self) -> dict[str, Any]:
+        """The WMF options that were set (the others take fit_wmf's defaults)."""
+        names = ("alpha", "epsilon", "regularization", "iterations", "use_gpu")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
-def _check_float(name: str, value: Any, *, low: float, high: float, closed_high: bool) -> float:
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-    v = float(value) if ok else float("nan")
-    inside = low <= v <= high if closed_high else low <= v < high
-    if not (ok and math.isfinite(v) and inside):
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
-    return v
+# --------------------------------------------------------------------------------------------
+# Parameter checks and the shared training loop
 
 
 def _check_pairs(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(features, dtype=np.float32)
     y = np.asarray(targets, dtype=np.float32)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
-        raise ValueError(
+        raise ParameterError(
             f"features and targets must be 2-D with one row per track, got {x.shape} and {y.shape}"
         )
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("features or targets contain NaN or infinite values")
+        raise ParameterError("features or targets contain NaN or infinite values")
     return x, y
 
 
@@ -101,10 +233,6 @@ def _split_validation(
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-# --------------------------------------------------------------------------------------------
-# The head on fixed features
-
-
 @dataclass
 class HeadFit:
     """Outcome of :func:`train_head` (and of :func:`finetune_head`).
@@ -112,8 +240,8 @@ class HeadFit:
     Attributes
     ----------
     head
-        The trained MLP (weights of the best validation epoch), in eval mode.
-        ``None`` after :func:`finetune_head`, which trains a whole model.
+        The trained network (weights of the best validation epoch), in eval
+        mode.  ``None`` after :func:`finetune_head`, which trains a whole model.
     epochs
         Epochs run.
     best_epoch
@@ -147,30 +275,69 @@ class HeadFit:
         return self.val_loss[self.best_epoch - 1] if self.val_loss else float("nan")
 
 
-class _EarlyStopping:
-    """Keeps the best weights; says when ``patience`` epochs brought nothing."""
+@dataclass
+class _LoopResult:
+    epochs: int
+    best_epoch: int
+    train_loss: list[float]
+    val_loss: list[float]
+    stopped_early: bool
+    seconds: float
 
-    def __init__(self, module: torch.nn.Module, patience: int, min_delta: float) -> None:
-        self.module = module
-        self.patience = patience
-        self.min_delta = min_delta
-        self.best = float("inf")
-        self.best_epoch = 0
-        self.best_state: dict[str, Any] | None = None
-        self.bad = 0
 
-    def update(self, epoch: int, loss: float) -> bool:
-        """Record an epoch; ``True`` when training should stop."""
-        if loss < self.best - self.min_delta:
-            self.best, self.best_epoch, self.bad = loss, epoch, 0
-            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-            return False
-        self.bad += 1
-        return self.bad >= self.patience
+def _training_loop(
+    module: torch.nn.Module,
+    *,
+    epochs: int,
+    run_epoch: Callable[[int], float],
+    validate: Callable[[], float] | None,
+    patience: int,
+    min_delta: float,
+    callback: EpochCallback | None,
+) -> _LoopResult:
+    """The one epoch loop of the head and of fine-tuning.
 
-    def restore(self) -> None:
-        if self.best_state is not None:
-            self.module.load_state_dict(self.best_state)
+    ``run_epoch(epoch)`` trains one pass and returns its mean loss;
+    ``validate()`` returns the validation MSE (``None``: no validation, all
+    ``epochs`` run).  Keeps the weights of the best validation epoch and stops
+    after ``patience`` epochs without an improvement of more than
+    ``min_delta``; an exception in the callback propagates.
+    """
+    best, best_epoch, bad = float("inf"), 0, 0
+    best_state: dict[str, Any] | None = None
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    stopped = False
+    epoch = 0
+    started = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        train_losses.append(run_epoch(epoch))
+        val = float("nan")
+        if validate is not None:
+            val = validate()
+            val_losses.append(val)
+        if callback is not None:
+            callback(epoch, train_losses[-1], val)
+        if validate is None:
+            continue
+        if val < best - min_delta:
+            best, best_epoch, bad = val, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                stopped = epoch < epochs
+                break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    return _LoopResult(
+        epochs=epoch,
+        best_epoch=best_epoch if validate is not None else epoch,
+        train_loss=train_losses,
+        val_loss=val_losses,
+        stopped_early=stopped,
+        seconds=time.perf_counter() - started,
+    )
 
 
 @contextlib.contextmanager
@@ -201,6 +368,10 @@ def _mse_batched(
             diff = pred.float() - y[start : start + batch_size]
             total += float(diff.square().mean(dim=1).sum())
     return total / max(1, len(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Heads on fixed features: the MLP, ridge, and the choice between them
 
 
 def train_head(
@@ -249,9 +420,9 @@ def train_head(
     validation
         An explicit ``(features, targets)`` validation set; all of
         ``features`` is then trained on.
-    patience
-        Stop after this many epochs without a validation-MSE improvement of
-        more than ``min_delta``; the best epoch's weights are kept.
+    patience, min_delta
+        Stop after ``patience`` epochs without a validation-MSE improvement
+        of more than ``min_delta``; the best epoch's weights are kept.
     seed
         Seeds the split, the initial weights, shuffling and dropout (the
         global torch random state is left untouched).
@@ -259,8 +430,6 @@ def train_head(
         torch device.
     threads
         CPU threads for torch during training (``None``: torch's setting).
-        The matrices are small, so on a busy machine one thread can be much
-        faster than several (see docs/training.md).
     callback
         Called as ``callback(epoch, train_mse, val_mse)`` after each epoch; an
         exception raised there (e.g. ``KeyboardInterrupt``) stops training
@@ -276,22 +445,20 @@ def train_head(
 
     x, y = _check_pairs(features, targets)
     if len(x) == 0:
-        raise ValueError("cannot train a head on zero tracks")
-    epochs = _check_int("epochs", epochs, minimum=1)
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
-    patience = _check_int("patience", patience, minimum=1)
-    val_fraction = _check_float("val_fraction", val_fraction, low=0.0, high=1.0, closed_high=False)
-    lr = _check_float("lr", lr, low=0.0, high=float("inf"), closed_high=False)
-    if lr == 0:
-        raise ValueError("lr must be positive, got 0")
-    weight_decay = _check_float(
-        "weight_decay", weight_decay, low=0.0, high=float("inf"), closed_high=False
-    )
+        raise ParameterError("cannot train a head on zero tracks")
+    epochs = check_int("epochs", epochs, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    patience = check_int("patience", patience, minimum=1)
+    val_fraction = check_float("val_fraction", val_fraction, low=0.0, high=1.0, high_open=True)
+    lr = check_float("lr", lr, low=0.0, low_open=True)
+    weight_decay = check_float("weight_decay", weight_decay, low=0.0)
+    if threads is not None:
+        threads = check_int("threads", threads, minimum=1)
     rng = np.random.default_rng(seed)
     if validation is not None:
         xv, yv = _check_pairs(*validation)
         if xv.shape[1] != x.shape[1] or yv.shape[1] != y.shape[1]:
-            raise ValueError(
+            raise ParameterError(
                 f"validation set has shapes {xv.shape}, {yv.shape}; training {x.shape}, {y.shape}"
             )
         xt, yt = x, y
@@ -300,6 +467,7 @@ def train_head(
         xt, yt, xv, yv = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
     params = {
+        "kind": "mlp",
         "hidden": hidden,
         "dropout": float(dropout),
         "lr": lr,
@@ -309,9 +477,6 @@ def train_head(
         "patience": patience,
         "seed": seed,
     }
-    if threads is not None:
-        threads = _check_int("threads", threads, minimum=1)
-    started = time.perf_counter()
     with torch.random.fork_rng(devices=[]), _torch_threads(threads):
         torch.manual_seed(seed)
         head = make_head(x.shape[1], y.shape[1], hidden=hidden, dropout=dropout)
@@ -323,12 +488,8 @@ def train_head(
         yv_t = torch.from_numpy(yv).to(device)
         optimiser = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
-        stopper = _EarlyStopping(head, patience, min_delta)
-        train_losses: list[float] = []
-        val_losses: list[float] = []
-        stopped = False
-        epoch = 0
-        for epoch in range(1, epochs + 1):
+
+        def run_epoch(_epoch: int) -> float:
             head.train()
             order = torch.randperm(len(xt_t), generator=generator).to(device)
             total = torch.zeros((), device=device)
@@ -339,31 +500,242 @@ def train_head(
                 loss.backward()
                 optimiser.step()
                 total += loss.detach() * len(idx)
-            train_losses.append(float(total) / len(xt_t))
             head.eval()
-            val = _mse_batched(head, xv_t, yv_t, 8192) if len(xv_t) else float("nan")
-            if len(xv_t):
-                val_losses.append(val)
-            if callback is not None:
-                callback(epoch, train_losses[-1], val)
-            if len(xv_t) and stopper.update(epoch, val):
-                stopped = epoch < epochs
-                break
-        if len(xv_t):
-            stopper.restore()
+            return float(total) / len(xt_t)
+
+        def validate() -> float:
+            return _mse_batched(head, xv_t, yv_t, 8192)
+
+        loop = _training_loop(
+            head,
+            epochs=epochs,
+            run_epoch=run_epoch,
+            validate=validate if len(xv_t) else None,
+            patience=patience,
+            min_delta=min_delta,
+            callback=callback,
+        )
         head.eval()
     return HeadFit(
         head=head.cpu(),
-        epochs=epoch,
-        best_epoch=stopper.best_epoch if len(xv_t) else epoch,
-        train_loss=train_losses,
-        val_loss=val_losses,
-        stopped_early=stopped,
-        seconds=time.perf_counter() - started,
+        epochs=loop.epochs,
+        best_epoch=loop.best_epoch,
+        train_loss=loop.train_loss,
+        val_loss=loop.val_loss,
+        stopped_early=loop.stopped_early,
+        seconds=loop.seconds,
         n_train=len(xt),
         n_val=len(xv),
         params=params,
     )
+
+
+@dataclass
+class RidgeFit:
+    """Closed-form ridge regression from standardised features (:func:`fit_ridge`).
+
+    ``prediction = ((x - mean) / scale) @ weight + bias``.
+
+    Attributes
+    ----------
+    weight, bias, mean, scale
+        ``(in, out)``, ``(out,)``, ``(in,)``, ``(in,)``.
+    lam
+        The penalty chosen (absolute, on the standardised features).
+    cv_mse
+        Cross-validated MSE of each penalty tried (``lambdas`` order).
+    lambdas
+        The penalties tried.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    lam: float
+    cv_mse: np.ndarray
+    lambdas: np.ndarray
+
+    @property
+    def best_cv_mse(self) -> float:
+        return float(self.cv_mse.min())
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        z = (np.asarray(x, np.float64) - self.mean) / self.scale
+        return (z @ self.weight + self.bias).astype(np.float32)
+
+    def module(self) -> torch.nn.Module:
+        """The same map as a ``Standardise → Linear`` head (``make_head(hidden=0)``)."""
+        import torch
+
+        from deepsim.models.head import make_head
+
+        head = make_head(len(self.mean), self.weight.shape[1], hidden=0)
+        with torch.no_grad():
+            head[0].mean.copy_(torch.from_numpy(self.mean).float())
+            head[0].scale.copy_(torch.from_numpy(self.scale).float())
+            head[1].weight.copy_(torch.from_numpy(self.weight.T).float())
+            head[1].bias.copy_(torch.from_numpy(self.bias).float())
+        return head.eval()
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and scale as :class:`~deepsim.models.head.Standardise` computes them."""
+    mean = x.mean(axis=0)
+    std = x.std(axis=0) if len(x) > 1 else np.ones(x.shape[1])
+    return mean, np.where(std > 1e-8, std, 1.0)
+
+
+def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(perm, min(k, n)) if len(part)]
+
+
+def _ridge_solve(
+    x: np.ndarray, y: np.ndarray, lambdas: Sequence[float]
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Weights for each penalty from one SVD of the standardised, centred ``x``."""
+    mean, scale = _standardise(x)
+    z = (x - mean) / scale
+    bias = y.mean(axis=0)
+    u, sv, vt = np.linalg.svd(z, full_matrices=False)
+    uty = u.T @ (y - bias)
+    weights = [vt.T @ ((sv / (sv**2 + lam))[:, None] * uty) for lam in lambdas]
+    return weights, bias, mean, scale
+
+
+def fit_ridge(
+    features: np.ndarray,
+    targets: np.ndarray,
+    *,
+    lambdas: Sequence[float] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+) -> RidgeFit:
+    """Ridge regression with its penalty chosen by k-fold cross-validation.
+
+    Parameters
+    ----------
+    features, targets
+        ``(n, in)`` and ``(n, out)``.
+    lambdas
+        Absolute penalties to try; default :data:`RIDGE_LAMBDAS` times ``n``
+        (the standardised features have unit variance, so ``λ = n`` weighs the
+        penalty like one feature's whole signal).
+    folds
+        k (at most ``n``).
+    seed
+        Seeds the fold assignment.
+    """
+    x, y = _check_pairs(features, targets)
+    if len(x) < 2:
+        raise ParameterError(f"ridge needs at least 2 tracks, got {len(x)}")
+    folds = check_int("folds", folds, minimum=2)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    grid = np.asarray(
+        [lam * len(x) for lam in RIDGE_LAMBDAS] if lambdas is None else list(lambdas), np.float64
+    )
+    if grid.size == 0 or np.any(grid < 0):
+        raise ParameterError(f"lambdas must be non-negative numbers, got {lambdas!r}")
+    errors = np.zeros(len(grid))
+    for part in _folds(len(x), folds, seed):
+        rest = np.setdiff1d(np.arange(len(x)), part)
+        weights, bias, mean, scale = _ridge_solve(x64[rest], y64[rest], grid)
+        z = (x64[part] - mean) / scale
+        for i, w in enumerate(weights):
+            errors[i] += float(np.square(z @ w + bias - y64[part]).mean(axis=1).sum())
+    errors /= len(x)
+    best = int(np.argmin(errors))
+    weights, bias, mean, scale = _ridge_solve(x64, y64, [grid[best]])
+    return RidgeFit(weights[0], bias, mean, scale, float(grid[best]), errors, grid)
+
+
+@dataclass
+class HeadChoice:
+    """Which head :func:`choose_head` picked, and the validation errors behind it.
+
+    Attributes
+    ----------
+    kind
+        ``"ridge"`` or ``"mlp"``.
+    head
+        The chosen network fitted on all training tracks
+        (``make_head``-compatible).
+    ridge
+        The ridge fit (its ``best_cv_mse`` is the ridge's k-fold MSE).
+    mlp_cv_mse
+        k-fold MSE of the MLP (``nan`` when it was not tried).
+    fit
+        The MLP's training history on all tracks (``None`` for ridge).
+    folds
+        k.
+    """
+
+    kind: str
+    head: torch.nn.Module
+    ridge: RidgeFit
+    mlp_cv_mse: float
+    fit: HeadFit | None
+    folds: int
+
+    @property
+    def hidden(self) -> int:
+        return 0 if self.kind == "ridge" else int(self.fit.params["hidden"]) if self.fit else 0
+
+    def line(self) -> str:
+        """One line for the report."""
+        ridge = f"ridge (λ={self.ridge.lam:.3g}) {self.ridge.best_cv_mse:.4f}"
+        mlp = "not tried" if math.isnan(self.mlp_cv_mse) else f"{self.mlp_cv_mse:.4f}"
+        return f"head: {self.kind}; {self.folds}-fold validation MSE: {ridge}, mlp {mlp}"
+
+
+def choose_head(
+    features: np.ndarray,
+    targets: np.ndarray,
+    config: TrainConfig,
+    *,
+    callback: EpochCallback | None = None,
+) -> HeadChoice:
+    """Fit ridge (λ by k-fold CV) and, unless ``config.head == "ridge"``, the MLP.
+
+    The MLP is cross-validated on the same folds (each fold's MLP early-stops
+    on a tenth of its own training tracks) and used only where its error is
+    lower than ridge's (``head="auto"``), or always (``head="mlp"``).
+    """
+    x, y = _check_pairs(features, targets)
+    folds = min(config.folds, len(x))
+    ridge = fit_ridge(x, y, folds=folds, seed=config.seed)
+    mlp_options = {
+        "hidden": config.hidden,
+        "dropout": config.dropout,
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "patience": config.patience,
+        "seed": config.seed,
+        "device": config.device,
+        "threads": config.threads,
+    }
+    mlp_cv = float("nan")
+    if config.head != "ridge" and len(x) >= 4:
+        import torch
+
+        total = 0.0
+        for part in _folds(len(x), folds, config.seed):
+            rest = np.setdiff1d(np.arange(len(x)), part)
+            fit = train_head(x[rest], y[rest], callback=callback, **mlp_options)
+            assert fit.head is not None
+            with torch.no_grad():
+                pred = fit.head(torch.from_numpy(x[part])).numpy()
+            total += float(np.square(pred - y[part]).mean(axis=1).sum())
+        mlp_cv = total / len(x)
+    use_mlp = config.head == "mlp" or (config.head == "auto" and mlp_cv < ridge.best_cv_mse)
+    if use_mlp:
+        fit = train_head(x, y, callback=callback, **mlp_options)
+        assert fit.head is not None
+        return HeadChoice("mlp", fit.head, ridge, mlp_cv, fit, folds)
+    return HeadChoice("ridge", ridge.module(), ridge, mlp_cv, None, folds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,8 +757,9 @@ def predict_from_mels(
     *,
     batch_size: int = 16,
     normalise: bool = True,
+    part: str = "taste",
 ) -> np.ndarray:
-    """Head outputs for whole log-mels, as :meth:`Model.embed` computes them.
+    """Predicted taste (head outputs) for whole log-mels, averaged over patches.
 
     Each log-mel is cut into non-overlapping patches, the per-patch backbone
     outputs are averaged per track, pooled and passed through the head.
@@ -405,11 +778,15 @@ def predict_from_mels(
     normalise
         L2-normalise the outputs (``False`` gives the raw outputs the MSE is
         computed on).
+    part
+        ``"taste"`` (the head) or ``"sound"`` (the backbone's own vector).
     """
     import torch
 
     rows = np.asarray(rows, dtype=np.int64)
-    out = np.zeros((len(rows), model.dim), np.float32)
+    check_choice("part", part, ("taste", "sound"))
+    width = model.taste_dim if part == "taste" else int(model.config["in_dim"])
+    out = np.zeros((len(rows), width), np.float32)
     device = model.device
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -427,7 +804,10 @@ def predict_from_mels(
                 total = torch.zeros((len(chunk), *value.shape[1:]), device=value.device)
                 total.index_add_(0, owner, value)
                 means[key] = total / counts.view(-1, *([1] * (value.dim() - 1)))
-            result = model.pool(means).float()
+            if part == "taste":
+                result = model.taste_pool(means).float()
+            else:
+                result = model.backbone.pool(means).float()
             if normalise:
                 result = torch.nn.functional.normalize(result, dim=1)
             out[start : start + len(chunk)] = result.cpu().numpy()
@@ -496,16 +876,17 @@ def finetune_head(
 
     rows_arr = np.arange(len(mels)) if rows is None else np.asarray(rows, dtype=np.int64)
     y = np.asarray(targets, dtype=np.float32)
-    if y.ndim != 2 or len(y) != len(rows_arr) or y.shape[1] != model.dim:
-        raise ValueError(
-            f"targets must be ({len(rows_arr)}, {model.dim}) for the given rows, got {y.shape}"
+    if y.ndim != 2 or len(y) != len(rows_arr) or y.shape[1] != model.taste_dim:
+        raise ParameterError(
+            f"targets must be ({len(rows_arr)}, {model.taste_dim}) for the given rows, "
+            f"got {y.shape}"
         )
     if len(rows_arr) == 0:
-        raise ValueError("cannot fine-tune on zero tracks")
-    epochs = _check_int("epochs", epochs, minimum=1)
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
-    patience = _check_int("patience", patience, minimum=1)
-    val_fraction = _check_float("val_fraction", val_fraction, low=0.0, high=1.0, closed_high=False)
+        raise ParameterError("cannot fine-tune on zero tracks")
+    epochs = check_int("epochs", epochs, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    patience = check_int("patience", patience, minimum=1)
+    val_fraction = check_float("val_fraction", val_fraction, low=0.0, high=1.0, high_open=True)
     rng = np.random.default_rng(seed)
     train_pos, val_pos = _split_validation(len(rows_arr), val_fraction, rng)
     frames = int(np.shape(mels)[1])
@@ -523,71 +904,67 @@ def finetune_head(
     )
     use_amp = str(device).startswith("cuda")
     y_t = torch.from_numpy(y)
-    stopper = _EarlyStopping(model, patience, min_delta)
-    train_losses: list[float] = []
-    val_losses: list[float] = []
-    stopped = False
-    epoch = 0
-    started = time.perf_counter()
+
+    def crop(row: int) -> np.ndarray:
+        mel = np.asarray(mels[row], dtype=np.float32)
+        if frames > patch:
+            s = int(rng.integers(0, frames - patch + 1))
+            return mel[s : s + patch]
+        return loop_to_length(mel, patch)
+
+    def run_epoch(_epoch: int) -> float:
+        model.train()
+        if freeze_batchnorm:
+            _freeze_batchnorm(backbone)
+        order = rng.permutation(train_pos)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            pos = order[start : start + batch_size]
+            batch = torch.from_numpy(np.stack([crop(int(rows_arr[p])) for p in pos])).to(device)
+            target = y_t[pos].to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                pred = model(batch)
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(pos)
+        model.eval()
+        return total / len(order)
+
+    def validate() -> float:
+        pred_v = predict_from_mels(
+            model, mels, rows_arr[val_pos], batch_size=batch_size, normalise=False
+        )
+        return float(np.mean(np.square(pred_v - y[val_pos]).mean(axis=1)))
+
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for epoch in range(1, epochs + 1):
-                model.train()
-                if freeze_batchnorm:
-                    _freeze_batchnorm(backbone)
-                order = rng.permutation(train_pos)
-                total = 0.0
-                for start in range(0, len(order), batch_size):
-                    pos = order[start : start + batch_size]
-                    crops = []
-                    for p in pos:
-                        mel = np.asarray(mels[int(rows_arr[p])], dtype=np.float32)
-                        if frames > patch:
-                            s = int(rng.integers(0, frames - patch + 1))
-                            mel = mel[s : s + patch]
-                        elif frames < patch:
-                            mel = np.tile(mel, (-(-patch // frames), 1))[:patch]
-                        crops.append(mel)
-                    batch = torch.from_numpy(np.stack(crops)).to(device)
-                    target = y_t[pos].to(device)
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                        pred = model(batch)
-                    loss = torch.nn.functional.mse_loss(pred.float(), target)
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimiser.step()
-                    total += float(loss.detach()) * len(pos)
-                train_losses.append(total / len(order))
-                model.eval()
-                val = float("nan")
-                if len(val_pos):
-                    pred_v = predict_from_mels(
-                        model, mels, rows_arr[val_pos], batch_size=batch_size, normalise=False
-                    )
-                    val = float(np.mean(np.square(pred_v - y[val_pos]).mean(axis=1)))
-                    val_losses.append(val)
-                if callback is not None:
-                    callback(epoch, train_losses[-1], val)
-                if len(val_pos) and stopper.update(epoch, val):
-                    stopped = epoch < epochs
-                    break
-            if len(val_pos):
-                stopper.restore()
+            loop = _training_loop(
+                model,
+                epochs=epochs,
+                run_epoch=run_epoch,
+                validate=validate if len(val_pos) else None,
+                patience=patience,
+                min_delta=min_delta,
+                callback=callback,
+            )
     finally:
         model.eval()
         model.cpu()
     return HeadFit(
         head=None,
-        epochs=epoch,
-        best_epoch=stopper.best_epoch if len(val_pos) else epoch,
-        train_loss=train_losses,
-        val_loss=val_losses,
-        stopped_early=stopped,
-        seconds=time.perf_counter() - started,
+        epochs=loop.epochs,
+        best_epoch=loop.best_epoch,
+        train_loss=loop.train_loss,
+        val_loss=loop.val_loss,
+        stopped_early=loop.stopped_early,
+        seconds=loop.seconds,
         n_train=len(train_pos),
         n_val=len(val_pos),
         params={
+            "kind": "finetune",
             "epochs": epochs,
             "lr": lr,
             "head_lr": head_lr,
@@ -601,172 +978,117 @@ def finetune_head(
 
 
 # --------------------------------------------------------------------------------------------
-# Data preparation: filtering, the held-out split, the factorisation
-
-
-def filter_counts(
-    counts: sp.csr_matrix,
-    *,
-    min_plays: float = 2,
-    min_listeners: int = 2,
-    min_user_tracks: int = 2,
-    max_passes: int = 10,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows (users) and columns (tracks) with enough data, applied until stable.
-
-    A track needs a total play count of at least ``min_plays`` from at least
-    ``min_listeners`` distinct users; a user needs at least
-    ``min_user_tracks`` distinct kept tracks.  Dropping one side can push the
-    other under its threshold, so the rules are re-applied (at most
-    ``max_passes`` times).
-
-    Returns
-    -------
-    users, tracks
-        Indices (ascending) of the kept rows and columns.
-    """
-    csr = sp.csr_matrix(counts, dtype=np.float32)
-    csr.eliminate_zeros()
-    users = np.arange(csr.shape[0])
-    tracks = np.arange(csr.shape[1])
-    for _ in range(max_passes):
-        sub = csr[users][:, tracks]
-        plays = np.asarray(sub.sum(axis=0)).ravel()
-        listeners = np.diff(sub.tocsc().indptr)
-        keep_t = (plays >= min_plays) & (listeners >= min_listeners)
-        sub = sub[:, np.flatnonzero(keep_t)]
-        keep_u = np.diff(sub.indptr) >= min_user_tracks
-        if keep_t.all() and keep_u.all():
-            break
-        tracks = tracks[keep_t]
-        users = users[keep_u]
-        if len(users) == 0 or len(tracks) == 0:
-            break
-    return users, tracks
-
-
-def split_tracks(
-    n_tracks: int, *, heldout_fraction: float, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split of ``range(n_tracks)`` into (training, held-out) indices."""
-    heldout_fraction = _check_float(
-        "heldout_fraction", heldout_fraction, low=0.0, high=1.0, closed_high=False
-    )
-    rng = np.random.default_rng(seed)
-    n_held = round(heldout_fraction * n_tracks)
-    if heldout_fraction > 0 and n_tracks > 1:
-        n_held = min(n_tracks - 1, max(1, n_held))  # both sides non-empty
-    perm = rng.permutation(n_tracks)
-    return np.sort(perm[n_held:]), np.sort(perm[:n_held])
-
-
-def solve_item_factors(
-    user_factors: np.ndarray,
-    confidence: sp.spmatrix,
-    *,
-    regularization: float,
-) -> np.ndarray:
-    """Item factors that minimise the WMF loss for fixed user factors (exact ALS half-step).
-
-    For item ``j`` with users ``u`` who played it (confidence ``c_uj``):
-    ``y_j = (XᵀX + Σ_u (c_uj − 1) x_u x_uᵀ + λI)⁻¹ Σ_u c_uj x_u``, the
-    equation implicit's ALS solves (iteratively) for every item.
-
-    Parameters
-    ----------
-    user_factors
-        ``(n_users, f)`` fixed user factors ``X``.
-    confidence
-        ``(n_users, n_items)`` confidences of the observed cells (as
-        :func:`deepsim.wmf.confidence` gives them).
-    regularization
-        ``λ``, as passed to :func:`deepsim.wmf.fit_wmf`.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 ``(n_items, f)``; items nobody played get zero rows.
-    """
-    x = np.asarray(user_factors, dtype=np.float64)
-    csc = sp.csc_matrix(confidence, dtype=np.float64)
-    if csc.shape[0] != len(x):
-        raise ValueError(f"confidence has {csc.shape[0]} users, user_factors {len(x)}")
-    f = x.shape[1]
-    gram = x.T @ x + regularization * np.eye(f)
-    out = np.zeros((csc.shape[1], f), np.float32)
-    for j in range(csc.shape[1]):
-        lo, hi = csc.indptr[j], csc.indptr[j + 1]
-        if lo == hi:
-            continue
-        xj = x[csc.indices[lo:hi]]
-        c = csc.data[lo:hi]
-        a = gram + (xj.T * (c - 1.0)) @ xj
-        b = xj.T @ c
-        out[j] = np.linalg.solve(a, b)
-    return out
+# Evaluation: baselines, the taste weight, the activation rule
 
 
 @dataclass
-class FactorSplit:
-    """WMF factors for a training/held-out split of the tracks.
+class Evaluation:
+    """The held-out table and what was decided from it.
 
     Attributes
     ----------
-    user_factors
-        ``(n_users, f)`` from the fit on the training tracks (zero rows for
-        users without training plays).
-    train_factors
-        ``(n_train, f)`` unit-normalised factors of the training tracks: the
-        regression targets.
-    heldout_factors
-        ``(n_heldout, f)`` factors of the held-out tracks solved against the
-        fixed user factors (not normalised).
-    params
-        The WMF hyper-parameters.
-    seconds
-        Time of the fit and the solve.
+    metrics
+        Every row (:mod:`deepsim.metrics`), including :data:`UNTRAINED_ROW` and
+        :data:`COMBINED_ROW`.
+    taste_weight
+        The weight of the combined vector.
+    taste_scan
+        ``{w: (AUC, mAP)}`` of the combined profile for each weight tried.
+    comparison
+        The trained taste row against the untrained sound profile, per user.
     """
 
-    user_factors: np.ndarray
-    train_factors: np.ndarray
-    heldout_factors: np.ndarray
-    params: dict[str, Any]
-    seconds: float
+    metrics: HeldoutMetrics
+    taste_weight: float
+    taste_scan: dict[float, tuple[float, float]]
+    comparison: Comparison
 
 
-def factorise_split(
-    counts: sp.csr_matrix,
-    train: np.ndarray,
-    heldout: np.ndarray,
+def evaluate_split(
+    user_factors: np.ndarray,
+    train_plays: sp.csr_matrix,
+    heldout_plays: sp.csr_matrix,
     *,
-    factors: int = 40,
+    features_train: np.ndarray,
+    features_heldout: np.ndarray,
+    predicted_train: np.ndarray,
+    predicted_heldout: np.ndarray,
+    heldout_factors: np.ndarray,
+    taste_weight: float | None = None,
     seed: int = 0,
-    **wmf_options: Any,
-) -> FactorSplit:
-    """Fit WMF on the training columns; solve the held-out columns against its users.
+) -> Evaluation:
+    """Score the held-out tracks every way the table shows.
 
-    ``wmf_options`` go to :func:`deepsim.wmf.fit_wmf` (``alpha``,
-    ``epsilon``, ``regularization``, ``iterations``, ``use_gpu``...).
+    Only users with at least one training play take part (the others have no
+    factor and no profile), so every row ranks for the same users and rows can
+    be compared user by user.  ``taste_weight=None`` tries
+    :data:`TASTE_WEIGHTS` and keeps the one whose combined profile has the
+    best mAP (then AUC).
     """
-    from deepsim.wmf import confidence, fit_wmf, unit_normalise
+    from deepsim.taste import combine
 
-    started = time.perf_counter()
-    csr = sp.csr_matrix(counts, dtype=np.float32)
-    result = fit_wmf(csr[:, train], factors=factors, random_state=seed, **wmf_options)
-    held = np.zeros((len(heldout), factors), np.float32)
-    if len(heldout):
-        conf = confidence(
-            csr[:, heldout], alpha=result.params["alpha"], epsilon=result.params["epsilon"]
+    keep = np.flatnonzero(
+        (np.diff(sp.csr_matrix(train_plays).indptr) > 0) & np.any(user_factors != 0, axis=1)
+    )
+    train_plays = sp.csr_matrix(train_plays)[keep]
+    heldout_plays = sp.csr_matrix(heldout_plays)[keep]
+    metrics = evaluate_heldout(
+        user_factors[keep], heldout_plays, predicted_heldout, heldout_factors, seed=seed
+    )
+    untrained = profile_scores(train_plays, features_train, heldout_plays, features_heldout)
+    weights = TASTE_WEIGHTS if taste_weight is None else (float(taste_weight),)
+    scan: dict[float, tuple[float, float]] = {}
+    best: tuple[float, float, float] | None = None
+    best_scores = None
+    for w in weights:
+        scores = profile_scores(
+            train_plays,
+            combine(features_train, predicted_train, w),
+            heldout_plays,
+            combine(features_heldout, predicted_heldout, w),
         )
-        held = solve_item_factors(
-            result.user_factors, conf, regularization=result.params["regularization"]
-        )
-    return FactorSplit(
-        user_factors=result.user_factors,
-        train_factors=unit_normalise(result.item_factors),
-        heldout_factors=held,
-        params=dict(result.params),
-        seconds=time.perf_counter() - started,
+        scan[w] = (scores.auc, scores.map_at_k)
+        key = (np.nan_to_num(scores.map_at_k, nan=-1), np.nan_to_num(scores.auc, nan=-1), -w)
+        if best is None or key > best:
+            best, best_scores = key, scores
+    assert best is not None and best_scores is not None
+    chosen = -best[2]
+    metrics = metrics.with_row(
+        MetricRow(f"{COMBINED_ROW} (w={chosen:g})", best_scores), after=PREDICTED_ROW
+    )
+    metrics = metrics.with_row(MetricRow(UNTRAINED_ROW, untrained), after=metrics.rows[2].name)
+    return Evaluation(metrics, chosen, scan, compare(metrics.predicted, untrained))
+
+
+def activation_decision(evaluation: Evaluation | None, *, force: bool | None) -> tuple[bool, str]:
+    """Whether to activate a new model, and why (one line).
+
+    The rule: the trained taste ranking (:data:`~deepsim.metrics.PREDICTED_ROW`)
+    must beat the untrained backbone's sound profile on held-out AUC *and*
+    mAP@500, each by a paired per-user difference at least 1.645 standard
+    errors above zero (one-sided 95 %).  ``force=True``/``False`` overrides.
+    """
+    if evaluation is None:
+        if force:
+            return True, "activated as asked (--activate); no held-out tracks to judge it on"
+        return False, "not activated: no held-out tracks to show it beats the untrained model"
+    c = evaluation.comparison
+    m = evaluation.metrics
+    untrained = m.row(UNTRAINED_ROW).scores
+    figures = (
+        f"AUC {m.predicted.auc:.3f} vs {untrained.auc:.3f} ({c.d_auc:+.3f}, z={c.z_auc:.1f}), "
+        f"mAP@{m.predicted.k} {m.predicted.map_at_k:.3f} vs {untrained.map_at_k:.3f} "
+        f"({c.d_map:+.3f}, z={c.z_map:.1f}) over {c.n_users} listeners"
+    )
+    if force is True:
+        return True, f"activated as asked (--activate): {figures}"
+    if force is False:
+        return False, f"not activated (as asked): {figures}"
+    if c.beats:
+        return True, f"activated: it beats the untrained model: {figures}"
+    return False, (
+        f"not activated: it does not clearly beat the untrained model ({figures}; both "
+        "differences must be positive with z >= 1.645); use --activate to use it anyway"
     )
 
 
@@ -782,12 +1104,12 @@ class TrainReport:
     ----------
     model_id, path
         The saved model and its checkpoint.
-    activated
-        Whether it was made the active (``auto``) model.
-    backbone, backbone_id
-        The backbone's name and weights id.
-    finetune
-        Whether the backbone was fine-tuned.
+    activated, activation
+        Whether it was made the active (``auto``) model, and why (one line).
+    config
+        The :class:`TrainConfig` used.
+    backbone_id
+        The backbone's weights id.
     n_listened_tracks, n_listeners
         Columns and rows of the listening data as given.
     n_matched, match_rate
@@ -801,12 +1123,14 @@ class TrainReport:
     n_embedded, n_failed
         Backbone vectors computed from audio for this run, and tracks dropped
         because their audio could not be embedded.
-    factors
-        WMF dimension.
+    head
+        The head choice (ridge/MLP and their validation errors).
     fit
-        The head's training history (of fine-tuning when ``finetune``).
-    metrics
-        Held-out metrics (``None`` when ``heldout_fraction`` was 0).
+        The fine-tuning history (``None`` without fine-tuning).
+    evaluation
+        Held-out table and decisions (``None`` when ``heldout`` was 0).
+    taste_weight
+        The weight stored with the model (its vectors' default).
     wmf_params
         WMF hyper-parameters used.
     seconds
@@ -819,9 +1143,9 @@ class TrainReport:
     model_id: str
     path: Path
     activated: bool
-    backbone: str
+    activation: str
+    config: TrainConfig
     backbone_id: str
-    finetune: bool
     n_listened_tracks: int
     n_listeners: int
     n_matched: int
@@ -833,45 +1157,52 @@ class TrainReport:
     n_heldout: int
     n_embedded: int
     n_failed: int
-    factors: int
-    fit: HeadFit
-    metrics: HeldoutMetrics | None
+    head: HeadChoice
+    fit: HeadFit | None
+    evaluation: Evaluation | None
+    taste_weight: float
     wmf_params: dict[str, Any]
     seconds: dict[str, float]
     model: HeadModel | None = None
 
+    @property
+    def metrics(self) -> HeldoutMetrics | None:
+        return None if self.evaluation is None else self.evaluation.metrics
+
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable facts (stored in the checkpoint's config)."""
         out: dict[str, Any] = {
-            "factors": self.factors,
+            "factors": self.config.factors,
             "tracks": self.n_tracks,
             "users": self.n_users,
             "train_tracks": self.n_train,
             "heldout_tracks": self.n_heldout,
-            "epochs": self.fit.epochs,
-            "best_epoch": self.fit.best_epoch,
+            "head": self.head.kind,
+            "ridge_lambda": round(self.head.ridge.lam, 6),
+            "ridge_cv_mse": round(self.head.ridge.best_cv_mse, 6),
+            "mlp_cv_mse": None
+            if math.isnan(self.head.mlp_cv_mse)
+            else round(self.head.mlp_cv_mse, 6),
+            "taste_weight": self.taste_weight,
             "wmf": self.wmf_params,
         }
-        if self.metrics is not None:
-            m = self.metrics
+        if self.evaluation is not None:
             out["heldout"] = {
-                "cosine": round(m.cosine, 4),
-                "auc": round(m.predicted.auc, 4),
-                "map_at_500": round(m.predicted.map_at_k, 4),
-                "auc_wmf": round(m.wmf.auc, 4),
-                "map_at_500_wmf": round(m.wmf.map_at_k, 4),
-                "auc_random": round(m.random.auc, 4),
-                "map_at_500_random": round(m.random.map_at_k, 4),
-                "users": m.n_users,
+                row.name: {
+                    "auc": round(row.scores.auc, 4),
+                    "map_at_500": round(row.scores.map_at_k, 4),
+                }
+                for row in self.evaluation.metrics.rows
             }
         return out
 
     def format_table(self) -> str:
-        """A few lines of plain text: data, training and the held-out table."""
-        what = "fine-tuned " if self.finetune else ""
+        """Plain text: data, head choice, the held-out table with baselines, the decision."""
+        what = "fine-tuned " if self.config.finetune else ""
         lines = [
-            f"model {self.model_id}: {what}{self.backbone_id} + head → {self.factors} factors"
-            + (" (now active)" if self.activated else ""),
+            f"model {self.model_id}: {what}{self.backbone_id} + {self.head.kind} head → "
+            f"{self.config.factors} factors; vectors = sound + taste, taste weight "
+            f"{self.taste_weight:g}" + (" (now active)" if self.activated else " (not active)"),
             f"  saved to {self.path}",
             f"listening data: {self.n_listened_tracks} tracks, {self.n_listeners} listeners; "
             f"{self.n_matched} tracks matched the library ({100 * self.match_rate:.1f} %), "
@@ -880,25 +1211,30 @@ class TrainReport:
             f"({self.n_train} to train on, {self.n_heldout} held out)"
             + (f"; {self.n_embedded} embedded from audio" if self.n_embedded else "")
             + (f"; {self.n_failed} dropped (audio failed)" if self.n_failed else ""),
+            self.head.line(),
         ]
-        fit = self.fit
-        val = "" if math.isnan(fit.best_val_loss) else f", validation MSE {fit.best_val_loss:.4f}"
-        lines.append(
-            f"training: {fit.epochs} epochs (best {fit.best_epoch}{val}"
-            f"{', stopped early' if fit.stopped_early else ''}) in {fit.seconds:.1f} s"
-        )
-        m = self.metrics
-        if m is None:
+        if self.fit is not None:
+            fit = self.fit
+            val = (
+                "" if math.isnan(fit.best_val_loss) else f", validation MSE {fit.best_val_loss:.4f}"
+            )
+            lines.append(
+                f"fine-tuning: {fit.epochs} epochs (best {fit.best_epoch}{val}"
+                f"{', stopped early' if fit.stopped_early else ''}) in {fit.seconds:.1f} s"
+            )
+        ev = self.evaluation
+        if ev is None:
             lines.append("no held-out tracks: no evaluation")
-            return "\n".join(lines)
-        k = m.predicted.k
-        lines.append(
-            f"held-out evaluation: {m.n_tracks} tracks, {m.n_users} users with "
-            f"{m.n_plays} plays on them"
-        )
-        lines.append(f"  {'method':<20} {'cosine':>7} {'AUC':>7} {f'mAP@{k}':>8}")
-        for name, cosine, auc, map_k in m.rows():
-            lines.append(f"  {name:<20} {cosine:>7.3f} {auc:>7.3f} {map_k:>8.3f}")
+        else:
+            m = ev.metrics
+            lines.append(
+                f"held-out evaluation: {m.n_tracks} tracks, {m.n_users} users with "
+                f"{m.n_plays} plays on them"
+            )
+            lines.append(m.format_table())
+            scan = "  ".join(f"{w:g}: {mp:.3f}" for w, (_, mp) in ev.taste_scan.items())
+            lines.append(f"taste weight (mAP of the sound+taste profile): {scan}")
+        lines.append(self.activation)
         return "\n".join(lines)
 
 
@@ -949,8 +1285,9 @@ def backbone_features(
     missing = [int(i) for i in wanted.tolist() if int(i) not in have]
     n_embedded = 0
     if missing:
-        from deepsim.embed import embed_files, resolve_device
+        from deepsim.embed import embed_files
         from deepsim.models import load_model
+        from deepsim.util import resolve_device
 
         paths = _item_paths(lib, missing)
         for item_id in missing:
@@ -1063,47 +1400,16 @@ def _save_and_activate(model: HeadModel, *, state_dir: Path, activate: bool) -> 
 
 def run_training(
     lib: Library,
-    *,
     listens: Listens,
+    config: TrainConfig | None = None,
+    *,
     state_dir: str | os.PathLike[str],
-    backbone: str = "default",
-    min_plays: float = 2,
-    min_listeners: int = 2,
-    min_user_tracks: int = 2,
-    min_tracks: int = 50,
-    factors: int = 40,
-    alpha: float | None = None,
-    epsilon: float | None = None,
-    regularization: float | None = None,
-    iterations: int | None = None,
-    use_gpu: bool | None = None,
-    heldout_fraction: float = 0.2,
-    hidden: int = 512,
-    dropout: float = 0.3,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-5,
-    epochs: int = 200,
-    train_batch_size: int = 256,
-    patience: int = 10,
-    finetune: bool = False,
-    finetune_epochs: int = 20,
-    finetune_lr: float = 1e-4,
-    finetune_batch_size: int = 32,
-    device: str = "cpu",
-    threads: int | None = None,
-    workers: int | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    activate: bool = True,
-    cache_vectors: bool = True,
     log: LogFunction | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> TrainReport:
-    """Train a head on the library's listening data and make it the active model.
+    """Train a head on the library's listening data; activate it if it earns it.
 
-    See the module docstring for the steps.  Parameters not listed here are
-    those of :func:`filter_counts`, :func:`deepsim.wmf.fit_wmf` (``None``
-    takes its default), :func:`train_head` and :func:`finetune_head`.
+    See the module docstring for the steps.
 
     Parameters
     ----------
@@ -1112,29 +1418,10 @@ def run_training(
     listens
         Listening data (:func:`deepsim.listening.read_listens` /
         :func:`~deepsim.listening.read_library`).
+    config
+        What to do (:class:`TrainConfig`; default: its defaults).
     state_dir
         deepsim's state directory; the model goes to ``<state_dir>/models``.
-    backbone
-        Built-in model name or checkpoint path whose vectors the head reads.
-    min_tracks
-        Fewest tracks (after the data-size rules) worth training on.
-    heldout_fraction
-        Share of the tracks kept out of the factorisation and of training for
-        evaluation (``0``: no evaluation).
-    finetune
-        Also train the backbone on log-mels of the tracks' audio (decoded
-        once into a cache under ``<state_dir>/cache``); GPU-oriented.
-    device
-        ``auto``, ``cpu``, ``cuda``... for embedding and training.
-    threads
-        torch CPU threads while training the head (``None``: torch's setting).
-    workers, batch_size
-        Decoding processes and tracks per inference batch when backbone
-        vectors must be computed from audio.
-    activate
-        Make the saved model the ``auto`` model.
-    cache_vectors
-        Store backbone vectors computed here on items without any vector.
     log
         Receives progress lines.
     on_epoch
@@ -1150,19 +1437,18 @@ def run_training(
     TrainingError
         Empty listening data, no track matched, or too few tracks.
     """
-    from deepsim.embed import resolve_device
     from deepsim.matching import collapse, match_tracks
     from deepsim.models import BUILTIN_MODELS
     from deepsim.models import model_id as model_id_of
     from deepsim.models.head import HeadModel
+    from deepsim.util import resolve_device
 
+    cfg = config or TrainConfig()
     say: LogFunction = log or (lambda _line: None)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     state = Path(state_dir)
-    min_tracks = _check_int("min_tracks", min_tracks, minimum=2)
-    _check_float("heldout_fraction", heldout_fraction, low=0.0, high=1.0, closed_high=False)
-    device = resolve_device(device)
+    device = resolve_device(cfg.device)
 
     # 1. Match and filter.
     if listens.n_tracks == 0 or listens.nnz == 0:
@@ -1182,24 +1468,25 @@ def run_training(
     items = collapse(listens, match)
     users_kept, tracks_kept = filter_counts(
         items.counts,
-        min_plays=min_plays,
-        min_listeners=min_listeners,
-        min_user_tracks=min_user_tracks,
+        min_plays=cfg.min_plays,
+        min_listeners=cfg.min_listeners,
+        min_user_tracks=cfg.min_user_tracks,
     )
     rule = (
-        f"at least {min_plays:g} plays from {min_listeners} listeners, "
-        f"and listeners with at least {min_user_tracks} such tracks"
+        f"at least {cfg.min_plays:g} plays from {cfg.min_listeners} listeners, "
+        f"and listeners with at least {cfg.min_user_tracks} such tracks"
     )
-    if len(tracks_kept) < min_tracks:
+    if len(tracks_kept) < cfg.min_tracks:
         raise TrainingError(
             f"only {len(tracks_kept)} of the {items.n_tracks} matched library tracks have "
-            f"enough listening data ({rule}); training needs at least {min_tracks}"
+            f"enough listening data ({rule}); training needs at least {cfg.min_tracks}"
         )
     seconds["match"] = time.perf_counter() - clock
 
     # 2. Features of the kept tracks.
     clock = time.perf_counter()
     item_ids = np.asarray([items.tracks[j].item_id for j in tracks_kept], np.int64)
+    backbone = cfg.backbone
     if backbone not in BUILTIN_MODELS:  # a checkpoint: keep an absolute path in the head
         backbone = os.fspath(Path(os.path.expanduser(backbone)).resolve())
     backbone_id = model_id_of(backbone)
@@ -1208,9 +1495,9 @@ def run_training(
         item_ids,
         backbone=backbone,
         device=device,
-        workers=workers,
-        batch_size=batch_size,
-        cache_vectors=cache_vectors,
+        workers=cfg.workers,
+        batch_size=cfg.embed_batch_size,
+        cache_vectors=cfg.cache_vectors,
         log=say,
     )
     n_failed = len(item_ids) - len(feat_ids)
@@ -1218,10 +1505,10 @@ def run_training(
         keep = np.isin(item_ids, feat_ids)
         tracks_kept = tracks_kept[keep]
         item_ids = item_ids[keep]
-    if len(tracks_kept) < min_tracks:
+    if len(tracks_kept) < cfg.min_tracks:
         raise TrainingError(
             f"only {len(tracks_kept)} tracks with enough listening data have a {backbone_id} "
-            f"vector ({n_failed} could not be embedded); training needs at least {min_tracks}"
+            f"vector ({n_failed} could not be embedded); training needs at least {cfg.min_tracks}"
         )
     seconds["features"] = time.perf_counter() - clock
 
@@ -1229,61 +1516,41 @@ def run_training(
     clock = time.perf_counter()
     counts = items.counts[users_kept][:, tracks_kept].tocsr()
     train_idx, held_idx = split_tracks(
-        len(tracks_kept), heldout_fraction=heldout_fraction, seed=seed
+        len(tracks_kept), heldout_fraction=cfg.heldout, seed=cfg.seed
     )
-    wmf_options = {
-        key: value
-        for key, value in (
-            ("alpha", alpha),
-            ("epsilon", epsilon),
-            ("regularization", regularization),
-            ("iterations", iterations),
-            ("use_gpu", use_gpu),
-        )
-        if value is not None
-    }
     say(
         f"factorising {counts.shape[0]} users × {len(train_idx)} training tracks "
-        f"({factors} factors; {len(held_idx)} tracks held out)"
+        f"({cfg.factors} factors; {len(held_idx)} tracks held out)"
     )
-    split = factorise_split(counts, train_idx, held_idx, factors=factors, seed=seed, **wmf_options)
-    targets = split.train_factors
-    has_target = np.any(targets != 0, axis=1)
+    split = factorise_split(
+        counts, train_idx, held_idx, factors=cfg.factors, seed=cfg.seed, **cfg.wmf_options()
+    )
+    has_target = np.any(split.train_factors != 0, axis=1)
     seconds["wmf"] = time.perf_counter() - clock
 
-    # 4. Train.
+    # 4. Train: choose the head by validation, optionally fine-tune.
     clock = time.perf_counter()
     train_rows = train_idx[has_target]
-    say(f"training the head on {len(train_rows)} tracks")
-    fit = train_head(
-        features[train_rows],
-        targets[has_target],
-        hidden=hidden,
-        dropout=dropout,
-        lr=lr,
-        weight_decay=weight_decay,
-        epochs=epochs,
-        batch_size=train_batch_size,
-        patience=patience,
-        seed=seed,
-        device=device,
-        threads=threads,
-        callback=on_epoch,
-    )
+    say(f"choosing and training the head on {len(train_rows)} tracks")
+    with _torch_threads(cfg.threads):
+        choice = choose_head(
+            features[train_rows], split.train_factors[has_target], cfg, callback=on_epoch
+        )
+    say(choice.line())
     model = HeadModel(
         backbone=backbone,
         backbone_id=backbone_id,
         in_dim=features.shape[1],
-        out_dim=factors,
-        hidden=hidden,
-        dropout=dropout,
+        out_dim=cfg.factors,
+        hidden=0 if choice.kind == "ridge" else cfg.hidden,
+        dropout=cfg.dropout,
     )
-    assert fit.head is not None
-    model.head.load_state_dict(fit.head.state_dict())
+    model.head.load_state_dict(choice.head.state_dict())
     model.eval()
     mels = None
     decoded: np.ndarray | None = None  # per kept track, whether its audio decoded
-    if finetune:
+    finetune_fit = None
+    if cfg.finetune:
         from deepsim.melcache import build_cache
 
         paths = _item_paths(lib, item_ids.tolist())
@@ -1295,52 +1562,79 @@ def run_training(
             path_list,
             frontend=frontend,
             seconds=frontend.clip_seconds,
-            workers=2 if workers is None else workers,
+            workers=2 if cfg.workers is None else cfg.workers,
         )
         mels, decoded = cache.mels, cache.ok
         ok_rows = train_rows[decoded[train_rows]]
         say(f"fine-tuning {backbone_id} and the head on {len(ok_rows)} tracks")
         target_of = {int(r): i for i, r in enumerate(train_idx)}
-        fit = finetune_head(
+        finetune_fit = finetune_head(
             model,
             mels,
-            targets[[target_of[int(r)] for r in ok_rows]],
+            split.train_factors[[target_of[int(r)] for r in ok_rows]],
             rows=ok_rows,
-            epochs=finetune_epochs,
-            lr=finetune_lr,
-            batch_size=finetune_batch_size,
-            seed=seed,
+            epochs=cfg.finetune_epochs,
+            lr=cfg.finetune_lr,
+            batch_size=cfg.finetune_batch_size,
+            seed=cfg.seed,
             device=device,
             callback=on_epoch,
         )
     seconds["train"] = time.perf_counter() - clock
 
-    # 5. Evaluate on the held-out tracks.
+    # 5. Evaluate on the held-out tracks; pick the taste weight.
     clock = time.perf_counter()
-    metrics = None
+    evaluation = None
     if len(held_idx):
-        held_pos = np.arange(len(held_idx))
         if mels is not None and decoded is not None:
-            held_pos = held_pos[decoded[held_idx]]
-            predicted = predict_from_mels(model, mels, held_idx[held_pos])
+            keep_t = decoded[train_idx]
+            keep_h = decoded[held_idx]
+            sound = predict_from_mels(model, mels, np.arange(len(tracks_kept)), part="sound")
+            taste = predict_from_mels(model, mels, np.arange(len(tracks_kept)))
         else:
-            predicted = model.apply_to_vectors(features[held_idx])
-        metrics = evaluate_heldout(
+            keep_t = np.ones(len(train_idx), bool)
+            keep_h = np.ones(len(held_idx), bool)
+            sound = features
+            taste = _predict_taste(model, features)
+        evaluation = evaluate_split(
             split.user_factors,
-            counts[:, held_idx[held_pos]],
-            predicted,
-            split.heldout_factors[held_pos],
-            seed=seed,
+            counts[:, train_idx[keep_t]],
+            counts[:, held_idx[keep_h]],
+            features_train=sound[train_idx[keep_t]],
+            features_heldout=sound[held_idx[keep_h]],
+            predicted_train=taste[train_idx[keep_t]],
+            predicted_heldout=taste[held_idx[keep_h]],
+            heldout_factors=split.heldout_factors[keep_h],
+            taste_weight=cfg.taste_weight,
+            seed=cfg.seed,
         )
     seconds["evaluate"] = time.perf_counter() - clock
+    taste_weight = (
+        evaluation.taste_weight
+        if evaluation is not None
+        else (0.5 if cfg.taste_weight is None else cfg.taste_weight)
+    )
+    activate, activation = activation_decision(evaluation, force=cfg.activate)
+
+    # The model's vectors combine sound and taste; its WMF item factors go with it,
+    # so that `beet recommend` can fold a listener in without the listening data.
+    model.config["taste_weight"] = float(taste_weight)
+    model.dim = model.config["in_dim"] + model.config["out_dim"]
+    model.config["cf"] = {k: split.params[k] for k in ("alpha", "epsilon", "regularization")}
+    model.extra = {
+        "cf_item_ids": np.concatenate([item_ids[train_idx], item_ids[held_idx]]).astype(np.int64),
+        "cf_item_factors": np.concatenate([split.wmf.item_factors, split.heldout_factors]).astype(
+            np.float32
+        ),
+    }
 
     report = TrainReport(
         model_id="",
         path=Path(),
         activated=False,
-        backbone=backbone,
+        activation=activation,
+        config=cfg,
         backbone_id=backbone_id,
-        finetune=finetune,
         n_listened_tracks=listens.n_tracks,
         n_listeners=listens.n_users,
         n_matched=match.n_matched,
@@ -1352,17 +1646,27 @@ def run_training(
         n_heldout=len(held_idx),
         n_embedded=n_embedded,
         n_failed=n_failed,
-        factors=factors,
-        fit=fit,
-        metrics=metrics,
+        head=choice,
+        fit=finetune_fit,
+        evaluation=evaluation,
+        taste_weight=float(taste_weight),
         wmf_params=split.params,
         seconds=seconds,
         model=model,
     )
 
-    # 6. Save, then activate.
+    # 6. Save, then (on evidence) activate.
     model.config["info"] = report.summary()
     path, activated = _save_and_activate(model, state_dir=state, activate=activate)
     report.model_id, report.path, report.activated = model.model_id, path, activated
     say(f"saved {model.model_id} to {path}")
     return report
+
+
+def _predict_taste(model: HeadModel, features: np.ndarray) -> np.ndarray:
+    """Unit predicted taste vectors from backbone vectors."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.nn.functional.normalize(torch.from_numpy(np.asarray(features, np.float32)), dim=1)
+        return torch.nn.functional.normalize(model.head(x).float(), dim=1).numpy()

@@ -30,14 +30,14 @@ BLAS underneath it can be ten times slower.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from deepsim.errors import TrainingError
+from deepsim.errors import ParameterError, TrainingError
+from deepsim.util import check_float, check_int
 
 SMALL_NNZ = 50_000
 """Below this many stored counts, ``num_threads=0`` fits on one thread."""
@@ -55,28 +55,78 @@ class WMFResult:
         ``n_tracks × factors`` float32; rows of tracks without plays are zero.
     params
         The hyper-parameters used (for provenance).
+    model
+        The fitted ``implicit`` model (its factors are the arrays above), used
+        by :meth:`fold_in_users` and :meth:`fold_in_items`.
     """
 
     user_factors: np.ndarray
     item_factors: np.ndarray
     params: dict[str, Any]
+    model: Any = field(default=None, repr=False, compare=False)
+
+    def fold_in_users(
+        self, counts: sp.spmatrix | sp.sparray, *, weights: sp.spmatrix | None = None
+    ) -> np.ndarray:
+        """Factors of new users from their play counts, the item factors fixed.
+
+        One exact ALS half-step (implicit's ``recalculate_user``) with the
+        confidences of the fit.  ``counts`` is ``(n_new_users, n_tracks)`` over
+        the fitted tracks.  ``weights`` (same pattern, values in ``(0, 1]``)
+        scales each play's confidence excess ``c - 1``: an old play counts less
+        (see :mod:`deepsim.recommend`).  Users without plays get zero rows.
+        """
+        conf = self._confidence(counts, self.item_factors.shape[0], weights)
+        return _zero_empty(self.model.recalculate_user(np.arange(conf.shape[0]), conf), conf)
+
+    def fold_in_items(self, counts: sp.spmatrix | sp.sparray) -> np.ndarray:
+        """Factors of new tracks from their ``(n_users, n_new_tracks)`` play counts.
+
+        The user factors stay fixed (implicit's ``recalculate_item``): the
+        tracks land in the same space as the fitted ones.  Tracks without plays
+        get zero rows.
+        """
+        csr = sp.csr_matrix(counts, dtype=np.float32)
+        if csr.shape[0] != self.user_factors.shape[0]:
+            raise ParameterError(
+                f"counts must have one row per fitted user ({self.user_factors.shape[0]}), "
+                f"got {csr.shape[0]}"
+            )
+        conf = self._confidence(csr.T.tocsr(), csr.shape[0], None)
+        return _zero_empty(self.model.recalculate_item(np.arange(conf.shape[0]), conf), conf)
+
+    def _confidence(
+        self, counts: sp.spmatrix | sp.sparray, width: int, weights: sp.spmatrix | None
+    ) -> sp.csr_matrix:
+        if self.model is None:
+            raise ParameterError("this WMFResult has no fitted model to fold in with")
+        csr = sp.csr_matrix(counts, dtype=np.float32)
+        if csr.ndim != 2 or csr.shape[1] != width:
+            raise ParameterError(f"counts must have {width} columns, got shape {csr.shape}")
+        conf = confidence(csr, alpha=self.params["alpha"], epsilon=self.params["epsilon"])
+        if weights is not None:
+            w = sp.csr_matrix(weights, dtype=np.float32)
+            if w.shape != conf.shape:
+                raise ParameterError(f"weights must have shape {conf.shape}, got {w.shape}")
+            conf.sort_indices()
+            rows = np.repeat(np.arange(conf.shape[0]), np.diff(conf.indptr))
+            scale = np.asarray(w[rows, conf.indices]).ravel()
+            conf.data = (1.0 + scale * (conf.data - 1.0)).astype(np.float32)
+        return conf
+
+
+def _zero_empty(factors: np.ndarray, conf: sp.csr_matrix) -> np.ndarray:
+    out = np.ascontiguousarray(np.atleast_2d(factors), dtype=np.float32)
+    out[np.diff(conf.indptr) == 0] = 0.0
+    return out
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum=1)
 
 
 def _positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    ok = v >= 0 if allow_zero else v > 0
-    if not (math.isfinite(v) and ok):
-        bound = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a finite {bound} number, got {value!r}")
-    return v
+    return check_float(name, value, low=0.0, low_open=not allow_zero)
 
 
 def confidence(
@@ -156,7 +206,7 @@ def fit_wmf(
 
     Raises
     ------
-    ValueError
+    ParameterError
         Bad parameter or matrix (negative, NaN).
     TrainingError
         No plays to factorise.
@@ -166,30 +216,27 @@ def fit_wmf(
     alpha = _positive_float("alpha", alpha)
     epsilon = _positive_float("epsilon", epsilon)
     regularization = _positive_float("regularization", regularization, allow_zero=True)
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
-        raise ValueError(f"num_threads must be a non-negative integer, got {num_threads!r}")
+    num_threads = check_int("num_threads", num_threads, minimum=0)
     if use_gpu not in (None, True, False):
-        raise ValueError(f"use_gpu must be None, True or False, got {use_gpu!r}")
-    if random_state is not None and (
-        isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer))
-    ):
-        raise ValueError(f"random_state must be an integer or None, got {random_state!r}")
+        raise ParameterError(f"use_gpu must be None, True or False, got {use_gpu!r}")
+    if random_state is not None:
+        check_int("random_state", random_state)
     if not sp.issparse(counts):
-        raise ValueError(f"counts must be a scipy sparse matrix, got {type(counts).__name__}")
+        raise ParameterError(f"counts must be a scipy sparse matrix, got {type(counts).__name__}")
     if counts.ndim != 2:
-        raise ValueError(f"counts must be 2-D, got shape {counts.shape}")
+        raise ParameterError(f"counts must be 2-D, got shape {counts.shape}")
     csr = sp.csr_matrix(counts, dtype=np.float32)
     if csr.nnz and not np.all(np.isfinite(csr.data)):
-        raise ValueError("counts contain NaN or infinite values")
+        raise ParameterError("counts contain NaN or infinite values")
     if csr.nnz and csr.data.min() < 0:
-        raise ValueError(f"counts must be non-negative, found {float(csr.data.min())!r}")
+        raise ParameterError(f"counts must be non-negative, found {float(csr.data.min())!r}")
     conf = confidence(csr, alpha=alpha, epsilon=epsilon)
     if conf.nnz == 0:
         raise TrainingError(f"no plays to factorise (counts of shape {csr.shape} are all zero)")
 
     gpu = _gpu_available() if use_gpu is None else use_gpu
     if gpu and not _gpu_available():
-        raise ValueError("use_gpu=True but implicit has no CUDA support or no GPU is present")
+        raise ParameterError("use_gpu=True but implicit has no CUDA support or no GPU is present")
 
     import threadpoolctl
     from implicit.als import AlternatingLeastSquares
@@ -216,6 +263,9 @@ def fit_wmf(
     # unit_normalise cannot blow noise up into unit vectors.
     user_factors[np.diff(conf.indptr) == 0] = 0.0
     item_factors[np.bincount(conf.indices, minlength=conf.shape[1]) == 0] = 0.0
+    # The model keeps the zeroed factors too, so that fold-in sees what the caller sees.
+    model.user_factors, model.item_factors = user_factors, item_factors
+    model._XtX = model._YtY = None
     params = {
         "factors": factors,
         "alpha": alpha,
@@ -225,14 +275,14 @@ def fit_wmf(
         "use_gpu": bool(gpu),
         "random_state": random_state,
     }
-    return WMFResult(user_factors, item_factors, params)
+    return WMFResult(user_factors, item_factors, params, model)
 
 
 def unit_normalise(factors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32); all-zero rows stay zero."""
     x = np.asarray(factors, dtype=np.float32)
     if x.ndim != 2:
-        raise ValueError(f"factors must be a 2-D array, got shape {x.shape}")
+        raise ParameterError(f"factors must be a 2-D array, got shape {x.shape}")
     norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
     out = np.zeros_like(x)
     nz = norms[:, 0] > 0

@@ -8,7 +8,20 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from deepsim.metrics import evaluate_heldout, mean_cosine, random_vectors, ranking_scores
+from deepsim.metrics import (
+    POPULARITY_ROW,
+    PREDICTED_ROW,
+    RANDOM_ROW,
+    WMF_ROW,
+    compare,
+    evaluate_heldout,
+    listener_profiles,
+    mean_cosine,
+    popularity_scores,
+    profile_scores,
+    random_vectors,
+    ranking_scores,
+)
 
 
 @pytest.fixture(params=["sort", "compare"])
@@ -157,6 +170,43 @@ def test_evaluate_heldout_orders_true_above_random() -> None:
     assert m.wmf.map_at_k == pytest.approx(1.0)
     assert m.wmf.auc > m.predicted.auc > 0.8 > 0.6 > m.random.auc > 0.4
     assert m.predicted.map_at_k > m.random.map_at_k
-    assert 0.5 < m.cosine < 1.0 and abs(m.cosine_random) < 0.2
+    assert 0.5 < m.cosine < 1.0 and abs(m.row(RANDOM_ROW).cosine) < 0.2
     assert (m.n_tracks, m.n_users, m.n_plays) == (200, 298, 2980)
-    assert [row[0] for row in m.rows()] == ["wmf (upper bound)", "predicted", "random"]
+    assert [row.name for row in m.rows] == [WMF_ROW, PREDICTED_ROW, POPULARITY_ROW, RANDOM_ROW]
+    # every row ranks for the same users, so rows compare user by user
+    assert {len(r.scores.ap_per_user) for r in m.rows} == {299}
+    table = m.format_table()
+    assert "popularity" in table and "mAP@500" in table and len(table.splitlines()) == 5
+
+
+def test_popularity_leaves_the_ranked_user_out() -> None:
+    # track 0 is played by everyone, track 1 by one user, track 2 by nobody
+    plays = np.zeros((5, 3), np.float32)
+    plays[:, 0] = 1
+    plays[0, 1] = 1
+    s = popularity_scores(sp.csr_matrix(plays))
+    # user 0: track 0 scores 4 (others' plays), track 1 scores 0, track 2 scores 0
+    assert s.ap_per_user[0] == pytest.approx(1.0)
+    assert s.auc_per_user[0] == pytest.approx((1.0 + 0.5) / 2)
+    assert s.map_at_k == pytest.approx(1.0)
+
+
+def test_profile_scores_follow_the_content() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 16))
+    group_of_track = np.repeat(np.arange(3), 20)
+    vectors = centres[group_of_track] + 0.3 * rng.standard_normal((60, 16))
+    group_of_user = rng.integers(0, 3, 100)
+    plays = (group_of_user[:, None] == group_of_track[None, :]).astype(np.float32)
+    train, held = np.arange(0, 60, 2), np.arange(1, 60, 2)
+    good = profile_scores(plays[:, train], vectors[train], plays[:, held], vectors[held])
+    shuffled = rng.permutation(len(held))
+    bad = profile_scores(plays[:, train], vectors[train], plays[:, held], vectors[held][shuffled])
+    assert good.auc > 0.95 and good.map_at_k > 0.9
+    assert bad.auc < 0.7
+    c = compare(good, bad)
+    assert c.beats and c.d_auc > 0 and c.z_auc > 3
+    assert not compare(bad, good).beats
+    assert not compare(good, good).beats  # no difference is no evidence
+    profiles = listener_profiles(plays[:, train], vectors[train])
+    assert np.allclose(np.linalg.norm(profiles, axis=1), 1.0, atol=1e-5)

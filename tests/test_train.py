@@ -13,25 +13,26 @@ from audiogen import tone, write_audio
 from beets.library import Item, Library
 
 from deepsim import store
+from deepsim.cf import factorise_split, filter_counts, split_tracks
 from deepsim.errors import TrainingError
 from deepsim.listening import KEY_SEP, Listens, TrackKey
-from deepsim.metrics import evaluate_heldout
+from deepsim.metrics import RANDOM_ROW, evaluate_heldout
 from deepsim.models import active_model, load_model, set_active_model
 from deepsim.models import model_id as model_id_of
 from deepsim.models.checkpoint import load_tensors
 from deepsim.models.dieleman import DielemanModel
 from deepsim.models.head import HeadModel
+from deepsim.taste import layout_of, split_parts
 from deepsim.train import (
-    factorise_split,
-    filter_counts,
+    UNTRAINED_ROW,
+    TrainConfig,
+    choose_head,
     finetune_head,
+    fit_ridge,
     reembed_from_store,
     run_training,
-    solve_item_factors,
-    split_tracks,
     train_head,
 )
-from deepsim.wmf import confidence, fit_wmf
 
 #: A tiny Dieleman network used as the backbone (32-d output, 8 kHz front end).
 TINY = {
@@ -58,11 +59,19 @@ def planted(
     dim: int = 400,
     clusters: int = 4,
     noise: float = 1.5,
+    nuisance: float = 0.0,
     plays_per_user: int = 20,
     in_cluster: float = 0.9,
+    shuffle: bool = False,
     seed: int = 0,
 ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-    """Tracks in clusters whose features differ by cluster; users who keep to one cluster.
+    """Tracks in taste clusters whose features differ by cluster; users who keep to one cluster.
+
+    ``nuisance`` adds a second, stronger clustering of the features that has
+    nothing to do with taste (tracks that *sound* alike to the backbone but
+    are liked by different people), so the raw backbone cosine is a poor
+    recommender and a trained head has something to learn.  ``shuffle``
+    moves every play to a random track: listening data without structure.
 
     Returns play counts (users × tracks), unit feature rows and each track's cluster.
     """
@@ -70,6 +79,9 @@ def planted(
     cluster = rng.integers(0, clusters, n_tracks)
     means = rng.standard_normal((clusters, dim))
     features = means[cluster] + noise * rng.standard_normal((n_tracks, dim))
+    if nuisance:
+        other = rng.standard_normal((clusters, dim))
+        features += nuisance * other[rng.integers(0, clusters, n_tracks)]
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     taste = rng.integers(0, clusters, n_users)
     rows: list[int] = []
@@ -82,6 +94,8 @@ def planted(
         )
         rows += [u] * n
         cols += pick.tolist()
+    if shuffle:
+        cols = rng.integers(0, n_tracks, len(cols)).tolist()
     counts = sp.csr_matrix(
         (np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_tracks)
     )
@@ -109,64 +123,7 @@ def test_head_beats_random_on_planted_structure() -> None:
     assert m.predicted.auc - m.random.auc >= 0.15
     assert m.predicted.map_at_k > m.random.map_at_k
     assert m.wmf.auc > m.random.auc + 0.2
-    assert m.cosine > m.cosine_random + 0.1
-
-
-def test_solved_heldout_factors_agree_with_the_fit() -> None:
-    """Solving the item equation against the fitted users reproduces the fitted items."""
-    counts, _, _ = planted(n_tracks=120, n_users=150, dim=8)
-    result = fit_wmf(counts, factors=8, iterations=30, regularization=0.1)
-    conf = confidence(counts, alpha=result.params["alpha"], epsilon=result.params["epsilon"])
-    solved = solve_item_factors(result.user_factors, conf, regularization=0.1)
-    played = np.asarray(counts.sum(axis=0)).ravel() > 0
-    a, b = solved[played], result.item_factors[played]
-    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert np.median(cos) > 0.99
-    assert np.all(solved[~played] == 0)
-
-
-def test_heldout_tracks_are_cold_start() -> None:
-    counts, _, _ = planted(n_tracks=100, n_users=80, dim=8)
-    train, held = split_tracks(100, heldout_fraction=0.3, seed=1)
-    assert len(held) == 30 and len(np.intersect1d(train, held)) == 0
-    assert np.array_equal(np.union1d(train, held), np.arange(100))
-    split = factorise_split(counts, train, held, factors=8, seed=0)
-    assert split.train_factors.shape == (70, 8) and split.heldout_factors.shape == (30, 8)
-    np.testing.assert_allclose(np.linalg.norm(split.train_factors, axis=1), 1.0, atol=1e-5)
-    # the held-out plays take no part: removing them changes neither users nor targets
-    masked = counts.tolil()
-    masked[:, held] = 0
-    again = factorise_split(masked.tocsr(), train, held, factors=8, seed=0)
-    np.testing.assert_allclose(again.user_factors, split.user_factors, atol=1e-5)
-    np.testing.assert_allclose(again.train_factors, split.train_factors, atol=1e-5)
-
-
-def test_filter_counts_applies_rules_until_stable() -> None:
-    dense = np.array(
-        [
-            [1, 1, 0, 0],
-            [1, 1, 0, 1],
-            [0, 0, 5, 0],  # one track only, and that track has one listener
-            [1, 0, 0, 1],
-        ],
-        np.float32,
-    )
-    users, tracks = filter_counts(sp.csr_matrix(dense), min_plays=2, min_listeners=2)
-    assert tracks.tolist() == [0, 1, 3] and users.tolist() == [0, 1, 3]
-    # with min_user_tracks=3 user 1 alone is left, then every track loses its listeners
-    users, tracks = filter_counts(sp.csr_matrix(dense), min_user_tracks=3)
-    assert len(tracks) == 0
-
-
-def test_split_is_seeded() -> None:
-    a = split_tracks(50, heldout_fraction=0.2, seed=3)
-    b = split_tracks(50, heldout_fraction=0.2, seed=3)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-    assert len(split_tracks(50, heldout_fraction=0.0)[1]) == 0
-    assert [len(x) for x in split_tracks(3, heldout_fraction=0.9)] == [1, 2]
-    assert [len(x) for x in split_tracks(10, heldout_fraction=0.01)] == [9, 1]
-    with pytest.raises(ValueError, match="heldout_fraction"):
-        split_tracks(50, heldout_fraction=1.0)
+    assert m.cosine > m.row(RANDOM_ROW).cosine + 0.1
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +198,47 @@ def test_callback_interrupt_propagates() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Ridge and the head choice
+
+
+def test_ridge_recovers_a_linear_map_and_picks_lambda_by_cross_validation() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 30)).astype(np.float32)
+    w = rng.standard_normal((30, 5))
+    clean = ridge = fit_ridge(x, (x @ w).astype(np.float32), folds=5)
+    pred = ridge.predict(x)
+    assert np.corrcoef(pred.ravel(), (x @ w).ravel())[0, 1] > 0.99
+    assert ridge.lam == ridge.lambdas.min()  # no noise: the least penalty wins
+    # targets unrelated to the features: cross-validation wants a large penalty
+    noise = fit_ridge(x, rng.standard_normal((120, 5)).astype(np.float32), folds=5)
+    assert noise.lam > 100 * clean.lam and noise.cv_mse.argmin() == len(noise.lambdas) - 1
+    # the same map as a Standardise → Linear head, saved like any head
+    with torch.no_grad():
+        out = ridge.module()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out, pred, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="ridge needs"):
+        fit_ridge(x[:1], pred[:1])
+
+
+def test_choose_head_prefers_ridge_on_small_linear_data_and_reports_both() -> None:
+    counts, features, _ = planted(n_tracks=80, n_users=120, dim=32, noise=0.6)
+    users, tracks = filter_counts(counts)
+    split = factorise_split(
+        counts[users][:, tracks], np.arange(len(tracks)), np.zeros(0, int), factors=8
+    )
+    cfg = TrainConfig(hidden=64, epochs=60, folds=3)
+    choice = choose_head(features[tracks], split.train_factors, cfg)
+    assert choice.kind == "ridge" and choice.mlp_cv_mse > choice.ridge.best_cv_mse
+    assert "ridge (λ=" in choice.line() and "mlp 0." in choice.line()
+    forced = choose_head(
+        features[tracks], split.train_factors, TrainConfig(head="mlp", hidden=16, epochs=5, folds=2)
+    )
+    assert forced.kind == "mlp" and forced.fit is not None
+    only = choose_head(features[tracks], split.train_factors, TrainConfig(head="ridge"))
+    assert only.kind == "ridge" and np.isnan(only.mlp_cv_mse) and "not tried" in only.line()
+
+
+# --------------------------------------------------------------------------------------------
 # Fine-tuning (tiny, on the CPU)
 
 
@@ -280,14 +278,23 @@ class World:
     """A library whose items carry planted 32-d backbone vectors, plus matching listens."""
 
     def __init__(
-        self, tmp_path: Path, *, n_tracks: int = 200, n_audio: int = 3, broken: bool = True
+        self,
+        tmp_path: Path,
+        *,
+        n_tracks: int = 200,
+        n_audio: int = 3,
+        broken: bool = True,
+        shuffle: bool = False,
     ) -> None:
         torch.manual_seed(0)
         self.backbone_path = DielemanModel(TINY).save(tmp_path / "backbone.safetensors")
         self.backbone = str(self.backbone_path)
         self.backbone_id = model_id_of(self.backbone)
         self.state = tmp_path / "state"
-        counts, features, _ = planted(n_tracks=n_tracks, n_users=160, dim=32, noise=0.6)
+        counts, features, _ = planted(
+            n_tracks=n_tracks, n_users=160, dim=32, noise=0.6, nuisance=3.0, shuffle=shuffle
+        )
+        self.features = features
         self.lib = Library(str(tmp_path / "library.db"))
         self.ids: list[int] = []
         for j in range(n_tracks):
@@ -328,19 +335,25 @@ class World:
             sp.hstack([counts, extra]).tocsr(), [f"u{u}" for u in range(counts.shape[0])], tracks
         )
 
-    def train(self, **kwargs) -> object:  # type: ignore[no-untyped-def]
+    def train(self, *, listens: Listens | None = None, log=None, on_epoch=None, **kwargs):  # type: ignore[no-untyped-def]
         options = {
-            "listens": self.listens,
-            "state_dir": self.state,
             "backbone": self.backbone,
             "factors": 16,
             "hidden": 64,
+            "epochs": 60,
             "min_tracks": 20,
             "workers": 0,
             "seed": 0,
         }
         options.update(kwargs)
-        return run_training(self.lib, **options)
+        return run_training(
+            self.lib,
+            self.listens if listens is None else listens,
+            TrainConfig(**options),
+            state_dir=self.state,
+            log=log,
+            on_epoch=on_epoch,
+        )
 
 
 @pytest.fixture
@@ -360,11 +373,19 @@ def test_run_training_end_to_end(world: World) -> None:
     assert report.n_heldout == round(0.2 * report.n_tracks)
     m = report.metrics
     assert m is not None and m.predicted.auc > m.random.auc + 0.1
+    # the trained model beats the untrained backbone on the never-played (held-out) tracks
+    untrained = m.row(UNTRAINED_ROW).scores
+    assert m.predicted.auc > untrained.auc + 0.05 and m.predicted.map_at_k > untrained.map_at_k
+    assert report.evaluation is not None and report.evaluation.comparison.beats
     assert report.model_id.startswith("head-") and report.activated
+    assert report.activation.startswith("activated: it beats the untrained model")
     assert report.path == world.state / "models" / f"{report.model_id}.safetensors"
     assert active_model("auto", state_dir=world.state) == str(report.path.resolve())
     table = report.format_table()
     assert report.model_id in table and "wmf (upper bound)" in table and "mAP@500" in table
+    for name in ("untrained: sound profile", "popularity", "random", "sound+taste profile"):
+        assert name in table
+    assert "head: ridge" in table or "head: mlp" in table
     assert any("matched 200 of 210" in line for line in lines)
     # the audio-embedded vectors were cached for items that had none
     assert set(world.audio_ids) <= store.ids_with_vectors(world.lib, world.backbone_id)
@@ -375,16 +396,27 @@ def test_run_training_end_to_end(world: World) -> None:
     assert not report.model.training
     x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
     np.testing.assert_allclose(model.apply_to_vectors(x), report.model.apply_to_vectors(x))
-    assert model.config["info"]["heldout"]["auc"] == pytest.approx(m.predicted.auc, abs=1e-4)
+    info = model.config["info"]["heldout"]
+    assert info["trained: taste (x_u · predicted)"]["auc"] == pytest.approx(
+        m.predicted.auc, abs=1e-4
+    )
+    # one vector: sound and predicted taste, weighted by the chosen taste weight
+    layout = layout_of(report.path)
+    assert layout is not None and (layout.sound_dim, layout.taste_dim) == (32, 16)
+    assert layout.weight == report.taste_weight and 0 < layout.weight < 1
+    assert model.dim == 48
+    assert model.extra["cf_item_factors"].shape == (report.n_tracks, 16)
 
     # re-embedding from the store: every item with a backbone vector, no audio needed
     no_vector = world.lib.add(Item(artist="New", title="Song", path=b"/m/new.mp3"))
     missing = reembed_from_store(world.lib, model, batch_size=50)
     assert sorted(missing.tolist()) == sorted([no_vector, *world.broken_ids])
     head_ids, head_vectors = store.read_vectors(world.lib, model.model_id)
-    assert len(head_ids) == len(world.ids) - 1 and head_vectors.shape[1] == 16
+    assert len(head_ids) == len(world.ids) - 1 and head_vectors.shape[1] == 48
     _, base = store.read_vectors(world.lib, world.backbone_id, ids=[world.ids[5]])
     assert len(base) == 1  # the backbone vector moved to the backbone slot, still readable
+    sound, _taste = split_parts(head_vectors[head_ids == world.ids[5]], layout)
+    assert float(sound[0] @ base[0]) > 0.999  # the sound part is the backbone vector
     again = reembed_from_store(world.lib, model)  # nothing left but the two without vectors
     assert sorted(again.tolist()) == sorted(missing.tolist())
 
@@ -438,15 +470,41 @@ def test_run_training_with_finetuning(tmp_path: Path) -> None:
         finetune_epochs=2,
         finetune_batch_size=8,
         min_tracks=10,
-        heldout_fraction=0.25,
+        heldout=0.25,
         epochs=20,
     )
-    assert report.finetune and report.n_embedded == 24
+    assert report.config.finetune and report.n_embedded == 24 and report.fit is not None
     assert report.metrics is not None and report.metrics.n_tracks == 6
     tensors = load_tensors(report.path)
     assert any(k.startswith("backbone.") for k in tensors)
     model = load_model(report.path)
     assert isinstance(model, HeadModel) and model.finetune
-    assert model.embed([np.zeros(4000, np.float32) + 0.1]).vectors.shape == (1, 16)
+    assert model.embed([np.zeros(4000, np.float32) + 0.1]).vectors.shape == (1, 48)
     # a fine-tuned backbone cannot reuse stored vectors: everything needs audio
     assert len(reembed_from_store(world.lib, model)) == len(world.ids)
+
+
+def test_structureless_listening_is_saved_but_not_activated(tmp_path: Path) -> None:
+    """The activation rule refuses a model trained on shuffled listening data."""
+    world = World(tmp_path, shuffle=True)
+    report = world.train()
+    assert not report.activated and report.path.is_file()
+    assert report.activation.startswith("not activated: it does not clearly beat")
+    assert "--activate" in report.activation and "AUC" in report.activation
+    assert active_model("auto", state_dir=world.state) == "default"
+    assert "(not active)" in report.format_table()
+    forced = world.train(activate=True, seed=1)
+    assert forced.activated and forced.activation.startswith("activated as asked")
+    assert active_model("auto", state_dir=world.state) == str(forced.path.resolve())
+
+
+def test_train_config_validates() -> None:
+    for kwargs, word in (
+        ({"head": "svm"}, "head"),
+        ({"heldout": 1.0}, "heldout"),
+        ({"folds": 1}, "folds"),
+        ({"taste_weight": 1.0}, "taste_weight"),
+        ({"activate": "yes"}, "activate"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            TrainConfig(**kwargs)

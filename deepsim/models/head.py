@@ -14,6 +14,17 @@ backbone's vectors are already in the library, a head with a frozen backbone
 can re-embed a whole collection from the stored vectors without decoding any
 audio (:meth:`HeadModel.apply_to_vectors`).
 
+A head trained by today's ``deepsim-train`` gives *combined* vectors: with the
+stored taste weight ``w`` (``config["taste_weight"]``) a track's vector is
+
+    [ sqrt(1 - w) · unit(backbone vector),  sqrt(w) · unit(head output) ]
+
+(``in_dim + out_dim`` dimensions, unit norm), so the cosine of two tracks is
+``(1 - w) · cos_sound + w · cos_taste``.  Another weight can be used at query
+time without re-embedding: scaling a query's two parts is enough
+(:func:`deepsim.taste.query_scale`).  A head without ``taste_weight`` gives the
+taste vector alone, as before.
+
 Checkpoint kind ``"head"``: tensors ``head.*`` (and ``backbone.*`` for a
 fine-tuned backbone); the config names the backbone (a built-in model name or
 a checkpoint path) and the id of its weights.  A frozen backbone is loaded by
@@ -22,8 +33,6 @@ name when first needed, so applying the head to stored vectors never loads it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -35,12 +44,14 @@ from torch import nn
 from deepsim.errors import ModelError
 from deepsim.frontend import FrontendParams
 from deepsim.models.base import Model
-from deepsim.models.checkpoint import load_tensors, save_checkpoint
+from deepsim.models.checkpoint import load_tensors, save_checkpoint, weights_id
 
 KIND = "head"
 
 #: Config keys that define the network (and enter the weights id).
 _ARCH_KEYS = ("backbone", "backbone_id", "in_dim", "hidden", "out_dim", "dropout", "finetune")
+#: Added to the id only when set, so ids of older taste-only heads stay the same.
+_COMBINED_KEYS = ("taste_weight",)
 
 
 class Standardise(nn.Module):
@@ -136,6 +147,13 @@ class HeadModel(Model):
     info
         Free-form training summary stored in the checkpoint config (not part
         of the id).
+    taste_weight
+        ``w`` in ``[0, 1]``: the vectors combine sound and predicted taste (see
+        the module); ``None``: the taste vector alone.
+    extra
+        Named numpy arrays saved in the checkpoint beside the weights (not part
+        of the id), e.g. the WMF item factors ``beet recommend`` folds
+        listeners in with (readable without torch, :func:`read_extra`).
     """
 
     def __init__(
@@ -151,6 +169,8 @@ class HeadModel(Model):
         backbone_model: Model | None = None,
         model_id: str = "head-untrained",
         info: dict[str, Any] | None = None,
+        taste_weight: float | None = None,
+        extra: dict[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, str) or not backbone:
@@ -174,8 +194,14 @@ class HeadModel(Model):
             "finetune": bool(finetune),
             "info": dict(info or {}),
         }
+        if taste_weight is not None:
+            w = float(taste_weight)
+            if not 0.0 <= w <= 1.0:
+                raise ModelError(f"head: taste_weight must be in [0, 1], got {taste_weight!r}")
+            self.config["taste_weight"] = w
+        self.extra: dict[str, np.ndarray] = dict(extra or {})
         self.model_id = model_id
-        self.dim = out_dim
+        self.dim = out_dim if taste_weight is None else in_dim + out_dim
         self._backbone: Model | None = None
         self._pending_backbone_state: dict[str, torch.Tensor] | None = None
         if backbone_model is not None:
@@ -239,9 +265,33 @@ class HeadModel(Model):
     def embed_patches(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.backbone.embed_patches(patches)
 
-    def pool(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    @property
+    def taste_weight(self) -> float | None:
+        """The stored weight of the taste part (``None``: taste-only vectors)."""
+        value = self.config.get("taste_weight")
+        return None if value is None else float(value)
+
+    @property
+    def taste_dim(self) -> int:
+        return int(self.config["out_dim"])
+
+    def combine(self, sound: torch.Tensor, taste: torch.Tensor) -> torch.Tensor:
+        """Unit sound and raw taste rows → this model's vectors (see the module)."""
+        taste = nn.functional.normalize(taste.float(), dim=1)
+        w = self.taste_weight
+        if w is None:
+            return taste
+        sound = nn.functional.normalize(sound.float(), dim=1)
+        return torch.cat([sound * (1.0 - w) ** 0.5, taste * w**0.5], dim=1)
+
+    def taste_pool(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Raw (not normalised) head outputs: the predicted taste factors."""
         base = nn.functional.normalize(self.backbone.pool(outputs).float(), dim=1)
         return self.head(base)
+
+    def pool(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        base = nn.functional.normalize(self.backbone.pool(outputs).float(), dim=1)
+        return self.combine(base, self.head(base))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """Raw (not normalised) head outputs for one log-mel patch per track.
@@ -249,7 +299,7 @@ class HeadModel(Model):
         ``patches`` is ``(n_tracks, patch_frames, n_mels)``; used to fine-tune
         the backbone and the head together.
         """
-        return self.pool(self.embed_patches(patches))
+        return self.taste_pool(self.embed_patches(patches))
 
     def apply_to_vectors(self, vectors: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
         """Re-embed stored backbone vectors without audio.
@@ -264,7 +314,7 @@ class HeadModel(Model):
         Returns
         -------
         numpy.ndarray
-            float32 ``(n, out_dim)`` unit vectors, equal (up to rounding) to
+            float32 ``(n, dim)`` unit vectors, equal (up to rounding) to
             what :meth:`embed` gives for the same audio.
 
         Raises
@@ -293,7 +343,7 @@ class HeadModel(Model):
                 for start in range(0, len(array), batch_size):
                     chunk = torch.from_numpy(array[start : start + batch_size]).to(self.device)
                     chunk = nn.functional.normalize(chunk, dim=1)
-                    result = nn.functional.normalize(self.head(chunk).float(), dim=1)
+                    result = self.combine(chunk, self.head(chunk))
                     out[start : start + len(chunk)] = result.cpu().numpy()
         finally:
             self.head.train(was_training)
@@ -310,18 +360,17 @@ class HeadModel(Model):
     def weights_id(self) -> str:
         """``head-<12 hex digits>``: a hash of the architecture and the weights."""
         arch = {key: self.config[key] for key in _ARCH_KEYS}
-        digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-        for name, tensor in sorted(self._tensors().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-        return f"{KIND}-{digest.hexdigest()[:12]}"
+        arch.update({key: self.config[key] for key in _COMBINED_KEYS if key in self.config})
+        return weights_id(KIND, arch, self._tensors())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the checkpoint atomically; sets :attr:`model_id` to :meth:`weights_id` first."""
         self.model_id = self.weights_id()
-        return save_checkpoint(
-            path, self._tensors(), kind=KIND, model_id=self.model_id, config=self.config
+        tensors = self._tensors()
+        tensors.update(
+            {f"extra.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.extra.items()}
         )
+        return save_checkpoint(path, tensors, kind=KIND, model_id=self.model_id, config=self.config)
 
 
 def from_checkpoint(
@@ -354,6 +403,7 @@ def from_checkpoint(
             backbone_id=config.get("backbone_id"),
             model_id=meta["model_id"],
             info=config.get("info"),
+            taste_weight=config.get("taste_weight"),
         )
     except KeyError as exc:
         raise ModelError(f"{path}: head config lacks {exc}") from exc
@@ -362,6 +412,7 @@ def from_checkpoint(
     tensors = load_tensors(path)
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     backbone_state = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    model.extra = {k[6:]: v.numpy() for k, v in tensors.items() if k.startswith("extra.")}
     try:
         model.head.load_state_dict(head_state, strict=True)
     except RuntimeError as exc:
