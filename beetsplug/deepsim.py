@@ -54,6 +54,7 @@ class SimilarOpts(Protocol):
     max_per_album: int | None
     where: str | None
     exact: bool
+    taste_weight: float | None
 
 
 class IndexOpts(Protocol):
@@ -72,6 +73,9 @@ class TrainOpts(Protocol):
     heldout: float | None
     finetune: bool
     no_embed: bool
+    activate: bool
+    head: str | None
+    taste_weight: float | None
 
 
 def _top_tags(names: Sequence[str], probs: Any, per_group: int = 3) -> str:
@@ -123,9 +127,14 @@ class DeepsimPlugin(BeetsPlugin):
                     "regularization": None,
                     "iterations": None,
                     "heldout": 0.2,
+                    "head": "auto",
+                    "taste_weight": None,
                     "epochs": 200,
                     "threads": 1,
                 },
+                # beet similar --taste-weight / beet recommend
+                "taste_weight": None,
+                "recommend": {"half_life": 90.0},
             }
         )
         self.item_types = {
@@ -307,6 +316,13 @@ class DeepsimPlugin(BeetsPlugin):
             default=False,
             help="exact search over all vectors instead of the ANN index",
         )
+        p.add_option(
+            "--taste-weight",
+            type="float",
+            metavar="W",
+            help="with a trained model: 0 = sounds alike only, 1 = same listeners only "
+            "(default: deepsim.taste_weight, else the weight chosen in training)",
+        )
         p.usage = (
             "%prog [options] QUERY\n"
             "Examples: %prog 'title:Blue in Green'\n"
@@ -389,9 +405,23 @@ class DeepsimPlugin(BeetsPlugin):
             default=False,
             help="do not re-embed the library with the new model",
         )
+        p.add_option("--head", metavar="KIND", help="auto (default), ridge or mlp")
+        p.add_option(
+            "--taste-weight",
+            type="float",
+            metavar="W",
+            help="weight of predicted taste in the model's vectors (default: chosen on "
+            "the held-out tracks)",
+        )
+        p.add_option(
+            "--activate",
+            action="store_true",
+            default=False,
+            help="make the new model active even if it does not beat the untrained one",
+        )
         p.usage = "%prog [options]\nExample: %prog --listens ~/scrobbles.csv --playlist ~/Playlists"
         train.func = self.train_command
-        return [embed, similar, index, train]
+        return [embed, similar, index, train, self._recommend_subcommand()]
 
     def embed_command(self, lib: Library, opts: EmbedOpts, args: list[str]) -> None:
         items = list(lib.items(args))
@@ -617,6 +647,7 @@ class DeepsimPlugin(BeetsPlugin):
             "exact_below": self._positive_int(
                 "exact_below", self.config["index"]["exact_below"].get()
             ),
+            "query_scale": self._query_scale(opts.taste_weight),
             **caps,
         }
         try:
@@ -666,7 +697,7 @@ class DeepsimPlugin(BeetsPlugin):
                 ui.print_(format(item, fmt))
 
     def train_command(self, lib: Library, opts: TrainOpts, args: list[str]) -> None:
-        from deepsim.errors import ListeningDataError, TrainingError
+        from deepsim.errors import ListeningDataError
         from deepsim.listening import read_library, read_listens
 
         cfg = self.config["train"]
@@ -705,45 +736,50 @@ class DeepsimPlugin(BeetsPlugin):
             listens.n_tracks,
             listens.n_users,
         )
-        from deepsim.embed import resolve_device
-        from deepsim.train import reembed_from_store, run_training
+        from deepsim.train import TrainConfig, reembed_from_store, run_training
+        from deepsim.util import resolve_device
 
-        def optional(key: str) -> Any:
-            return cfg[key].get()
+        def pick(option: Any, key: str) -> Any:
+            return cfg[key].get() if option is None else option
 
         try:
-            report = run_training(
-                lib,
-                listens=listens,
-                state_dir=self.state_dir,
+            config = TrainConfig(
                 backbone=cfg["backbone"].as_str(),
-                min_plays=opts.min_plays if opts.min_plays is not None else cfg["min_plays"].get(),
+                min_plays=pick(opts.min_plays, "min_plays"),
                 min_tracks=self._positive_int("min_tracks", cfg["min_tracks"].get()),
-                factors=self._positive_int(
-                    "factors", cfg["factors"].get() if opts.factors is None else opts.factors
-                ),
-                alpha=optional("alpha"),
-                epsilon=optional("epsilon"),
-                regularization=optional("regularization"),
-                iterations=optional("iterations"),
-                heldout_fraction=opts.heldout if opts.heldout is not None else cfg["heldout"].get(),
-                epochs=self._positive_int(
-                    "epochs", cfg["epochs"].get() if opts.epochs is None else opts.epochs
-                ),
+                factors=self._positive_int("factors", pick(opts.factors, "factors")),
+                alpha=cfg["alpha"].get(),
+                epsilon=cfg["epsilon"].get(),
+                regularization=cfg["regularization"].get(),
+                iterations=cfg["iterations"].get(),
+                heldout=pick(opts.heldout, "heldout"),
+                head=pick(opts.head, "head"),
+                taste_weight=pick(opts.taste_weight, "taste_weight"),
+                epochs=self._positive_int("epochs", pick(opts.epochs, "epochs")),
                 finetune=opts.finetune,
+                activate=True if opts.activate else None,
                 device=resolve_device(self.config["device"].as_str()),
                 threads=cfg["threads"].get(),
                 workers=self.workers,
-                batch_size=self._positive_int("batch_size"),
+                embed_batch_size=self._positive_int("batch_size"),
+            )
+            report = run_training(
+                lib,
+                listens,
+                config,
+                state_dir=self.state_dir,
                 log=lambda line: self._log.info("{}", line),
             )
-        except (TrainingError, ValueError) as exc:
+        except DeepsimError as exc:
             raise UserError(f"deepsim-train: {exc}") from exc
         except KeyboardInterrupt:
             raise UserError(
                 "deepsim-train: interrupted; nothing was saved and the previous model stays active"
             ) from None
         ui.print_(report.format_table())
+        if not report.activated:
+            ui.print_("deepsim-train: the previous model stays active; nothing re-embedded")
+            return
         if self.config["model"].as_str() != "auto":
             ui.print_(
                 f"deepsim-train: deepsim.model is {self.config['model'].as_str()!r}, so the new "
@@ -763,6 +799,142 @@ class DeepsimPlugin(BeetsPlugin):
             self.embed_items(lib, items_by_ids(lib, todo.tolist()), progress=True)
         else:
             ui.print_(f"deepsim-train: re-embedded the library with {report.model_id}")
+
+    def _query_scale(self, option: float | None) -> Any:
+        """Query factors for another taste weight (``--taste-weight``, else the config)."""
+        from deepsim.taste import layout_of, query_scale
+
+        value = self.config["taste_weight"].get() if option is None else option
+        if value is None:
+            return None
+        try:
+            layout = layout_of(self.model_name)
+            if layout is None:
+                if option is None:  # a config default does not apply to sound-only models
+                    return None
+                raise UserError(
+                    f"similar: --taste-weight needs a model trained by `beet deepsim-train`; "
+                    f"{self.model_id} has sound vectors only"
+                )
+            return None if value == layout.weight else query_scale(layout, value)
+        except DeepsimError as exc:
+            raise UserError(f"similar: deepsim.taste_weight: {exc}") from exc
+
+    def _recommend_subcommand(self) -> ui.Subcommand:
+        cmd = ui.Subcommand("recommend", help="tracks a listener will like, never-played ones too")
+        p = cmd.parser
+        p.add_option(
+            "-l",
+            "--listens",
+            action="append",
+            metavar="FILE",
+            help="the listener's history (repeatable; any format deepsim-train reads)",
+        )
+        p.add_option("--listens-format", metavar="FORMAT", help="as for deepsim-train")
+        p.add_option(
+            "--library",
+            action="store_true",
+            default=False,
+            help="use the play counts stored in the library (mpdstats, lastimport...)",
+        )
+        p.add_option("-u", "--user", metavar="NAME", help="the listener, when the data has several")
+        p.add_option(
+            "--unplayed",
+            action="store_true",
+            default=False,
+            help="only tracks the listener never played",
+        )
+        p.add_option(
+            "--half-life",
+            type="float",
+            metavar="DAYS",
+            help="a play this many days older than the newest weighs half (default 90)",
+        )
+        p.add_option("-c", "--count", type="int", metavar="N", help="how many tracks")
+        p.add_format_option(target="item")
+        p.add_option("-o", "--output", metavar="FILE", help="write an m3u/m3u8 playlist")
+        p.add_option("--extm3u", action="store_true", default=False, help="extended m3u")
+        p.add_option("--relative", action="store_true", default=None, help="relative paths")
+        p.add_option("--absolute", dest="relative", action="store_false", help="absolute paths")
+        p.add_option("--max-per-artist", type="int", metavar="N", help="at most N per artist")
+        p.add_option("--max-per-album", type="int", metavar="N", help="at most N per album")
+        p.add_option("-w", "--where", metavar="QUERY", help="only tracks matching this query")
+        p.usage = "%prog [options]\nExample: %prog --listens ~/scrobbles.csv --unplayed -c 30"
+        cmd.func = self.recommend_command
+        return cmd
+
+    def recommend_command(self, lib: Library, opts: Any, args: list[str]) -> None:
+        from deepsim.listening import read_library, read_listens
+        from deepsim.recommend import listener_history, recommend
+
+        if args:
+            raise UserError("recommend: takes no query; use --where to filter the results")
+        if not (opts.listens or opts.library):
+            raise UserError(
+                "recommend: give the listener's history with --listens FILE or --library"
+            )
+        caps = {}
+        for key in ("max_per_artist", "max_per_album"):
+            value = getattr(opts, key)
+            caps[key] = self.config[key].get() if value is None else value
+        half_life = (
+            self.config["recommend"]["half_life"].get()
+            if opts.half_life is None
+            else opts.half_life
+        )
+        try:
+            if opts.listens:
+                fmt = opts.listens_format or self.config["train"]["format"].as_str()
+                listens = read_listens([os.path.expanduser(p) for p in opts.listens], format=fmt)
+                if opts.library:
+                    listens = listens.merge(read_library(lib))
+            else:
+                listens = read_library(lib)
+            history = listener_history(lib, listens, user=opts.user, half_life=half_life)
+            found = recommend(
+                lib,
+                history,
+                model_name=self.model_name,
+                model_id=self.model_id,
+                count=self._positive_int("count", opts.count),
+                unplayed=opts.unplayed,
+                where=opts.where,
+                **caps,
+            )
+        except DeepsimError as exc:
+            raise UserError(f"recommend: {exc}") from exc
+        self._log.info(
+            "recommend: {} ({} of {} tracks matched the library); {}",
+            history.user,
+            history.n_matched,
+            history.n_listened,
+            found.reason,
+        )
+        if not found.matches:
+            raise UserError("recommend: no track passes the filters")
+        if opts.output:
+            from deepsim.playlist import write_playlist
+
+            relative = self.config["relative"].get(bool) if opts.relative is None else opts.relative
+            try:
+                written = write_playlist(
+                    os.path.expanduser(opts.output),
+                    found.items,
+                    format="extm3u" if opts.extm3u else "m3u",
+                    relative=relative,
+                )
+            except DeepsimError as exc:
+                raise UserError(f"recommend: {exc}") from exc
+            n = len(found.items)
+            ui.print_(f"recommend: wrote {n} track(s) to {written} ({found.profile} profile)")
+            return
+        fmt = (
+            opts.format
+            or self.config["format"].get()
+            or ("$similarity  " + beets_config["format_item"].as_str())
+        )
+        for item in found.items:
+            ui.print_(format(item, fmt))
 
     def _write_playlist(self, opts: SimilarOpts, items: Sequence[Item]) -> None:
         from deepsim.playlist import write_playlist

@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_wmf import synthesise
 
+from deepsim.cf import factorise_split, filter_counts, split_tracks
 from deepsim.metrics import HeldoutMetrics, evaluate_heldout
-from deepsim.train import factorise_split, filter_counts, split_tracks, train_head
+from deepsim.train import train_head
 
 
 def features_for(cluster: np.ndarray, *, dim: int, noise: float, seed: int) -> np.ndarray:
@@ -55,8 +56,7 @@ def ridge(x: np.ndarray, y: np.ndarray, *, lam: float = 1.0) -> np.ndarray:
 
 def show(name: str, m: HeldoutMetrics) -> None:
     print(f"  {name}")
-    for method, cosine, auc, map_k in m.rows():
-        print(f"    {method:<20} cosine {cosine:6.3f}  AUC {auc:6.3f}  mAP@500 {map_k:6.3f}")
+    print(m.format_table(indent="    "))
 
 
 def main() -> None:

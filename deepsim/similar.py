@@ -453,6 +453,8 @@ class _Plan:
     count: int
     max_per_artist: int
     max_per_album: int
+    #: Per-dimension factors applied to the query (a taste weight, see deepsim.taste).
+    query_scale: np.ndarray | None = None
 
 
 def _plan(
@@ -531,6 +533,11 @@ def _search(plan: _Plan, seeds: list[Item]) -> SimilarResult:
         if not math.isfinite(norm) or norm < 1e-3:
             raise DeepsimError("the seed vectors cancel out: choose other seeds or use --each")
         vector = (mean / norm).astype(np.float32)
+        gain = 1.0
+        if plan.query_scale is not None:  # another taste weight: re-weight the query only
+            scaled = vector * plan.query_scale
+            gain = float(np.linalg.norm(scaled))
+            vector = (scaled / gain).astype(np.float32)
         searcher = plan.searcher
         if len(searcher.index) and searcher.index.dim != vector.shape[0]:
             searcher.index_state = "corrupt"
@@ -549,7 +556,8 @@ def _search(plan: _Plan, seeds: list[Item]) -> SimilarResult:
             max_per_album=plan.max_per_album,
         )
         items = load_items(plan.lib, [i for i, _ in found])
-        for item_id, sim in found:
+        for item_id, cosine in found:
+            sim = cosine * gain
             item = items.get(item_id)
             if item is None:
                 continue  # removed while we searched
@@ -577,6 +585,7 @@ def find_similar(
     exact_below: int = EXACT_THRESHOLD,
     search_fraction: float = SEARCH_FRACTION,
     search_k: int | None = None,
+    query_scale: np.ndarray | None = None,
 ) -> SimilarResult:
     """Items similar to the mean of ``seeds``.
 
@@ -608,6 +617,10 @@ def find_similar(
         over just those items.
     search_fraction, search_k
         Annoy search effort (see :class:`deepsim.index.AnnoyIndex`).
+    query_scale
+        Multiply the query vector by this before searching, and report
+        similarities on that scale: another taste weight for a trained model's
+        vectors without re-embedding (:func:`deepsim.taste.query_scale`).
 
     Returns
     -------
@@ -638,6 +651,7 @@ def find_similar(
         search_fraction=search_fraction,
         search_k=search_k,
     )
+    plan.query_scale = query_scale
     return _search(plan, seeds)
 
 
@@ -656,6 +670,7 @@ def find_similar_each(
     exact_below: int = EXACT_THRESHOLD,
     search_fraction: float = SEARCH_FRACTION,
     search_k: int | None = None,
+    query_scale: np.ndarray | None = None,
 ) -> list[SimilarResult]:
     """One search per seed (``beet similar --each``), in seed order.
 
@@ -680,4 +695,5 @@ def find_similar_each(
         search_fraction=search_fraction,
         search_k=search_k,
     )
+    plan.query_scale = query_scale
     return [_search(plan, [seed]) for seed in seeds]

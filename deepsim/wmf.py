@@ -65,6 +65,29 @@ class WMFResult:
     params: dict[str, Any]
     model: Any = field(default=None, repr=False, compare=False)
 
+    @classmethod
+    def from_item_factors(cls, item_factors: np.ndarray, params: dict[str, Any]) -> WMFResult:
+        """A fit reduced to its item factors (as a trained model stores them), for fold-in.
+
+        ``params`` needs ``alpha``, ``epsilon`` and ``regularization``.
+        """
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        y = np.ascontiguousarray(item_factors, dtype=np.float32)
+        if y.ndim != 2 or len(y) == 0:
+            raise ParameterError(f"item_factors must be a non-empty 2-D array, got {y.shape}")
+        model = AlternatingLeastSquares(
+            factors=y.shape[1],
+            regularization=float(params["regularization"]),
+            alpha=1.0,
+            dtype=np.float32,
+            num_threads=1,
+        )
+        model.item_factors = y
+        model.user_factors = np.zeros((0, y.shape[1]), np.float32)
+        full = {"alpha": float(params["alpha"]), "epsilon": float(params["epsilon"]), **params}
+        return cls(model.user_factors, y, full, model)
+
     def fold_in_users(
         self, counts: sp.spmatrix | sp.sparray, *, weights: sp.spmatrix | None = None
     ) -> np.ndarray:

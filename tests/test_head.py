@@ -207,3 +207,49 @@ def test_bad_checkpoints_are_refused(backbone, tmp_path: Path) -> None:  # type:
         load_model(bad)
     with pytest.raises(ModelError, match="expects 9"):
         HeadModel(backbone=str(path), in_dim=9, out_dim=5, backbone_model=net)
+
+
+def test_combined_vectors_sound_and_taste(backbone, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from deepsim.taste import combine, layout_of, query_scale, split_parts
+
+    path, net = backbone
+    taste_only = new_head(path, net)
+    model = new_head(path, net, taste_weight=0.3, extra={"ids": np.arange(3, dtype=np.int64)})
+    assert model.dim == 8 + 5
+    audio = waves(3)
+    vectors = model.embed(audio).vectors
+    assert vectors.shape == (3, 13)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    base = net.embed(audio).vectors
+    expected = combine(base, taste_only.apply_to_vectors(base), 0.3)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    np.testing.assert_allclose(model.apply_to_vectors(base), vectors, atol=1e-5)
+    # cosine = 0.7 · cos_sound + 0.3 · cos_taste
+    sound, taste = split_parts(vectors, layout_of_config(model))
+    np.testing.assert_allclose(
+        vectors @ vectors.T, 0.7 * sound @ sound.T + 0.3 * taste @ taste.T, atol=1e-5
+    )
+    # another weight by scaling the query only
+    layout = layout_of_config(model)
+    for w in (0.0, 0.5, 1.0):
+        q = vectors[0] * query_scale(layout, w)
+        np.testing.assert_allclose(
+            vectors @ q, (1 - w) * sound @ sound[0] + w * taste @ taste[0], atol=1e-5
+        )
+    # the weight and the extra arrays travel with the checkpoint; a taste-only head keeps its id
+    out = model.save(tmp_path / "combined.safetensors")
+    assert (
+        layout_of(out) == layout and layout_of(taste_only.save(tmp_path / "t.safetensors")) is None
+    )
+    loaded = load_model(out)
+    assert isinstance(loaded, HeadModel) and loaded.taste_weight == 0.3 and loaded.dim == 13
+    np.testing.assert_array_equal(loaded.extra["ids"], np.arange(3))
+    assert model.model_id != taste_only.model_id
+    with pytest.raises(ModelError, match="taste_weight"):
+        new_head(path, net, taste_weight=1.5)
+
+
+def layout_of_config(model: HeadModel):  # type: ignore[no-untyped-def]
+    from deepsim.taste import layout_from_config
+
+    return layout_from_config(model.config)

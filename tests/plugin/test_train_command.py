@@ -2,10 +2,12 @@
 
 The items carry backbone (``musicnn-msd-mtt-1``) vectors written straight to
 the store, so no audio is decoded: 4 clusters of 16 tracks whose vectors
-differ by cluster.  A Last.fm CSV export holds 30 listeners' histories, each
-cut into 4 sessions (2 h apart; 3 min between plays within one) that keep to
-one cluster; training must find 120 sessions and learn a space where a
-track's neighbours are of its own cluster.
+differ by cluster, plus a stronger "sound" structure unrelated to taste (so
+the untrained vectors are a poor recommender and training has to help).  A
+Last.fm CSV export holds 30 listeners' histories, each cut into 4 sessions
+(2 h apart; 3 min between plays within one) that keep to one cluster; training
+must find 120 sessions and learn a space where a track's neighbours are of its
+own cluster.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class TestTrainCommand(PluginTestHelper):
         cfg["train"]["threads"] = 1
         rng = np.random.default_rng(1)
         means = rng.standard_normal((CLUSTERS, DIM))
+        nuisance = rng.standard_normal((CLUSTERS, DIM))
         self.cluster: dict[int, int] = {}
         rows = []
         for c in range(CLUSTERS):
@@ -84,7 +87,8 @@ class TestTrainCommand(PluginTestHelper):
                     path=f"/music/{c}/{k}.mp3",
                 )
                 self.cluster[item.id] = c
-                rows.append((item.id, means[c] + 0.8 * rng.standard_normal(DIM)))
+                sound = 2.5 * nuisance[rng.integers(CLUSTERS)]
+                rows.append((item.id, means[c] + sound + 0.8 * rng.standard_normal(DIM)))
         store.write_vectors(self.lib, rows, BACKBONE_ID)
         self.listens = write_lastfm_csv(tmp_path / "scrobbles.csv")
 
@@ -115,17 +119,27 @@ class TestTrainCommand(PluginTestHelper):
         # the metrics table
         n = CLUSTERS * PER_CLUSTER
         assert f"training data: {n} tracks × {USERS * SESSIONS} users" in out
-        assert f"{BACKBONE_ID} + head → 8 factors (now active)" in out
+        assert f"{BACKBONE_ID} + ridge head → 8 factors" in out and "(now active)" in out
         assert "held-out evaluation:" in out
-        rows = {
-            line[2:22].strip(): [float(x) for x in line[22:].split()]
-            for line in out.splitlines()
-            if line.startswith("  ")
-            and line[2:22].strip() in ("wmf (upper bound)", "predicted", "random")
+        names = {
+            "wmf (upper bound)": "wmf",
+            "trained: taste (x_u · predicted)": "taste",
+            "untrained: sound profile": "untrained",
+            "popularity (others' plays)": "popularity",
+            "random": "random",
         }
-        assert len(rows) == 3, out
-        # (cosine, AUC, mAP): the learnt model ranks the held-out tracks far better than chance
-        assert rows["predicted"][1] > rows["random"][1] + 0.2, out
+        rows = {
+            names[line[2:34].strip()]: line[34:].split()
+            for line in out.splitlines()
+            if line.startswith("  ") and line[2:34].strip() in names
+        }
+        assert len(rows) == 5, out
+        # (cosine, AUC, mAP, users): the learnt model ranks the held-out tracks far better
+        # than chance and than the untrained vectors
+        auc = {name: float(row[1]) for name, row in rows.items()}
+        assert auc["taste"] > auc["random"] + 0.2, out
+        assert auc["taste"] > auc["untrained"] + 0.05, out
+        assert "sound+taste profile (w=" in out and "activated: it beats the untrained" in out
         # the model file, now active
         (path,) = self.models()
         new_id = model_id_of(path)
@@ -136,17 +150,22 @@ class TestTrainCommand(PluginTestHelper):
         # every item got the new model's vector (replacing the backbone vector)
         ids, matrix = store.read_vectors(self.lib, new_id)
         assert sorted(ids.tolist()) == sorted(self.cluster)
-        assert matrix.shape == (n, 8)
+        assert matrix.shape == (n, DIM + 8)  # sound + taste
         # the backbone vectors are kept (backbone slot) for re-training without audio
         assert store.ids_with_vectors(self.lib, BACKBONE_ID) == set(self.cluster)
 
-        # the learnt space keeps the clusters apart
+        # the learnt taste space keeps the clusters apart
+        from deepsim.taste import layout_of, split_parts
+
+        _sound, taste = split_parts(matrix, layout_of(path))
         cluster = np.asarray([self.cluster[i] for i in ids.tolist()])
-        sims = matrix @ matrix.T
+        tsims = taste @ taste.T
         same = cluster[:, None] == cluster[None, :]
         np.fill_diagonal(same, False)
         other = cluster[:, None] != cluster[None, :]
-        assert sims[same].mean() > sims[other].mean() + 0.3
+        assert tsims[same].mean() > tsims[other].mean() + 0.3
+        sims = matrix @ matrix.T
+        assert sims[same].mean() > sims[other].mean() + 0.1
 
         # `beet similar` uses the new model's vectors: its ranking and printed
         # similarities are those of the new vectors
@@ -312,3 +331,26 @@ class TestTrainCommand(PluginTestHelper):
         self.train(capsys, "--epochs", "5")
         (second,) = set(self.models()) - set(first)
         assert self.active()["model_id"] == model_id_of(second)
+
+    def test_structureless_listening_is_not_activated_unless_asked(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        rng = np.random.default_rng(3)
+        lines = ["user,artist,album,track,uts"]
+        t = START
+        for u in range(USERS):
+            for _ in range(SESSIONS * PLAYS):  # every play a random track: no taste to learn
+                c, k = int(rng.integers(CLUSTERS)), int(rng.integers(PER_CLUSTER))
+                lines.append(f"user{u},Band {c},Album {c},{title_of(c, k)},{t}")
+                t += 180
+            t += 7 * 86400
+        self.listens.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out = self.train(capsys)
+        assert "not activated: it does not clearly beat the untrained model" in out, out
+        assert "the previous model stays active; nothing re-embedded" in out
+        (path,) = self.models()  # saved all the same
+        assert self.active() is None
+        assert store.ids_with_vectors(self.lib, model_id_of(path)) == set()
+        out = self.train(capsys, "--activate", "--no-embed")
+        assert "activated as asked (--activate)" in out
+        assert self.active()["model_id"] == model_id_of(path)
