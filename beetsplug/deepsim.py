@@ -55,6 +55,11 @@ class SimilarOpts(Protocol):
     where: str | None
     exact: bool
     taste_weight: float | None
+    to: str | None
+    verbose: bool
+    keep_duplicates: bool
+    no_outliers: bool
+    mpd: bool
 
 
 class IndexOpts(Protocol):
@@ -112,6 +117,11 @@ class DeepsimPlugin(BeetsPlugin):
                 "max_per_album": 0,
                 "relative": False,
                 "index": {"n_trees": 20, "exact_below": 2000},
+                # versions, outliers, map, MPD radio
+                "dupes": {"threshold": 0.99, "tags": True},
+                "outliers": {"threshold": 2.5, "min_tracks": 5},
+                "map": {"method": "opentsne", "color_by": "album", "neighbours": 10},
+                "radio": {"ahead": 3, "batch": 5, "history": 3, "avoid": 3600, "interval": 2.0},
                 # beet deepsim-train
                 "train": {
                     "listens": [],
@@ -323,6 +333,7 @@ class DeepsimPlugin(BeetsPlugin):
             help="with a trained model: 0 = sounds alike only, 1 = same listeners only "
             "(default: deepsim.taste_weight, else the weight chosen in training)",
         )
+        self._add_similar_extras(p)
         p.usage = (
             "%prog [options] QUERY\n"
             "Examples: %prog 'title:Blue in Green'\n"
@@ -421,7 +432,7 @@ class DeepsimPlugin(BeetsPlugin):
         )
         p.usage = "%prog [options]\nExample: %prog --listens ~/scrobbles.csv --playlist ~/Playlists"
         train.func = self.train_command
-        return [embed, similar, index, train, self._recommend_subcommand()]
+        return [embed, similar, index, train, self._recommend_subcommand(), *self._extra_commands()]
 
     def embed_command(self, lib: Library, opts: EmbedOpts, args: list[str]) -> None:
         items = list(lib.items(args))
@@ -649,7 +660,11 @@ class DeepsimPlugin(BeetsPlugin):
             ),
             "query_scale": self._query_scale(opts.taste_weight),
             **caps,
+            **self._filter_options(lib, opts),
         }
+        if opts.to is not None:
+            self._path_command(lib, opts, seeds, options)
+            return
         try:
             if opts.each:
                 results = find_similar_each(lib, seeds, **options)
@@ -683,6 +698,9 @@ class DeepsimPlugin(BeetsPlugin):
             )
         if opts.output:
             self._write_playlist(opts, results[0].items)
+            return
+        if opts.mpd:
+            self._enqueue(results[0].items)
             return
         fmt = (
             opts.format
@@ -948,6 +966,406 @@ class DeepsimPlugin(BeetsPlugin):
         except DeepsimError as exc:
             raise UserError(f"similar: {exc}") from exc
         ui.print_(f"similar: wrote {len(items)} track(s) to {written}")
+
+    # -- paths, versions, outliers, map, MPD radio (issue 13) --------------------------------
+
+    def _add_similar_extras(self, p: Any) -> None:
+        p.add_option(
+            "--to",
+            metavar="QUERY",
+            help="a path: COUNT tracks leading from the matched tracks to QUERY's",
+        )
+        p.add_option(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=False,
+            help="with --to: print each track's similarity to the start and the end",
+        )
+        p.add_option(
+            "--keep-duplicates",
+            action="store_true",
+            default=False,
+            help="keep other versions (formats, masters) of one recording",
+        )
+        p.add_option(
+            "--no-outliers",
+            action="store_true",
+            default=False,
+            help="leave out album outliers (see deepsim-outliers)",
+        )
+        p.add_option(
+            "--mpd",
+            action="store_true",
+            default=False,
+            help="append the results to MPD's queue instead of printing",
+        )
+
+    def _extra_commands(self) -> list[ui.Subcommand]:
+        dupes = ui.Subcommand("deepsim-dupes", help="list versions of one recording")
+        dupes.parser.add_option(
+            "-t",
+            "--threshold",
+            type="float",
+            metavar="COS",
+            help="cosine at or above which tracks are versions",
+        )
+        dupes.parser.add_option(
+            "--no-tags",
+            action="store_true",
+            default=False,
+            help="compare vectors only, not artist + title",
+        )
+        dupes.parser.add_format_option(target="item")
+        dupes.parser.usage = "%prog [options] [QUERY]"
+        dupes.func = self.dupes_command
+        outliers = ui.Subcommand(
+            "deepsim-outliers", help="tracks that sound least like the rest of their album"
+        )
+        outliers.parser.add_option(
+            "-t",
+            "--threshold",
+            type="float",
+            metavar="Z",
+            help="list tracks whose score is at most -Z",
+        )
+        outliers.parser.add_option(
+            "-a",
+            "--all",
+            action="store_true",
+            default=False,
+            help="list every scored track, worst fit first",
+        )
+        outliers.parser.add_format_option(target="item")
+        outliers.parser.usage = "%prog [options] [QUERY]"
+        outliers.func = self.outliers_command
+        radio = ui.Subcommand("deepsim-radio", help="keep MPD's queue filled with similar tracks")
+        radio.parser.add_option(
+            "-n",
+            "--ahead",
+            type="int",
+            metavar="K",
+            help="refill when fewer than K tracks follow the current one",
+        )
+        radio.parser.add_option(
+            "-w", "--where", metavar="QUERY", help="only queue tracks matching this beets query"
+        )
+        radio.parser.add_option("--keep-duplicates", action="store_true", default=False)
+        radio.parser.add_option("--no-outliers", action="store_true", default=False)
+        radio.parser.usage = "%prog [options] [QUERY]   (QUERY: seeds while nothing plays)"
+        radio.func = self.radio_command
+        mapcmd = ui.Subcommand("deepsim-map", help="write a 2-D map of the library (HTML or PNG)")
+        mapcmd.parser.add_option(
+            "-o", "--output", metavar="FILE", help="map.html (interactive) or map.png (picture)"
+        )
+        mapcmd.parser.add_option(
+            "--color-by", metavar="FIELD", help="genre, album, artist, year or cluster"
+        )
+        mapcmd.parser.add_option("--method", metavar="NAME", help="opentsne (default) or umap")
+        mapcmd.parser.add_option(
+            "-f",
+            "--force",
+            action="store_true",
+            default=False,
+            help="recompute the projection instead of updating the cache",
+        )
+        mapcmd.parser.usage = "%prog [options] [QUERY] -o map.html"
+        mapcmd.func = self.map_command
+        return [dupes, outliers, radio, mapcmd]
+
+    def _folder(self, lib: Library, keep: bool) -> Any:
+        from deepsim.dupes import VersionFolder
+
+        if keep:
+            return None
+        cfg = self.config["dupes"]
+        try:
+            return VersionFolder(
+                lib, self.model_id, threshold=cfg["threshold"].get(), use_tags=cfg["tags"].get(bool)
+            )
+        except DeepsimError as exc:
+            raise UserError(f"deepsim: dupes.threshold: {exc}") from exc
+
+    def _outlier_ids(self, lib: Library, wanted: bool) -> set[int]:
+        from deepsim.outliers import outlier_ids
+
+        if not wanted:
+            return set()
+        cfg = self.config["outliers"]
+        try:
+            return outlier_ids(
+                lib,
+                self.model_id,
+                threshold=cfg["threshold"].get(),
+                min_tracks=cfg["min_tracks"].get(),
+            )
+        except DeepsimError as exc:
+            raise UserError(f"deepsim: outliers: {exc}") from exc
+
+    def _filter_options(self, lib: Library, opts: Any) -> dict[str, Any]:
+        if opts.mpd and (opts.output or opts.each):
+            raise UserError("similar: --mpd queues one list; it cannot go with -o or --each")
+        return {
+            "fold": self._folder(lib, opts.keep_duplicates),
+            "exclude_ids": self._outlier_ids(lib, opts.no_outliers),
+        }
+
+    def _path_command(
+        self, lib: Library, opts: SimilarOpts, seeds: list[Item], options: dict[str, Any]
+    ) -> None:
+        from deepsim.paths import find_path
+
+        if opts.each:
+            raise UserError("similar: --to makes one path; it cannot go with --each")
+        targets = list(lib.items(opts.to))
+        if not targets and " " in (opts.to or ""):
+            targets = list(lib.items(opts.to.split()))
+        if not targets:
+            raise UserError(f"similar: no tracks match --to query {opts.to!r}")
+        seed_ids = {s.id for s in seeds}
+        targets = [t for t in targets if t.id not in seed_ids]
+        if not targets:
+            raise UserError("similar: the --to tracks are all seeds too")
+        try:
+            path = find_path(
+                lib,
+                seeds,
+                targets,
+                model_id=self.model_id,
+                count=options["count"],
+                where=options["where"],
+                max_per_artist=options["max_per_artist"],
+                max_per_album=options["max_per_album"],
+                exclude_ids=options["exclude_ids"],
+                fold=options["fold"],
+            )
+        except DeepsimError as exc:
+            raise UserError(f"similar: {exc}") from exc
+        if path.missing:
+            self._log.warning(
+                "{} seed/target track(s) have no {} vector yet; run `beet deepsim-embed`",
+                len(path.missing),
+                self.model_id,
+            )
+        if path.exhausted:
+            self._log.warning(
+                "only {} track(s) between the ends pass the filters", len(path.steps) - 2
+            )
+        if opts.output:
+            self._write_playlist(opts, path.items)
+            return
+        if opts.mpd:
+            self._enqueue(path.items)
+            return
+        fmt = opts.format or self.config["format"].get() or beets_config["format_item"].as_str()
+        if opts.verbose:
+            ui.print_("start    end  track")
+        for step in path.steps:
+            line = format(step.item, fmt)
+            ui.print_(f"{step.to_start:5.3f}  {step.to_end:5.3f}  {line}" if opts.verbose else line)
+
+    def _mpd(self) -> Any:
+        from deepsim.radio import Mpd, MpdSettings
+
+        cfg = beets_config["mpd"]
+        cfg.add(
+            {
+                "host": os.environ.get("MPD_HOST", "localhost"),
+                "port": int(os.environ.get("MPD_PORT", 6600)),
+                "password": "",
+                "music_directory": beets_config["directory"].as_filename(),
+                "strip_path": "",
+            }
+        )
+        cfg["password"].redact = True
+        try:
+            settings = MpdSettings(
+                host=cfg["host"].as_str(),
+                port=cfg["port"].get(int),
+                password=cfg["password"].as_str() or "",
+                music_directory=cfg["music_directory"].as_filename(),
+                strip_path=cfg["strip_path"].as_str() or "",
+            )
+            return Mpd(settings).connect()
+        except confuse.ConfigError as exc:
+            raise UserError(f"deepsim: mpd config: {exc}") from exc
+        except DeepsimError as exc:
+            raise UserError(f"deepsim: {exc}") from exc
+
+    def _enqueue(self, items: Sequence[Item]) -> None:
+        mpd = self._mpd()
+        try:
+            result = mpd.enqueue(items)
+        except DeepsimError as exc:
+            raise UserError(f"similar: {exc}") from exc
+        finally:
+            mpd.close()
+        for item, reason in result.skipped:
+            self._log.warning("not queued: {} ({})", item.filepath, reason)
+        ui.print_(
+            f"similar: added {len(result.added)} track(s) to MPD's queue at {mpd.where}"
+            + (f"; {len(result.skipped)} skipped" if result.skipped else "")
+        )
+        if not result.added:
+            raise UserError("similar: no track could be queued")
+
+    def dupes_command(self, lib: Library, opts: Any, args: list[str]) -> None:
+        from deepsim.dupes import find_versions
+
+        ids = [item.id for item in lib.items(args)] if args else None
+        if ids is not None and not ids:
+            raise UserError(f"deepsim-dupes: no tracks match query {' '.join(args)!r}")
+        threshold = (
+            self.config["dupes"]["threshold"].get() if opts.threshold is None else opts.threshold
+        )
+        try:
+            groups = find_versions(
+                lib,
+                self.model_id,
+                ids=ids,
+                threshold=threshold,
+                use_tags=self.config["dupes"]["tags"].get(bool) and not opts.no_tags,
+            )
+        except DeepsimError as exc:
+            raise UserError(f"deepsim-dupes: {exc}") from exc
+        items = {item.id: item for item in items_by_ids(lib, [i for g in groups for i, _ in g])}
+        fmt = opts.format or beets_config["format_item"].as_str()
+        for group in groups:
+            ui.print_(f"== {len(group)} versions")
+            for item_id, sim in group:
+                if item_id in items:
+                    ui.print_(
+                        f"{sim:5.3f}  {format(items[item_id], fmt)}  [{items[item_id].format}]"
+                    )
+        total = sum(len(g) for g in groups)
+        ui.print_(
+            f"deepsim-dupes: {len(groups)} group(s), {total} tracks, "
+            f"{total - len(groups)} would be folded"
+        )
+
+    def outliers_command(self, lib: Library, opts: Any, args: list[str]) -> None:
+        from deepsim.outliers import score_albums
+
+        ids = [item.id for item in lib.items(args)] if args else None
+        if ids is not None and not ids:
+            raise UserError(f"deepsim-outliers: no tracks match query {' '.join(args)!r}")
+        cfg = self.config["outliers"]
+        threshold = cfg["threshold"].get() if opts.threshold is None else opts.threshold
+        try:
+            fits = score_albums(lib, self.model_id, ids=ids, min_tracks=cfg["min_tracks"].get())
+        except DeepsimError as exc:
+            raise UserError(f"deepsim-outliers: {exc}") from exc
+        shown = fits if opts.all else [f for f in fits if f.is_outlier(threshold)]
+        items = {item.id: item for item in items_by_ids(lib, [f.item_id for f in shown])}
+        fmt = opts.format or beets_config["format_item"].as_str()
+        if shown:
+            ui.print_("score    fit  track")
+        for fit in shown:
+            if fit.item_id in items:
+                ui.print_(f"{fit.score:5.1f}  {fit.fit:5.3f}  {format(items[fit.item_id], fmt)}")
+        albums = len({f.album for f in fits})
+        outliers = sum(f.is_outlier(threshold) for f in fits)
+        ui.print_(
+            f"deepsim-outliers: {outliers} outlier(s) (score <= -{threshold:g}) among "
+            f"{len(fits)} tracks of {albums} album(s)"
+        )
+
+    def radio_command(self, lib: Library, opts: Any, args: list[str]) -> None:
+        from deepsim.radio import Radio
+        from deepsim.similar import find_similar
+
+        seeds = list(lib.items(args)) if args else []
+        if args and not seeds:
+            raise UserError(f"deepsim-radio: no tracks match query {' '.join(args)!r}")
+        cfg = self.config["radio"]
+        fold = self._folder(lib, opts.keep_duplicates)
+        outliers = self._outlier_ids(lib, opts.no_outliers)
+        caps = {key: self.config[key].get(int) for key in ("max_per_artist", "max_per_album")}
+
+        def search(seed_items: Sequence[Item], count: int, exclude: set[int]) -> list[Item]:
+            return find_similar(
+                lib,
+                seed_items,
+                model_id=self.model_id,
+                index_dir=self.state_dir,
+                count=count,
+                where=opts.where,
+                exclude_ids=exclude | outliers,
+                fold=fold,
+                **caps,
+            ).items
+
+        mpd = self._mpd()
+        try:
+            radio = Radio(
+                lib,
+                mpd,
+                search,
+                seeds=seeds,
+                ahead=self._positive_int("ahead", opts.ahead or cfg["ahead"].get()),
+                batch=self._positive_int("batch", cfg["batch"].get()),
+                history=self._positive_int("history", cfg["history"].get()),
+                avoid_seconds=float(cfg["avoid"].get()),
+            )
+        except DeepsimError as exc:
+            mpd.close()
+            raise UserError(f"deepsim-radio: {exc}") from exc
+        last_wait = ""
+
+        def report(step: Any) -> None:
+            nonlocal last_wait
+            if step.added:
+                last_wait = ""
+                after = ", ".join(s.evaluate_template("$artist - $title") for s in step.seeds)
+                ui.print_(f"deepsim-radio: queued {len(step.added)} track(s) like {after}:")
+                for item in step.added:
+                    ui.print_(f"  {format(item)}")
+            elif step.waiting != last_wait:
+                last_wait = step.waiting
+                ui.print_(f"deepsim-radio: waiting: {step.waiting}")
+
+        ui.print_(f"deepsim-radio: following MPD at {mpd.where} (Ctrl-C to stop)")
+        started = time.monotonic()
+        try:
+            radio.run(interval=float(cfg["interval"].get()), report=report)
+        except KeyboardInterrupt:
+            pass
+        except DeepsimError as exc:
+            raise UserError(f"deepsim-radio: {exc}") from exc
+        finally:
+            mpd.close()
+        ui.print_(
+            f"deepsim-radio: stopped; queued {radio.added_total} track(s) in "
+            f"{human_seconds_short(time.monotonic() - started)}"
+        )
+
+    def map_command(self, lib: Library, opts: Any, args: list[str]) -> None:
+        from deepsim.mapview import write_map
+
+        if not opts.output:
+            raise UserError("deepsim-map: give -o map.html or -o map.png")
+        ids = [item.id for item in lib.items(args)] if args else None
+        if ids is not None and not ids:
+            raise UserError(f"deepsim-map: no tracks match query {' '.join(args)!r}")
+        cfg = self.config["map"]
+        try:
+            written = write_map(
+                lib,
+                os.path.expanduser(opts.output),
+                model_id=self.model_id,
+                state_dir=self.state_dir,
+                ids=ids,
+                color_by=opts.color_by or cfg["color_by"].as_str(),
+                method=opts.method or cfg["method"].as_str(),
+                neighbours=self._positive_int("neighbours", cfg["neighbours"].get()),
+                force=opts.force,
+            )
+        except DeepsimError as exc:
+            raise UserError(f"deepsim-map: {exc}") from exc
+        ui.print_(
+            f"deepsim-map: {written.count} tracks ({written.action} projection, "
+            f"coloured by {written.color_by}) written to {written.path}"
+        )
 
 
 def items_by_ids(lib: Library, ids: Sequence[int]) -> list[Item]:

@@ -57,6 +57,8 @@ from deepsim.index import refresh_index as refresh_index
 if TYPE_CHECKING:
     from beets.library import Item, Library
 
+    from deepsim.dupes import VersionFolder
+
 #: Beets' item fields set on returned items (in memory only).
 SIMILARITY_FIELD = "similarity"
 DISTANCE_FIELD = "distance"
@@ -391,6 +393,8 @@ def _collect(
     exclude: np.ndarray,
     max_per_artist: int,
     max_per_album: int,
+    fold: VersionFolder | None = None,
+    seed_ids: Sequence[int] = (),
 ) -> tuple[list[tuple[int, float]], bool]:
     """Grow the candidate list until ``count`` pass the filters or all are searched.
 
@@ -403,6 +407,7 @@ def _collect(
         size = len(searcher.index)
         ids, sims = searcher.query(vector, min(n, size), exclude)
         candidates.fetch(ids.tolist())
+        folding = None if fold is None else fold.start(seed_ids)
         kept: list[tuple[int, float]] = []
         per_artist: dict[Any, int] = {}
         per_album: dict[Any, int] = {}
@@ -410,6 +415,8 @@ def _collect(
             facts = candidates.facts.get(item_id)
             if facts is None:
                 continue  # removed since indexed, or rejected by `where`
+            if folding is not None and folding.is_version(item_id):
+                continue  # another version of a seed or of a better match
             artist, album = facts
             if max_per_artist and artist is not None:
                 if per_artist.get(artist, 0) >= max_per_artist:
@@ -420,6 +427,8 @@ def _collect(
                     continue
                 per_album[album] = per_album.get(album, 0) + 1
             kept.append((item_id, float(sim)))
+            if folding is not None:
+                folding.keep(item_id)
             if len(kept) == count:
                 return kept, False
         if searcher.backend == "exact":
@@ -453,6 +462,7 @@ class _Plan:
     count: int
     max_per_artist: int
     max_per_album: int
+    fold: VersionFolder | None = None
     #: Per-dimension factors applied to the query (a taste weight, see deepsim.taste).
     query_scale: np.ndarray | None = None
 
@@ -472,6 +482,8 @@ def _plan(
     exact_below: int,
     search_fraction: float,
     search_k: int | None,
+    exclude_ids: Iterable[int] = (),
+    fold: VersionFolder | None = None,
 ) -> _Plan:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be a positive integer, got {count!r}")
@@ -509,7 +521,8 @@ def _plan(
         search_fraction=search_fraction,
         search_k=search_k,
     )
-    exclude = np.asarray(sorted(set(seed_ids)) if exclude_seeds else [], np.int64)
+    excluded = {int(i) for i in exclude_ids} | (set(seed_ids) if exclude_seeds else set())
+    exclude = np.asarray(sorted(excluded), np.int64)
     return _Plan(
         lib,
         searcher,
@@ -519,6 +532,7 @@ def _plan(
         count,
         max_per_artist,
         max_per_album,
+        fold,
     )
 
 
@@ -554,6 +568,8 @@ def _search(plan: _Plan, seeds: list[Item]) -> SimilarResult:
             exclude=plan.exclude,
             max_per_artist=plan.max_per_artist,
             max_per_album=plan.max_per_album,
+            fold=plan.fold,
+            seed_ids=[int(s.id) for s in used],
         )
         items = load_items(plan.lib, [i for i, _ in found])
         for item_id, cosine in found:
@@ -586,6 +602,8 @@ def find_similar(
     search_fraction: float = SEARCH_FRACTION,
     search_k: int | None = None,
     query_scale: np.ndarray | None = None,
+    exclude_ids: Iterable[int] = (),
+    fold: VersionFolder | None = None,
 ) -> SimilarResult:
     """Items similar to the mean of ``seeds``.
 
@@ -621,6 +639,11 @@ def find_similar(
         Multiply the query vector by this before searching, and report
         similarities on that scale: another taste weight for a trained model's
         vectors without re-embedding (:func:`deepsim.taste.query_scale`).
+    exclude_ids
+        Item ids never returned (e.g. :func:`deepsim.outliers.outlier_ids`).
+    fold
+        Fold versions of one recording (:class:`deepsim.dupes.VersionFolder`):
+        a version of a seed or of a better match is skipped.  None: keep all.
 
     Returns
     -------
@@ -650,6 +673,8 @@ def find_similar(
         exact_below=exact_below,
         search_fraction=search_fraction,
         search_k=search_k,
+        exclude_ids=exclude_ids,
+        fold=fold,
     )
     plan.query_scale = query_scale
     return _search(plan, seeds)
@@ -671,6 +696,8 @@ def find_similar_each(
     search_fraction: float = SEARCH_FRACTION,
     search_k: int | None = None,
     query_scale: np.ndarray | None = None,
+    exclude_ids: Iterable[int] = (),
+    fold: VersionFolder | None = None,
 ) -> list[SimilarResult]:
     """One search per seed (``beet similar --each``), in seed order.
 
@@ -694,6 +721,8 @@ def find_similar_each(
         exact_below=exact_below,
         search_fraction=search_fraction,
         search_k=search_k,
+        exclude_ids=exclude_ids,
+        fold=fold,
     )
     plan.query_scale = query_scale
     return [_search(plan, [seed]) for seed in seeds]

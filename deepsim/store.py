@@ -344,3 +344,60 @@ def read_listening_fields(lib: Library, keys: Sequence[str]) -> list[tuple[Any, 
     )
     with lib.transaction() as tx:
         return list(tx.query(sql, tuple(keys)))
+
+
+# --------------------------------------------------------------------------------------------
+# Item fields and play times for paths, versions, outliers, the map and the radio
+
+
+def read_item_fields(
+    lib: Library, ids: Iterable[int], fields: Sequence[str]
+) -> dict[int, tuple[Any, ...]]:
+    """Fixed ``items`` columns of the given ids, in one query (ids that no longer exist are absent).
+
+    ``fields`` must be fixed item fields (``artist``, ``title``, ``album``,
+    ``album_id``, ``year``, ``genres``, ``path``...); list fields such as
+    ``genres`` come back as stored (beets' delimited text), paths as bytes.
+    """
+    from beets.library import Item
+
+    unknown = [name for name in fields if name not in Item._fields]
+    if unknown:
+        raise ValueError(f"not fixed item fields: {', '.join(unknown)}")
+    wanted = sorted({int(i) for i in ids})
+    out: dict[int, tuple[Any, ...]] = {}
+    columns = ", ".join(f'"{name}"' for name in fields)
+    with lib.transaction() as tx:
+        for start in range(0, len(wanted), 900):
+            chunk = wanted[start : start + 900]
+            rows = tx.query(
+                f"SELECT id, {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                out[int(row[0])] = tuple(row[1:])
+    return out
+
+
+def read_all_item_fields(lib: Library, fields: Sequence[str]) -> dict[int, tuple[Any, ...]]:
+    """:func:`read_item_fields` for every item of the library (one query)."""
+    from beets.library import Item
+
+    unknown = [name for name in fields if name not in Item._fields]
+    if unknown:
+        raise ValueError(f"not fixed item fields: {', '.join(unknown)}")
+    columns = ", ".join(f'"{name}"' for name in fields)
+    with lib.transaction() as tx:
+        rows = tx.query(f"SELECT id, {columns} FROM items")
+    return {int(row[0]): tuple(row[1:]) for row in rows}
+
+
+def ids_played_since(lib: Library, since: float) -> set[int]:
+    """Ids of items whose ``last_played`` (set by beets' mpdstats) is at or after ``since``."""
+    with lib.transaction() as tx:
+        rows = tx.query(
+            "SELECT entity_id FROM item_attributes WHERE key = 'last_played' "
+            "AND CAST(value AS REAL) >= ?",
+            [float(since)],
+        )
+    return {int(row[0]) for row in rows}
