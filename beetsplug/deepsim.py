@@ -27,7 +27,7 @@ from beets.exceptions import UserError
 from beets.plugins import BeetsPlugin
 from beets.util.units import human_seconds_short
 
-from deepsim import store
+from deepsim import dupes, outliers, store
 from deepsim.errors import DeepsimError
 
 if TYPE_CHECKING:
@@ -118,8 +118,11 @@ class DeepsimPlugin(BeetsPlugin):
                 "relative": False,
                 "index": {"n_trees": 20, "exact_below": 2000},
                 # versions, outliers, map, MPD radio
-                "dupes": {"threshold": 0.99, "tags": True},
-                "outliers": {"threshold": 2.5, "min_tracks": 5},
+                "dupes": {"threshold": dupes.DEFAULT_THRESHOLD, "tags": True},
+                "outliers": {
+                    "threshold": outliers.DEFAULT_THRESHOLD,
+                    "min_tracks": outliers.DEFAULT_MIN_TRACKS,
+                },
                 "map": {"method": "opentsne", "color_by": "album", "neighbours": 10},
                 "radio": {"ahead": 3, "batch": 5, "history": 3, "avoid": 3600, "interval": 2.0},
                 # beet deepsim-train

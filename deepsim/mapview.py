@@ -99,7 +99,13 @@ def spherical_kmeans(
     n = len(matrix)
     k = max(1, min(k, n))
     rng = np.random.default_rng(seed)
-    centres = matrix[rng.choice(n, size=k, replace=False)].copy()
+    # farthest-first start: each new centre is the row least like the chosen ones
+    chosen = [int(rng.integers(n))]
+    closest = matrix @ matrix[chosen[0]]
+    for _ in range(1, k):
+        chosen.append(int(np.argmin(closest)))
+        closest = np.maximum(closest, matrix @ matrix[chosen[-1]])
+    centres = matrix[chosen].copy()
     labels = np.zeros(n, np.int64)
     for _ in range(iterations):
         new = np.concatenate(

@@ -50,7 +50,8 @@ class MpdServer:
             except OSError:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                stream = self.process.stderr
+                err = stream.read().decode(errors="replace") if stream else ""
                 self.stop()
                 raise RuntimeError(f"mpd did not start: {err[-2000:]}")
             time.sleep(0.1)

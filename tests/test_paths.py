@@ -19,11 +19,19 @@ def _lib():
     # tracks every 5 degrees on the arc from A (0°) to B (90°), two artists alternating
     tracks = []
     for deg in range(0, 91, 5):
-        tracks.append({"title": f"t{deg:02d}", "artist": "Odd" if deg % 10 else "Even",
-                       "album": f"Al{deg // 30}", "format": "MP3", "vector": _arc(deg)})
+        tracks.append(
+            {
+                "title": f"t{deg:02d}",
+                "artist": "Odd" if deg % 10 else "Even",
+                "album": f"Al{deg // 30}",
+                "format": "MP3",
+                "vector": _arc(deg),
+            }
+        )
     # a copy of t45 in another format, and an off-arc track
-    tracks.append({"title": "t45", "artist": "Odd", "album": "Al1", "format": "FLAC",
-                   "vector": _arc(47.5)})
+    tracks.append(
+        {"title": "t45", "artist": "Odd", "album": "Al1", "format": "FLAC", "vector": _arc(47.5)}
+    )
     tracks.append({"title": "off", "artist": "Z", "album": "Z", "format": "MP3",
                    "vector": unit([0, 0, 1, 0])})  # fmt: skip
     return make_library(tracks)
@@ -39,7 +47,7 @@ def test_slerp_moves_evenly_on_the_sphere() -> None:
 
 
 def test_path_walks_from_start_to_end() -> None:
-    lib, items = _lib()
+    lib, _items = _lib()
     seeds = [i for i in lib.items("title:t00")]
     targets = [i for i in lib.items("title:t90")]
     path = find_path(lib, seeds, targets, model_id=MODEL_ID, count=8)
@@ -88,7 +96,7 @@ def test_path_folds_versions() -> None:
 
 
 def test_path_errors() -> None:
-    lib, items = _lib()
+    lib, _items = _lib()
     seeds = list(lib.items("title:t00"))
     with pytest.raises(DeepsimError, match="both a seed and a target"):
         find_path(lib, seeds, seeds, model_id=MODEL_ID)

@@ -53,7 +53,7 @@ def test_connect_error_names_the_address() -> None:
 
 
 def test_enqueue_appends_and_skips_outside_files(mpd_server, tmp_path: Path) -> None:  # noqa: F811
-    lib, items, mpd = _setup(mpd_server)
+    _lib, items, mpd = _setup(mpd_server)
     with mpd:
         outside = items["t0"]
         outside.path = os.fsencode(tmp_path / "not-in-music.mp3")
