@@ -2,12 +2,18 @@
 
 For an album of ``n`` tracks with vectors ``v_1 … v_n`` (unit), track ``i``'s
 *fit* is the cosine between ``v_i`` and the normalised mean of the other
-``n - 1`` vectors (leave-one-out).  Its *score* is a z-score against the
-album's own spread: ``(fit_i - mean(fit_j)) / std(fit_j)`` over the album's
-other tracks ``j ≠ i`` (the std floored at :data:`MIN_SPREAD`, so a very
-uniform album does not turn a hair's difference into an outlier).  A track
-scoring at most ``-threshold`` is an outlier: an intro, an interlude, a skit,
-a bonus remix — or a track filed under the wrong album.
+``n - 1`` vectors (leave-one-out).  Its *score* is a robust z-score against
+the album's own spread (Iglewicz and Hoaglin's modified z-score):
+``(fit_i - median(fit_j)) / (1.4826 · MAD(fit_j))`` over the album's other
+tracks ``j ≠ i``, the spread floored at :data:`MIN_SPREAD` so that a very
+uniform album does not turn a hair's difference into an outlier.  Median and
+MAD rather than mean and standard deviation, because a second odd track
+would otherwise widen the spread and hide the first (measured on the corpus:
+a foreign track moved into an album that already had an unusual one scored
+-2.3 with mean/std, -5.7 with median/MAD).  A track scoring at most
+``-threshold`` (3.5, the usual cut-off for this score) is an outlier: an
+intro, an interlude, a skit, a bonus remix — or a track filed under the
+wrong album.
 
 Albums are the tagged ones (album artist + album, as ``--max-per-album``
 counts them); albums with fewer than ``min_tracks`` vectors are not scored.
@@ -29,11 +35,11 @@ if TYPE_CHECKING:
     from beets.library import Library
 
 #: Default score at or below ``-threshold`` that makes an outlier.
-DEFAULT_THRESHOLD = 2.5
+DEFAULT_THRESHOLD = 3.5
 #: Fewest tracks with vectors for an album to be scored.
 DEFAULT_MIN_TRACKS = 5
 #: Floor of an album's fit spread (cosine units).
-MIN_SPREAD = 0.02
+MIN_SPREAD = 0.05
 
 _FIELDS = ("album", "albumartist", "album_id")
 
@@ -71,8 +77,9 @@ def album_fits(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = np.empty(n)
     for i in range(n):
         others = np.delete(fits, i)
-        spread = max(float(others.std(ddof=1)) if n > 2 else 0.0, MIN_SPREAD)
-        scores[i] = (fits[i] - others.mean()) / spread
+        centre = float(np.median(others))
+        spread = max(1.4826 * float(np.median(np.abs(others - centre))), MIN_SPREAD)
+        scores[i] = (fits[i] - centre) / spread
     return fits, scores
 
 

@@ -139,10 +139,10 @@ class TestOutliers(FeatureHelper):
         lines = self.out(capsys, "deepsim-outliers", "-f", "$title")
         assert lines[0].split() == ["score", "fit", "track"]
         score, fit, title = lines[1].split()
-        assert title == "intruder" and float(score) <= -2.5 and float(fit) < 0.5
+        assert title == "intruder" and float(score) <= -3.5 and float(fit) < 0.5
         assert len(lines) == 3
         assert lines[-1] == (
-            "deepsim-outliers: 1 outlier(s) (score <= -2.5) among 7 tracks of 1 album(s)"
+            "deepsim-outliers: 1 outlier(s) (score <= -3.5) among 7 tracks of 1 album(s)"
         )
         everything = self.out(capsys, "deepsim-outliers", "--all", "-f", "$title")
         assert len(everything) == 1 + 7 + 1 and everything[1].endswith("intruder")

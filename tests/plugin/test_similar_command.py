@@ -104,6 +104,9 @@ class SimilarHelper(PluginTestHelper):
                 path=str(path),
             )
         self.write(MODEL_ID)
+        # The planted neighbours lie 5° apart (cosine 0.996), above the version threshold:
+        # fold versions by tags only here (tests/plugin/test_features_commands.py covers it).
+        self.config["deepsim"]["dupes"]["threshold"] = None
 
     @property
     def state_dir(self) -> Path:
