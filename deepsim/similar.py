@@ -408,6 +408,8 @@ def _collect(
         ids, sims = searcher.query(vector, min(n, size), exclude)
         candidates.fetch(ids.tolist())
         folding = None if fold is None else fold.start(seed_ids)
+        if fold is not None:
+            fold.fetch(ids[: 2 * count + 16].tolist())  # the likely survivors, in bulk
         kept: list[tuple[int, float]] = []
         per_artist: dict[Any, int] = {}
         per_album: dict[Any, int] = {}

@@ -245,3 +245,51 @@ class TestMpd(FeatureHelper):
         self.config["mpd"]["port"] = free_port()
         with pytest.raises(UserError, match=r"cannot connect to MPD at 127\.0\.0\.1"):
             self.run_command("similar", "--mpd", "title:t00")
+
+
+_NO_TORCH = """
+import sys
+import beets.ui
+try:
+    beets.ui.main(sys.argv[1:])
+finally:
+    sys.stdout.flush()
+    print("TORCH-LOADED" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)
+"""
+
+
+def test_commands_do_not_import_torch(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from beets.library import Library
+
+    music = tmp_path / "music"
+    music.mkdir()
+    (tmp_path / "config.yaml").write_text(
+        f"library: {tmp_path / 'library.db'}\ndirectory: {music}\nplugins: deepsim\n",
+        encoding="utf-8",
+    )
+    lib = Library(str(tmp_path / "library.db"), str(music))
+    rows = []
+    for fields, vector in _tracks():
+        item = Item(**fields)
+        item.path = os.fsencode(music / f"{fields['title']}.mp3")
+        rows.append((lib.add(item), vector))
+    store.write_vectors(lib, rows, MODEL_ID)
+    lib._close()
+    env = {**os.environ, "BEETSDIR": str(tmp_path), "HOME": str(tmp_path)}
+    commands = [
+        ["similar", "-v", "-c", "2", "title:t00", "--to", "title:t80"],
+        ["similar", "--no-outliers", "title:t20"],
+        ["deepsim-dupes"],
+        ["deepsim-outliers"],
+    ]
+    if __import__("importlib").util.find_spec("openTSNE"):
+        commands.append(["deepsim-map", "-o", str(tmp_path / "m.html")])
+    for args in commands:
+        proc = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert "NO-TORCH" in proc.stderr, args

@@ -602,7 +602,9 @@ def beetsdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     music = root / "music"
     music.mkdir()
     (root / "config.yaml").write_text(
-        f"library: {root / 'library.db'}\ndirectory: {music}\nplugins: deepsim\n",
+        f"library: {root / 'library.db'}\ndirectory: {music}\nplugins: deepsim\n"
+        # planted neighbours are closer than the version threshold: fold by tags only
+        "deepsim:\n  dupes:\n    threshold: null\n",
         encoding="utf-8",
     )
     lib = Library(str(root / "library.db"), str(music))
