@@ -177,3 +177,41 @@ def test_in_a_headless_browser(tmp_path: Path, browser) -> None:
     # hover shows artist - title - album
     page.mouse.move(x + 1, y)
     assert page.locator("#tip").inner_text() == page.evaluate(f"deepsimMap.label({target})")
+
+
+def test_many_points_in_a_headless_browser(tmp_path: Path, browser) -> None:
+    """5,000 generated points: the pixel-buffer drawing path, search and hit tests."""
+    from deepsim.mapview import PALETTE, render_html
+
+    n, k = 5000, 3
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(n, 2))
+    data = {
+        "color_by": "album", "k": k, "ids": list(range(n)),
+        "x": xy[:, 0].round(3).tolist(), "y": xy[:, 1].round(3).tolist(),
+        "title": [f"song {i}" for i in range(n)], "artist": [0] * n,
+        "album": [i % 3 for i in range(n)],
+        "artists": ["A"], "albums": ["X", "Y", "Z"], "color": [i % 3 for i in range(n)],
+        "colors": list(PALETTE[:3]), "names": ["X", "Y", "Z"],
+        "nn": [(i + j + 1) % n for i in range(n) for j in range(k)], "nns": [0.9, 0.8, 0.7] * n,
+    }  # fmt: skip
+    path = tmp_path / "many.html"
+    path.write_text(render_html(data), encoding="utf-8")
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready='1']", timeout=30000)
+    assert page.evaluate("deepsimMap.drawn") == n
+    colours = page.evaluate(
+        """() => { const c = document.getElementById('map');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, seen = new Set();
+        for (let i = 0; i < d.length; i += 4) seen.add(d[i] << 16 | d[i+1] << 8 | d[i+2]);
+        return seen.size; }"""
+    )
+    assert colours >= 4  # background + the three album colours
+    page.fill("#search", "song 4321")
+    page.press("#search", "Enter")
+    assert page.locator("#results li").all_inner_texts() == ["A \u2013 song 4321 \u2013 Y"]
+    assert page.evaluate("deepsimMap.selected") == 4321
+    x, y = page.evaluate("deepsimMap.screen(4321)")
+    assert page.evaluate(f"deepsimMap.hit({x}, {y})") == 4321
+    assert page.locator("#neighbours li").count() == k
