@@ -25,7 +25,7 @@ def _arc(degrees: float) -> np.ndarray:
 def _setup(server, seconds: float = 4.0):
     make_music(server.music / "sub", NAMES, seconds)
     tracks = [
-        {"title": f"t{k}", "artist": f"A{k % 3}", "file": f"sub/t{k}.mp3", "vector": _arc(10 * k)}
+        {"title": f"t{k}", "artist": f"A{k % 3}", "file": f"sub/t{k}.mp3", "vector": _arc(15 * k)}
         for k in range(8)
     ]
     lib, items = make_library(tracks, music=server.music)
@@ -78,7 +78,7 @@ def test_radio_keeps_the_queue_filled(mpd_server) -> None:  # noqa: F811
         radio = Radio(lib, mpd, search, ahead=2, batch=3, history=2)
         step = radio.step()
         assert [s.title for s in step.seeds] == ["t0"]
-        # the three nearest to t0 (10°, 20°, 30° away)
+        # the three nearest to t0 (15°, 30°, 45° away; 15° is below the version threshold)
         assert [i.title for i in step.added] == ["t1", "t2", "t3"]
         assert mpd.queue_uris() == [f"sub/t{k}.mp3" for k in range(4)]
         # enough queued after the current track: nothing added
