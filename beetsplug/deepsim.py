@@ -880,6 +880,8 @@ class DeepsimPlugin(BeetsPlugin):
         p.add_option("--max-per-artist", type="int", metavar="N", help="at most N per artist")
         p.add_option("--max-per-album", type="int", metavar="N", help="at most N per album")
         p.add_option("-w", "--where", metavar="QUERY", help="only tracks matching this query")
+        p.add_option("--keep-duplicates", action="store_true", default=False,
+                     help="keep other versions (formats, masters) of one recording")  # fmt: skip
         p.usage = "%prog [options]\nExample: %prog --listens ~/scrobbles.csv --unplayed -c 30"
         cmd.func = self.recommend_command
         return cmd
@@ -920,6 +922,7 @@ class DeepsimPlugin(BeetsPlugin):
                 count=self._positive_int("count", opts.count),
                 unplayed=opts.unplayed,
                 where=opts.where,
+                fold=self._folder(lib, opts.keep_duplicates),
                 **caps,
             )
         except DeepsimError as exc:

@@ -44,6 +44,7 @@ from deepsim.util import check_float, check_int, get_logger
 if TYPE_CHECKING:
     from beets.library import Item, Library
 
+    from deepsim.dupes import VersionFolder
     from deepsim.listening import Listens
     from deepsim.taste import VectorLayout
 
@@ -282,6 +283,7 @@ def recommend(
     where: Any = None,
     max_per_artist: int = 0,
     max_per_album: int = 0,
+    fold: VersionFolder | None = None,
 ) -> Recommendations:
     """Rank the library's tracks for the listener of ``history`` (see the module).
 
@@ -302,6 +304,9 @@ def recommend(
         A beets query (string or parsed) results must match.
     max_per_artist, max_per_album
         At most this many results per artist / album (0: no limit).
+    fold
+        Fold versions of one recording (:class:`deepsim.dupes.VersionFolder`);
+        None: keep all.
 
     Raises
     ------
@@ -359,13 +364,18 @@ def recommend(
     per_artist: dict[str, int] = {}
     per_album: dict[Any, int] = {}
     step = max(4 * count, 100)
+    folding = None if fold is None else fold.start()
     for start in range(0, len(order), step):
         chunk = order[start : start + step]
         items = load_items(lib, ids[chunk].tolist())
+        if fold is not None:
+            fold.fetch(ids[chunk].tolist())
         for r in chunk.tolist():
             item = items.get(int(ids[r]))
             if item is None or (slow is not None and not slow.match(item)):
                 continue
+            if folding is not None and folding.is_version(int(ids[r])):
+                continue  # another version of a better match
             artist = (item.albumartist or item.artist or "").casefold()
             album = (item.album_id or (artist, item.album.casefold())) if item.album else None
             if max_per_artist and artist:
@@ -380,6 +390,8 @@ def recommend(
             item["similarity"] = round(score, 4)
             item["distance"] = round(1.0 - score, 4)
             result.matches.append((item, score))
+            if folding is not None:
+                folding.keep(int(ids[r]))
             if len(result.matches) == count:
                 return result
     return result

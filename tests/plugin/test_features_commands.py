@@ -293,3 +293,15 @@ def test_commands_do_not_import_torch(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
         assert proc.returncode == 0, (args, proc.stderr)
         assert "NO-TORCH" in proc.stderr, args
+
+
+class TestRecommendFolds(FeatureHelper):
+    def test_recommend_folds_versions(self, capsys: pytest.CaptureFixture[str]) -> None:
+        played = self.items[("t60", "MP3")]
+        played["play_count"] = 5
+        played.store()
+        fmt = ["-f", "$title $format", "-c", "3", "--library"]
+        folded = self.out(capsys, "recommend", *fmt)
+        assert folded == ["t60 MP3", "t40 FLAC", "t80 MP3"]
+        kept = self.out(capsys, "recommend", *fmt, "--keep-duplicates")
+        assert kept[:2] == ["t60 MP3", "t40 FLAC"] and kept[2] in ("t40 MP3", "t80 MP3")
