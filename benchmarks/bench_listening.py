@@ -45,6 +45,15 @@ ROWS_PER_SPOTIFY_FILE = 16_000
 
 
 def peak_rss_mib() -> float:
+    """Peak resident set size of this process (VmHWM; ru_maxrss would count the parent's
+    memory at fork time in a spawned child)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -98,34 +107,51 @@ def write_lastfm_csv(path: Path, n: int) -> None:
                 w.writerows(rows)
 
 
-def spotify_row(artist: str, album: str, title: str, t: int, kind: float) -> dict:
-    episode = kind < 0.05
-    ms = 4_000 if 0.05 <= kind < 0.15 else 214_000
-    return {
-        "ts": datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+_SPOTIFY_ROW = """    {
+        "ts": "%s",
         "platform": "android",
-        "ms_played": 1_500_000 if episode else ms,
+        "ms_played": %d,
         "conn_country": "DE",
         "ip_addr": "192.0.2.44",
-        "master_metadata_track_name": None if episode else title,
-        "master_metadata_album_artist_name": None if episode else artist,
-        "master_metadata_album_album_name": None if episode else album,
-        "spotify_track_uri": None if episode else "spotify:track:6rqhFgbbKwnb9MLmUQDhG6",
-        "episode_name": "Episode 12" if episode else None,
-        "episode_show_name": "A Show" if episode else None,
-        "spotify_episode_uri": "spotify:episode:5m8Wv4fyb2eB2XbFv8W1iv" if episode else None,
-        "audiobook_title": None,
-        "audiobook_uri": None,
-        "audiobook_chapter_uri": None,
-        "audiobook_chapter_title": None,
+        "master_metadata_track_name": %s,
+        "master_metadata_album_artist_name": %s,
+        "master_metadata_album_album_name": %s,
+        "spotify_track_uri": %s,
+        "episode_name": %s,
+        "episode_show_name": %s,
+        "spotify_episode_uri": %s,
+        "audiobook_title": null,
+        "audiobook_uri": null,
+        "audiobook_chapter_uri": null,
+        "audiobook_chapter_title": null,
         "reason_start": "trackdone",
-        "reason_end": "fwdbtn" if ms < 30_000 else "trackdone",
-        "shuffle": False,
-        "skipped": ms < 30_000,
-        "offline": False,
-        "offline_timestamp": None,
-        "incognito_mode": False,
-    }
+        "reason_end": "%s",
+        "shuffle": false,
+        "skipped": %s,
+        "offline": false,
+        "offline_timestamp": null,
+        "incognito_mode": false
+    }"""
+
+
+def spotify_row(artist: str, album: str, title: str, t: int, kind: float) -> str:
+    """One row of Spotify's Extended Streaming History, as Spotify writes it (4-space indent)."""
+    episode = kind < 0.05
+    short = 0.05 <= kind < 0.15
+    q = json.dumps
+    return _SPOTIFY_ROW % (
+        datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        1_500_000 if episode else 4_000 if short else 214_000,
+        "null" if episode else q(title, ensure_ascii=False),
+        "null" if episode else q(artist, ensure_ascii=False),
+        "null" if episode else q(album, ensure_ascii=False),
+        "null" if episode else '"spotify:track:6rqhFgbbKwnb9MLmUQDhG6"',
+        '"Episode 12"' if episode else "null",
+        '"A Show"' if episode else "null",
+        '"spotify:episode:5m8Wv4fyb2eB2XbFv8W1iv"' if episode else "null",
+        "fwdbtn" if short else "trackdone",
+        "true" if short else "false",
+    )
 
 
 def write_spotify(folder: Path, n: int) -> None:
@@ -141,7 +167,7 @@ def write_spotify(folder: Path, n: int) -> None:
         ]
         year = datetime.fromtimestamp(int(times[lo]), timezone.utc).year
         name = folder / f"Streaming_History_Audio_{year}_{part}.json"
-        name.write_text(json.dumps(rows, indent=4, ensure_ascii=False), encoding="utf-8")
+        name.write_text("[\n" + ",\n".join(rows) + "\n]", encoding="utf-8")
 
 
 def _read(path: str, q: mp.Queue) -> None:
@@ -180,34 +206,36 @@ def in_child(target, path: Path) -> tuple:
 
 
 def bench_build(n: int) -> None:
-    """Duplicate removal + sessions of n plays alone (Builder.build)."""
+    """Duplicate removal + sessions of n plays alone (Builder.build): 100 listeners'
+    histories (sessions of about 12 plays) in random order, 1 % exact duplicates."""
     from deepsim.listening.core import Builder
 
     rng = np.random.default_rng(5)
     b = Builder()
-    for u in range(1000):
+    for u in range(100):
         b.user(f"listener{u}")
     for j in range(300_000):
         b.track(f"t{j}")
-    users = rng.integers(0, 1000, n).astype(np.int32)
-    times = (START + rng.integers(0, 10 * 365 * 86400, n)).astype(np.float64)
-    times[: n // 100] = times[n // 100 : 2 * (n // 100)]  # 1 % exact duplicates
-    users[: n // 100] = users[n // 100 : 2 * (n // 100)]
-    tracks = rng.integers(0, 300_000, n).astype(np.int32)
-    tracks[: n // 100] = tracks[n // 100 : 2 * (n // 100)]
+    times, songs = play_times(n, 6)
+    users = np.repeat(np.arange(100, dtype=np.int32), -(-n // 100))[:n]  # one span each
+    order = rng.permutation(n)  # read in no particular order
+    users, times, songs = users[order], times[order].astype(np.float64), songs[order]
+    tracks = songs.astype(np.int32)
+    k = n // 100
+    users[:k], times[:k], tracks[:k] = users[k : 2 * k], times[k : 2 * k], tracks[k : 2 * k]
     b.play_user.frombytes(users.tobytes())
     b.play_track.frombytes(tracks.tobytes())
     b.play_time.frombytes(times.tobytes())
-    del users, tracks, times
+    del users, tracks, times, songs
     rss0 = peak_rss_mib()
     t = time.perf_counter()
     listens = b.build(session_gap=1800, min_user_plays=1)
     dt = time.perf_counter() - t
     print(
-        f"dedupe + sessions of {n:,} plays (1 % duplicates): {dt:.1f} s, "
+        f"dedupe + sessions of {n:,} plays alone: {dt:.1f} s ({n / dt:,.0f} plays/s), "
         f"{listens.duplicates:,} duplicates dropped, {listens.n_users:,} sessions; "
-        f"peak RSS {peak_rss_mib():.0f} MiB ({peak_rss_mib() - rss0:.0f} MiB above the "
-        f"{16 * n / 2**20:.0f} MiB of play arrays)"
+        f"peak RSS {peak_rss_mib():.0f} MiB, {peak_rss_mib() - rss0:.0f} MiB above the "
+        f"{16 * n / 2**20:.0f} MiB of play arrays"
     )
 
 

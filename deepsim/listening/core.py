@@ -270,12 +270,13 @@ class DayCache:
 
     def __init__(self) -> None:
         self._days: dict[tuple[str, str, str], int] = {}
-        self._prefix: dict[str, int] = {}
+        self.prefix: dict[str, int] = {}
+        """Unix time of the day of ``31 Jan 2021`` (the part before `` HH:MM``)."""
 
     def lastfm(self, s: str) -> float:
         """``31 Jan 2021 20:15`` (also ``31 Jan 2021, 20:15`` and seconds) to unix seconds."""
         if len(s) > 6 and s[-3] == ":" and s[-6] == " ":
-            base = self._prefix.get(s[:-6])
+            base = self.prefix.get(s[:-6])
             if base is not None:
                 h = int(s[-5:-3])
                 m = int(s[-2:])
@@ -283,7 +284,7 @@ class DayCache:
                     return float(base + h * 3600 + m * 60)
             else:
                 t = self._lastfm(s)
-                self._prefix[s[:-6]] = int(t) - int(t) % 86400
+                self.prefix[s[:-6]] = int(t) - int(t) % 86400
                 return t
         return self._lastfm(s)
 
@@ -416,6 +417,8 @@ class Builder:
             ts = np.frombuffer(self.play_time, dtype=np.float64)
             order = np.lexsort((tr, ts, u))
             u, tr, ts = u[order], tr[order], ts[order]
+            # the sorted copies replace the arrays read into (a builder builds once)
+            self.play_user, self.play_track, self.play_time = array("i"), array("i"), array("d")
             dup = np.zeros(n, dtype=bool)
             np.logical_and(u[1:] == u[:-1], ts[1:] == ts[:-1], out=dup[1:])
             dup[1:] &= tr[1:] == tr[:-1]
@@ -439,10 +442,13 @@ class Builder:
             row_of = np.full(len(starts), -1, dtype=np.int64)
             base = len(count_users)
             row_of[kept] = np.arange(base, base + len(kept))
-            for s in kept.tolist():
-                k = starts[s]
-                when = datetime.fromtimestamp(float(ts[k]), timezone.utc)
-                names.append(f"{self.users[u[k]]}@{when.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+            first = starts[kept]
+            stamps = np.datetime_as_string(np.floor(ts[first]).astype("datetime64[s]"), unit="s")
+            users = self.users
+            names = [
+                f"{users[i]}@{stamp}Z"
+                for i, stamp in zip(u[first].tolist(), stamps.tolist(), strict=True)
+            ]
             rows_s = row_of[sid]
             mask = rows_s >= 0
             rows_s, cols_s = rows_s[mask], tr[mask].astype(np.int64)

@@ -154,6 +154,9 @@ _CSV_COLUMNS = {
 }
 
 
+_HEADERLESS = {"artist": 0, "album": 1, "track": 2, "time": 3}
+
+
 def _csv_header(row: list[str]) -> dict[str, int] | None:
     names = [c.strip().strip("#").strip().lower() for c in row]
     if not ({"artist", "artist_name", "track", "title", "uts", "utc_time"} & set(names)):
@@ -257,6 +260,7 @@ class LastfmCsvReader(ListenReader):
     def read(self, source: Source) -> Iterator[Record]:
         days = DayCache()
         lastfm = days.lastfm
+        prefix = days.prefix.get
         cols: dict[str, int] | None = None
         first = True
         c_artist, c_track, c_time = 0, 2, 3
@@ -297,7 +301,22 @@ class LastfmCsvReader(ListenReader):
                                     f"no header and {len(row)} columns; a header-less export "
                                     "must have 4 columns: artist, album, track, date",
                                 )
-                            cols = {"artist": 0, "album": 1, "track": 2, "time": 3}
+                            cols = _HEADERLESS
+                        if cols is _HEADERLESS and len(row) == 4:
+                            # lastfm-to-csv's "31 Jan 2021 20:15": the day from a cache
+                            when = row[3]
+                            base = prefix(when[:-6])
+                            if base is not None and when[-3:-2] == ":":
+                                try:
+                                    h = int(when[-5:-3])
+                                    m = int(when[-2:])
+                                except ValueError:
+                                    h = 99
+                                if h < 24 and m < 60:
+                                    first = False
+                                    t = float(base + h * 3600 + m * 60)
+                                    yield (None, t, row[0], row[2], None, reader.line_num)
+                                    continue
                         if len(row) < width:
                             if row and any(c.strip() for c in row):
                                 yield Bad(
