@@ -244,15 +244,24 @@ def main() -> None:
     ap.add_argument("--plays", type=int, default=10_000_000)
     ap.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument(
+        "--only",
+        choices=("lastfm-csv", "spotify-extended", "build"),
+        action="append",
+        help="run only these parts (repeatable; default: all)",
+    )
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench_listening_"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     try:
+        parts = args.only or ["lastfm-csv", "spotify-extended", "build"]
         for name, write in (
             ("lastfm-csv", lambda p: write_lastfm_csv(p, args.plays)),
             ("spotify-extended", lambda p: write_spotify(p, args.plays)),
         ):
+            if name not in parts:
+                continue
             path = root / (
                 "scrobbles.csv" if name == "lastfm-csv" else "Spotify Extended Streaming History"
             )
@@ -282,7 +291,8 @@ def main() -> None:
             )
             if not args.keep:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-        bench_build(args.plays)
+        if "build" in parts:
+            bench_build(args.plays)
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(root, ignore_errors=True)

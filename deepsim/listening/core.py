@@ -37,7 +37,7 @@ _MONTHS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrackKey:
     """One column of a :class:`Listens` matrix: a song as the source names it.
 
@@ -404,63 +404,79 @@ class Builder:
         ``session_gap`` seconds.  Sessions become pseudo-users
         ``"<user>@<start, ISO UTC>"`` ordered by where their first play was read.
         """
-        rows_raw = (
-            np.frombuffer(self.rows, dtype=np.int32) if len(self.rows) else np.zeros(0, np.int32)
-        )
+        rows_raw = np.frombuffer(self.rows, dtype=np.int32) if self.rows else np.zeros(0, np.int32)
         count_users = np.unique(rows_raw).tolist()
         n = len(self.play_time)
         names: list[str] = []
-        rows_s = cols_s = np.zeros(0, np.int64)
+        rows_s = cols_s = np.zeros(0, np.int32)
         if n:
-            u = np.frombuffer(self.play_user, dtype=np.int32)
-            tr = np.frombuffer(self.play_track, dtype=np.int32)
-            ts = np.frombuffer(self.play_time, dtype=np.float64)
-            order = np.lexsort((tr, ts, u))
-            u, tr, ts = u[order], tr[order], ts[order]
-            # the sorted copies replace the arrays read into (a builder builds once)
-            self.play_user, self.play_track, self.play_time = array("i"), array("i"), array("d")
-            dup = np.zeros(n, dtype=bool)
-            np.logical_and(u[1:] == u[:-1], ts[1:] == ts[:-1], out=dup[1:])
-            dup[1:] &= tr[1:] == tr[:-1]
-            n_dup = int(dup.sum())
-            if n_dup:
-                keep = ~dup
-                u, tr, ts, order = u[keep], tr[keep], ts[keep], order[keep]
-                del keep
-            del dup
-            self.duplicates += n_dup
-            new = np.ones(len(u), dtype=bool)
-            new[1:] = (u[1:] != u[:-1]) | ((ts[1:] - ts[:-1]) > session_gap)
-            sid = np.cumsum(new) - 1
+            # sort; each sorted copy replaces its array at once (a builder builds once),
+            # so the plays are held at most twice, 16 bytes each, plus the order
+            order = np.lexsort(
+                (
+                    np.frombuffer(self.play_track, dtype=np.int32),
+                    np.frombuffer(self.play_time, dtype=np.float64),
+                    np.frombuffer(self.play_user, dtype=np.int32),
+                )
+            )
+            u = np.frombuffer(self.play_user, dtype=np.int32)[order]
+            self.play_user = array("i")
+            tr = np.frombuffer(self.play_track, dtype=np.int32)[order]
+            self.play_track = array("i")
+            ts = np.frombuffer(self.play_time, dtype=np.float64)[order]
+            self.play_time = array("d")
+            # exact duplicates are neighbours: keep the first of each run
+            same_user = u[1:] == u[:-1]
+            keep = np.ones(n, dtype=bool)
+            keep[1:] = ~(same_user & (ts[1:] == ts[:-1]) & (tr[1:] == tr[:-1]))
+            self.duplicates += n - int(np.count_nonzero(keep))
+            # a session starts at a new user or after a silence longer than session_gap
+            new = np.ones(n, dtype=bool)
+            new[1:] = ~same_user
+            del same_user
+            new[1:] |= np.diff(ts) > session_gap
             starts = np.flatnonzero(new)
+            sid = np.cumsum(new, dtype=np.int32)
+            sid -= 1
             del new
-            sizes = np.diff(np.append(starts, len(u)))
+            sizes = np.add.reduceat(keep.view(np.uint8), starts, dtype=np.int64)
             first_read = np.minimum.reduceat(order, starts)
             del order
             kept = np.flatnonzero(sizes >= min_user_plays)
             kept = kept[np.argsort(first_read[kept], kind="stable")]
-            row_of = np.full(len(starts), -1, dtype=np.int64)
             base = len(count_users)
-            row_of[kept] = np.arange(base, base + len(kept))
+            row_of = np.full(len(starts), -1, dtype=np.int32)
+            row_of[kept] = np.arange(base, base + len(kept), dtype=np.int32)
             first = starts[kept]
             stamps = np.datetime_as_string(np.floor(ts[first]).astype("datetime64[s]"), unit="s")
+            del ts
             users = self.users
             names = [
                 f"{users[i]}@{stamp}Z"
                 for i, stamp in zip(u[first].tolist(), stamps.tolist(), strict=True)
             ]
+            del u, stamps
             rows_s = row_of[sid]
-            mask = rows_s >= 0
-            rows_s, cols_s = rows_s[mask], tr[mask].astype(np.int64)
+            del sid
+            keep &= rows_s >= 0
+            rows_s = rows_s[keep]
+            cols_s = tr[keep]
+            del tr, keep
         # count rows keep their users' names; rows of plays are sessions
-        rows_c = np.searchsorted(np.asarray(count_users, dtype=np.int32), rows_raw).astype(np.int64)
-        cols_c = np.asarray(self.cols, dtype=np.int64)
-        vals_c = np.asarray(self.vals, dtype=np.float32)
+        rows_c = np.searchsorted(np.asarray(count_users, dtype=np.int32), rows_raw).astype(np.int32)
+        cols_c = np.frombuffer(self.cols, dtype=np.int32) if self.cols else np.zeros(0, np.int32)
+        vals_c = (
+            np.frombuffer(self.vals, dtype=np.float32) if self.vals else np.zeros(0, np.float32)
+        )
         users = [self.users[i] for i in count_users] + names
         rows = np.concatenate([rows_c, rows_s])
+        del rows_s
         cols = np.concatenate([cols_c, cols_s])
-        vals = np.concatenate([vals_c, np.ones(len(rows_s), np.float32)])
+        del cols_s
+        vals = np.concatenate([vals_c, np.ones(len(rows) - len(rows_c), np.float32)])
         shape = (len(users), len(self.tracks))
-        counts = sp.coo_matrix((vals, (rows, cols)), shape=shape, dtype=np.float32).tocsr()
-        listens = Listens(counts, users, self.tracks, self.skipped, self.duplicates)
+        counts = sp.coo_matrix((vals, (rows, cols)), shape=shape, dtype=np.float32)
+        del rows, cols, vals
+        listens = Listens(counts.tocsr(), users, self.tracks, self.skipped, self.duplicates)
+        del counts
         return listens.prune(min_user_plays=min_user_plays)
