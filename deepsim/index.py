@@ -729,17 +729,17 @@ def save_index(
     max_id: int | None = None,
     build_seconds: float = 0.0,
     pinned: bool = False,
-    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> Path:
     """Save ``index`` and its sidecar under ``directory`` (created if missing).
 
-    ``rows`` (item ids and store row ids of the indexed vectors, see
-    :func:`deepsim.store.vector_row_ids`) lets :func:`refresh_index` find
-    what changed later.  Any delta of an earlier build is removed.  The index
-    file is written first and the sidecar last, all atomically, so a reader
-    sees either the old pair, or a new file with an old sidecar (reported
-    ``corrupt`` by :func:`load_index`), never a half-written file.  Returns the
-    index file's path.
+    ``rows`` (row ids and item ids of every stored vector row, see
+    :func:`deepsim.store.vector_rows`, and which are the indexed vectors) lets
+    :func:`refresh_index` find what changed later.  Any delta of an earlier
+    build is removed.  The index file is written first and the sidecar last,
+    all atomically, so a reader sees either the old pair, or a new file with
+    an old sidecar (reported ``corrupt`` by :func:`load_index`), never a
+    half-written file.  Returns the index file's path.
     """
     if len(index) == 0:
         raise AnnIndexError("refusing to save an empty index")
@@ -754,7 +754,7 @@ def save_index(
         index.save(path)
         if rows is not None:
             buffer = io.BytesIO()
-            np.save(buffer, np.stack([rows[0], rows[1]]).astype(np.int64), allow_pickle=False)
+            np.save(buffer, np.stack([np.asarray(r, np.int64) for r in rows]), allow_pickle=False)
             _atomic_write_bytes(rows_path, buffer.getvalue())
         else:
             with contextlib.suppress(FileNotFoundError):
@@ -1063,14 +1063,6 @@ def open_index(
     )
 
 
-def _unchanged(ids: np.ndarray, rowids: np.ndarray, ref_ids: np.ndarray, ref_rows: np.ndarray):
-    """Mask of the ``(id, rowid)`` pairs also in the reference pairs (reference ids sorted)."""
-    if ref_ids.size == 0 or ids.size == 0:
-        return np.zeros(ids.shape, bool)
-    pos = np.minimum(np.searchsorted(ref_ids, ids), ref_ids.size - 1)
-    return (ref_ids[pos] == ids) & (ref_rows[pos] == rowids)
-
-
 def _read_some_vectors(lib: Library, model_id: str, ids: np.ndarray, dim: int):
     """Vectors of ``ids`` in indexed queries of 500 (never a read of every vector)."""
     out_ids, parts = [], []
@@ -1158,6 +1150,14 @@ def refresh_index(
             return RefreshResult(
                 "fresh", sidecar.live_count, time.perf_counter() - started, check.reason
             )
+        if sidecar is not None:
+            updated = _update(lib, index_dir, sidecar, current, rebuild_share)
+            if (
+                updated is not None
+                and updated.count > 0
+                and (updated.count >= exact_below or sidecar.pinned)
+            ):
+                return dataclasses.replace(updated, seconds=time.perf_counter() - started)
         ids, rowids = store.vector_row_ids(lib, model_id)
         if ids.size == 0:
             remove_index(index_dir, model_id)
@@ -1171,13 +1171,17 @@ def refresh_index(
                 time.perf_counter() - started,
                 f"{ids.size} vectors, below {exact_below}: exact search",
             )
-        if sidecar is not None:
-            updated = _update(lib, index_dir, sidecar, current, ids, rowids, rebuild_share)
-            if updated is not None:
-                return dataclasses.replace(updated, seconds=time.perf_counter() - started)
         return _rebuild(
             lib, index_dir, model_id, current, ids, rowids, n_trees, n_jobs, pinned, started
         )
+
+
+def _member(values: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
+    """Mask of ``values`` found in the sorted array ``sorted_ref``."""
+    if sorted_ref.size == 0 or values.size == 0:
+        return np.zeros(values.shape, bool)
+    pos = np.minimum(np.searchsorted(sorted_ref, values), sorted_ref.size - 1)
+    return sorted_ref[pos] == values
 
 
 def _update(
@@ -1185,42 +1189,58 @@ def _update(
     index_dir: str | os.PathLike[str],
     sidecar: Sidecar,
     current: str,
-    ids: np.ndarray,
-    rowids: np.ndarray,
     rebuild_share: float,
 ) -> RefreshResult | None:
-    """Record the changes since the build beside the index; None when a rebuild is due."""
+    """Record the changes since the build beside the index; None when a rebuild is due.
+
+    The rows file lists every vector row (any model) at the build with its row
+    id, and which were indexed.  A row id not listed is a vector written since
+    (read if it is of this model); an indexed row id gone is a vector
+    rewritten or an item removed.  Only the store's row ids are read in full
+    (one aggregate, no join), vectors only for what changed.
+    """
     directory = Path(os.fspath(index_dir))
     try:
-        built = np.load(_aux_path(directory, sidecar.model_id, "rows"), allow_pickle=False)
+        recorded = np.load(_aux_path(directory, sidecar.model_id, "rows"), allow_pickle=False)
         has_delta = bool(sidecar.delta_count or sidecar.dropped_count)
         old = _read_delta(directory, sidecar) if has_delta else None
     except (OSError, ValueError, AnnIndexError):
         return None
-    if built.shape != (2, sidecar.count):
+    if recorded.ndim != 2 or recorded.shape[0] != 3:
         return None
-    built_ids, built_rows = built[0], built[1]
-    kept = _unchanged(ids, rowids, built_ids, built_rows)
-    new_ids, new_rows = ids[~kept], rowids[~kept]
-    dropped = built_ids[~_unchanged(built_ids, built_rows, ids, rowids)]
-    if new_ids.size + dropped.size > rebuild_share * sidecar.count:
+    rec_rows, rec_ids, rec_ours = recorded[0], recorded[1], recorded[2].astype(bool)
+    if int(rec_ours.sum()) != sidecar.count:
         return None
-    # Reuse the vectors already in the delta; read only the ones new since.
-    matrix = np.zeros((new_ids.size, sidecar.dim), np.float32)
-    have = np.zeros(new_ids.size, bool)
+    cur_ids, cur_rows = store.vector_rows(lib)
+    fresh_rows = ~_member(cur_rows, np.sort(rec_rows))
+    # Each entity with rows written since, and its latest such row id (its version).
+    order = np.lexsort((cur_rows[fresh_rows], cur_ids[fresh_rows]))
+    cand_ids, cand_rows = cur_ids[fresh_rows][order], cur_rows[fresh_rows][order]
+    last = np.r_[cand_ids[1:] != cand_ids[:-1], True] if cand_ids.size else np.zeros(0, bool)
+    cand_ids, cand_rows = cand_ids[last], cand_rows[last]
+    ours_rows, ours_ids = rec_rows[rec_ours], rec_ids[rec_ours]
+    dropped = np.unique(ours_ids[~_member(ours_rows, np.sort(cur_rows))])
+    if cand_ids.size + dropped.size > rebuild_share * sidecar.count:
+        return None
+    matrix = np.zeros((cand_ids.size, sidecar.dim), np.float32)
+    have = np.zeros(cand_ids.size, bool)
     if old is not None and old["ids"].size:
-        order = np.argsort(old["ids"])
-        have = _unchanged(new_ids, new_rows, old["ids"][order], old["rowids"][order])
-        pos = np.searchsorted(old["ids"][order], new_ids[have])
-        matrix[have] = old["matrix"][order][pos]
-    got_ids, got = _read_some_vectors(lib, sidecar.model_id, new_ids[~have], sidecar.dim)
+        # Reuse what the last update read, where the entity has not changed since.
+        o = np.argsort(old["ids"])
+        o_ids, o_rows, o_matrix = old["ids"][o], old["rowids"][o], old["matrix"][o]
+        pos = np.minimum(np.searchsorted(o_ids, cand_ids), o_ids.size - 1)
+        have = (o_ids[pos] == cand_ids) & (o_rows[pos] == cand_rows)
+        matrix[have] = o_matrix[pos[have]]
+    got_ids, got = _read_some_vectors(lib, sidecar.model_id, cand_ids[~have], sidecar.dim)
     keep = have.copy()
     if got_ids.size:
-        pos = np.searchsorted(new_ids, got_ids)
+        pos = np.searchsorted(cand_ids, got_ids)
         matrix[pos] = got
         keep[pos] = True
-    # An id whose vector could not be read (damaged, or removed meanwhile) is left out.
-    new_ids, new_rows, matrix = new_ids[keep], new_rows[keep], matrix[keep]
+    # Entities whose new rows are of another model (or unreadable) are not searched.
+    new_ids, new_rows, matrix = cand_ids[keep], cand_rows[keep], matrix[keep]
+    # An indexed entity with a newer vector is answered from the delta only.
+    dropped = np.union1d(dropped, new_ids[_member(new_ids, np.sort(ours_ids))])
     _save_delta(
         directory,
         sidecar,
@@ -1258,11 +1278,16 @@ def _rebuild(
     if vec_ids.size == 0:
         remove_index(index_dir, model_id)
         return RefreshResult("empty", 0, time.perf_counter() - started, "no usable vectors")
-    # Row ids of the vectors read (a vector that vanished in between is simply not indexed;
-    # one written in between has a newer row id than recorded and is read again next time).
+    # Every vector row now (any model), flagged where it is the indexed vector.  A vector
+    # written in between has no known row (recorded as -id: never current), so the next
+    # update drops it from the index and reads it again.
     pos = np.minimum(np.searchsorted(ids, vec_ids), ids.size - 1)
-    known = ids[pos] == vec_ids
-    vec_rows = np.where(known, rowids[pos], -1)
+    vec_rows = np.where(ids[pos] == vec_ids, rowids[pos], -vec_ids - 1)
+    all_ids, all_rows = store.vector_rows(lib)
+    extra = ~_member(vec_rows, np.sort(all_rows))
+    rec_rows = np.concatenate([all_rows, vec_rows[extra]])
+    rec_ids = np.concatenate([all_ids, vec_ids[extra]])
+    ours = _member(rec_rows, np.sort(vec_rows)) & _member(rec_ids, vec_ids)
     build_started = time.perf_counter()
     index = AnnoyIndex(n_trees=n_trees, n_jobs=n_jobs).build(vec_ids, matrix)
     path = save_index(
@@ -1273,7 +1298,7 @@ def _rebuild(
         max_id=int(vec_ids.max()),
         build_seconds=time.perf_counter() - build_started,
         pinned=pinned,
-        rows=(vec_ids, vec_rows),
+        rows=(rec_rows, rec_ids, ours),
     )
     return RefreshResult(
         "built",
