@@ -99,8 +99,8 @@ def bench_beet(
             "deepsim:",
             f"  model: {model}",
             f"  workers: {workers}",
-            "  device: cpu",
-        ] + [f"  {k}: {v}" for k, v in extra.items()]
+            f"  device: {extra.get('device', 'cpu')}",
+        ] + [f"  {k}: {v}" for k, v in extra.items() if k != "device"]
         (root / "config.yaml").write_text("\n".join(lines) + "\n")
         env = dict(os.environ, BEETSDIR=str(root))
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -177,11 +177,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (the GPU path is untested here)"
+    )
+    parser.add_argument(
         "--cache", type=Path, default=Path.home() / ".cache" / "deepsim-bench" / "mp3"
     )
     args = parser.parse_args()
     db_growth()
     extra = {} if args.batch_size is None else {"batch_size": str(args.batch_size)}
+    extra["device"] = args.device
     report(
         "generated 4-min mp3",
         make_tracks(args.cache, args.tracks),

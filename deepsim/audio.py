@@ -43,9 +43,37 @@ def _open(path: str) -> av.container.InputContainer:
     try:
         return av.open(path, metadata_errors="ignore")
     except av.error.FFmpegError as exc:
+        if _mp4_index_missing(path, size):
+            raise AudioError(
+                path,
+                "truncated MP4/M4A file: its index (the moov box, written at the end of the file "
+                "unless it was made with faststart) is missing, so no audio can be located",
+            ) from None
         raise AudioError(path, f"not a readable audio file ({_reason(exc)})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AudioError(path, f"cannot open file ({exc})") from None
+
+
+def _mp4_index_missing(path: str, size: int) -> bool:
+    """Whether ``path`` is an ISO-BMFF (MP4/M4A) file whose top-level boxes end without a moov."""
+    try:
+        with open(path, "rb") as handle:
+            offset, seen = 0, []
+            while offset + 8 <= size and len(seen) < 64:
+                handle.seek(offset)
+                header = handle.read(16)
+                length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+                if length == 1 and len(header) == 16:
+                    length = int.from_bytes(header[8:16], "big")
+                seen.append(kind)
+                if kind == b"moov":
+                    return False
+                if length < 8:
+                    break
+                offset += length
+    except OSError:
+        return False
+    return bool(seen) and seen[0] == b"ftyp"
 
 
 def _reason(exc: BaseException) -> str:
@@ -204,6 +232,14 @@ def decode_middle(path: PathLike, *, sample_rate: int, seconds: float = 30.0) ->
             raise
         # Header promises more than the file holds (truncated): decode what exists.
         samples = _decode_all_middle(name, sample_rate=sample_rate, seconds=seconds)
+    else:
+        if len(samples) < int(seconds * sample_rate) * 0.9:
+            # A short window: a short track, or one cut before the window's end (a
+            # truncated file whose header keeps the full duration).  The middle of
+            # everything that decodes is then at least as long.
+            whole = _decode_all_middle(name, sample_rate=sample_rate, seconds=seconds)
+            if len(whole) > len(samples):
+                samples = whole
     return _check(name, samples)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from deepsim import threads
 from deepsim.audio import PathLike, decode_middle
 from deepsim.errors import AudioError
 
@@ -61,11 +62,8 @@ def resolve_device(device: str) -> str:
 
 
 def default_workers() -> int:
-    """The number of cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """Decoding processes for CPU inference: the thread budget's share (:mod:`deepsim.threads`)."""
+    return threads.plan(None)[0]
 
 
 def _decode_job(path: PathLike, sample_rate: int, seconds: float) -> np.ndarray | AudioError:
@@ -142,8 +140,9 @@ def embed_files(
     model
         A loaded :class:`~deepsim.models.base.Model`, already on its device.
     workers
-        Decoding processes; ``None`` means one per core, ``0`` decodes in this
-        process.
+        Decoding processes; ``None``: the thread budget's share
+        (:func:`deepsim.threads.plan`); ``0`` decodes in this process.  The
+        inference threads get the remaining cores.
     batch_size
         Tracks per inference batch.
     on_decoded
@@ -156,9 +155,10 @@ def embed_files(
         One per path, in order.
     """
     if workers is None:
-        workers = default_workers()
+        workers = threads.plan(None, device=model.device.type)[0]
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers!r}")
+    threads.apply(workers, device=model.device.type)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size!r}")
     params = model.frontend

@@ -160,20 +160,45 @@ def test_digital_silence(tmp_path: Path) -> None:
     assert "silence" in _error(path).reason
 
 
-@pytest.mark.parametrize("ext", ["flac", "mp3", "ogg", "m4a", "opus", "wav"])
-def test_truncated_file_gives_samples_or_a_clear_error(tmp_path: Path, ext: str) -> None:
-    full = write_audio(tmp_path / f"full.{ext}", tone(60.0), rate=22050)
-    cut = tmp_path / f"cut.{ext}"
+def _cut(full: Path, share: float) -> Path:
+    cut = full.with_name(f"cut-{full.name}")
     shutil.copy(full, cut)
     with open(cut, "r+b") as fh:
-        fh.truncate(full.stat().st_size * 3 // 10)
-    try:
-        samples = decode_middle(cut, sample_rate=SR)
-    except AudioError as exc:
-        assert str(cut) in str(exc)
-    else:
-        assert 0 < len(samples) <= 30 * SR
-        assert np.all(np.isfinite(samples))
+        fh.truncate(int(full.stat().st_size * share))
+    return cut
+
+
+@pytest.mark.parametrize("ext", ["flac", "mp3", "ogg", "opus", "wav"])
+def test_a_truncated_file_is_embedded_from_what_decodes(tmp_path: Path, ext: str) -> None:
+    # 60 s cut to 30 %: about 18 s decode; the header still says 60 s, so the
+    # middle window (15-45 s) would hold only 3 s of it
+    cut = _cut(write_audio(tmp_path / f"full.{ext}", tone(60.0), rate=22050), 0.3)
+    samples = decode_middle(cut, sample_rate=SR)
+    assert 12 * SR <= len(samples) <= 30 * SR
+    assert np.all(np.isfinite(samples))
+
+
+def test_a_truncated_faststart_m4a_is_embedded_from_what_decodes(tmp_path: Path) -> None:
+    path = tmp_path / "faststart.m4a"
+    wave = tone(60.0)
+    with av.open(str(path), "w", format="ipod", options={"movflags": "+faststart"}) as out:
+        stream = out.add_stream("aac", rate=22050)
+        stream.layout = "stereo" if wave.shape[0] == 2 else "mono"
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(wave, np.float32), format="fltp", layout=stream.layout.name
+        )
+        frame.sample_rate = 22050
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    samples = decode_middle(_cut(path, 0.3), sample_rate=SR)
+    assert 12 * SR <= len(samples) <= 30 * SR
+
+
+def test_a_truncated_m4a_without_its_index_says_why(tmp_path: Path) -> None:
+    # FFmpeg (and most encoders) write the MP4 index (moov) last: cut, nothing is locatable
+    cut = _cut(write_audio(tmp_path / "full.m4a", tone(60.0), rate=22050), 0.3)
+    error = _error(cut)
+    assert str(cut) in str(error) and "moov" in error.reason
 
 
 def test_invalid_arguments_name_the_value(tmp_path: Path) -> None:

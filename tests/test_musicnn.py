@@ -304,3 +304,66 @@ def test_real_excerpt_tags(corpus: Path, ensemble: MusicnnEnsemble) -> None:
     assert max(mtt["strings"], mtt["violin"]) > max(mtt[t] for t in VOCAL_MTT)
     assert "instrumental" in msd_top[:5]
     assert not set(msd_top[:5]) & {"metal", "Hip-Hop", "punk", "hard rock", "heavy metal"}
+
+
+# -- int8 (the timbral convolutions on oneDNN's quantized kernels) ---------------------
+
+
+needs_x86_int8 = pytest.mark.skipif(
+    "x86" not in torch.backends.quantized.supported_engines,
+    reason="this torch build has no x86 quantized engine",
+)
+
+
+@needs_x86_int8
+@pytest.mark.parametrize("network", ["msd", "mtt"])
+def test_int8_keeps_the_accuracy_contract(golden: dict[str, np.ndarray], network: str) -> None:
+    # the golden patches are real music through the TensorFlow front end
+    model = load_builtin(f"{network}-musicnn", precision="int8")
+    assert model.precision == "int8"
+    with torch.inference_mode():
+        out = model.embed_patches(torch.from_numpy(golden["patches"]))
+    cosine = (_unit(out["embedding"].numpy()) * _unit(golden[f"{network}_penultimate"])).sum(1)
+    assert cosine.min() > 0.995  # per patch; the contract is per track (a mean of 10)
+    np.testing.assert_allclose(out["tags"].numpy(), golden[f"{network}_tags"], atol=0.03)
+
+
+@needs_x86_int8
+def test_int8_on_real_excerpts_keeps_tracks_and_neighbours(corpus: Path) -> None:
+    from deepsim.audio import decode_middle
+
+    paths = sorted((corpus / "excerpts").iterdir())[::4]
+    waves = [decode_middle(p, sample_rate=16000, seconds=30.0) for p in paths]
+    exact = load_builtin("default", precision="fp32").embed(waves).vectors
+    int8 = load_builtin("default", precision="int8").embed(waves).vectors
+    assert np.sum(exact * int8, axis=1).min() >= 0.995
+    sims_exact, sims_int8 = exact @ exact.T, int8 @ int8.T
+    np.fill_diagonal(sims_exact, -2.0)
+    np.fill_diagonal(sims_int8, -2.0)
+    same = np.mean(sims_exact.argmax(1) == sims_int8.argmax(1))
+    assert same >= 0.95
+
+
+def test_precision_auto_picks_by_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepsim.models import musicnn
+
+    monkeypatch.setattr(musicnn, "cpu_has_vnni", lambda: True)
+    expected = "int8" if "x86" in torch.backends.quantized.supported_engines else "bf16"
+    monkeypatch.setattr(musicnn, "cpu_has_native_bf16", lambda: True)
+    assert musicnn.resolve_precision("auto", "cpu") == expected
+    assert musicnn.resolve_precision("auto", "cuda:0") == "fp32"
+    monkeypatch.setattr(musicnn, "cpu_has_vnni", lambda: False)
+    assert musicnn.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(musicnn, "cpu_has_native_bf16", lambda: False)
+    assert musicnn.resolve_precision("auto", "cpu") == "fp32"
+    assert musicnn.resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="int4"):
+        musicnn.resolve_precision("int4", "cpu")
+
+
+def test_int8_needs_calibrated_weights() -> None:
+    from deepsim.errors import ModelError
+    from deepsim.models.musicnn import MusicnnModel
+
+    with pytest.raises(ModelError, match="int8"):
+        MusicnnModel(network="msd", precision="int8", model_id="someone-else-1")

@@ -22,9 +22,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deepsim import threads
 from deepsim.errors import ModelError
 from deepsim.models.checkpoint import read_metadata
 from deepsim.util import atomic_write
+
+# Before any model module imports torch (and with it the OpenMP runtime).
+threads.passive_openmp_wait()
 
 if TYPE_CHECKING:
     from deepsim.models.base import Model
@@ -70,19 +74,19 @@ def load_model(
     Parameters
     ----------
     precision
-        ``"fp32"`` (exact), ``"bf16"`` (musicnn's timbral convolutions in
-        bfloat16 on the CPU: ~1.6x faster where the CPU has native bf16, cosine
-        ≥ 0.99999 to fp32; see docs/performance.md) or ``"auto"`` (bf16 on such
-        CPUs, fp32 elsewhere).  Only musicnn models use it.
+        ``"fp32"`` (exact), ``"bf16"`` or ``"int8"`` (musicnn's timbral
+        convolutions in bfloat16 / int8 on the CPU, within the accuracy contract
+        of docs/performance.md) or ``"auto"`` (int8 on CPUs with VNNI, else bf16
+        on CPUs with native bf16, else fp32; see
+        :func:`deepsim.models.musicnn.resolve_precision`).  Only musicnn models
+        use it.
     """
-    if precision not in ("fp32", "bf16", "auto"):
-        raise ModelError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    if precision not in ("fp32", "bf16", "int8", "auto"):
+        raise ModelError(f"precision must be fp32, bf16, int8 or auto, got {precision!r}")
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
-        from deepsim.models.musicnn import cpu_has_native_bf16, load_builtin
+        from deepsim.models.musicnn import load_builtin, resolve_precision
 
-        if precision == "auto":
-            precision = "bf16" if device == "cpu" and cpu_has_native_bf16() else "fp32"
-        model = load_builtin(name_or_path, precision=precision)
+        model = load_builtin(name_or_path, precision=resolve_precision(precision, device))
     else:
         path = _as_path(name_or_path)
         meta = read_metadata(path)

@@ -108,11 +108,23 @@ BUILTIN_FILES: dict[str, tuple[str, ...]] = {
 }
 
 #: Numeric precisions of the convolutions; see :class:`MusicnnNetwork`.
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
+
+#: Output range of each timbral convolution (after bias and ReLU) of the shipped
+#: networks, for int8: the largest value over the 56 corpus excerpts times 1.5
+#: (``python benchmarks/check_precision.py --calibrate`` prints the maxima).
+#: Larger values saturate at the top of the range.
+INT8_RANGES: dict[str, tuple[float, float]] = {
+    "musicnn-msd-1": (1.5 * 7.5819, 1.5 * 9.0310),
+    "musicnn-mtt-1": (1.5 * 3.4898, 1.5 * 4.5406),
+}
 
 #: Patches convolved at a time on a CPU (on other devices: all at once).  One
 #: at a time was the fastest setting measured (see docs/model-card.md).
 CHUNK_PATCHES = 1
+
+#: Patches per int8 convolution call (their uint8 maps, ~3.4 MB a patch, stay in cache).
+INT8_CHUNK_PATCHES = 2
 
 _BN_EPS = 1e-3
 
@@ -141,10 +153,112 @@ def cpu_has_native_bf16() -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8).
+
+    Only there is ``precision="int8"`` clearly faster (oneDNN's quantized
+    convolutions use them).  Reads ``/proc/cpuinfo``; ``False`` elsewhere.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", text) is not None
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """Turn ``"auto"`` into the fastest precision within the accuracy contract here.
+
+    ``"int8"`` on CPUs with VNNI/AMX-INT8, else ``"bf16"`` on CPUs with native
+    bfloat16, else ``"fp32"``; always ``"fp32"`` off the CPU (the quantized
+    kernels are CPU-only).  Other values are checked and returned.
+    """
+    if precision != "auto":
+        return _check_precision(precision)
+    if not str(device).startswith("cpu"):
+        return "fp32"
+    if cpu_has_vnni() and "x86" in torch.backends.quantized.supported_engines:
+        return "int8"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
+
+
+class _Int8Timbral:
+    """The two timbral convolutions as oneDNN int8 convolutions, max-pooled in int8.
+
+    Weights per filter (symmetric int8), the input per call (one scale for the
+    batch, asymmetric uint8), the output on the calibrated range
+    (:data:`INT8_RANGES`, uint8).  By the argument in the module docstring a
+    filter with a positive batch-norm scale needs ``max_f relu(z_f + b)``: an
+    int8 convolution with fused bias + ReLU, then an int8 max-pool over all
+    frequencies.  One with a negative scale needs ``relu(min_f (z_f + b))`` =
+    ``relu(-max_f (-(z_f + b)))``: the convolution of the negated filter and
+    bias, quantized on ``[-top, 0]`` (values above 0 clip to 0, which is where
+    the ReLU gives 0 anyway), max-pooled likewise.  Only the pooled
+    ``(P, 204, T)`` result is turned back into float32.
+    """
+
+    def __init__(self, net: MusicnnNetwork, ranges: tuple[float, float]) -> None:
+        import warnings
+
+        from torch.ao.nn.intrinsic.quantized import ConvReLU2d
+        from torch.ao.nn.quantized import Conv2d as QConv2d
+
+        torch.backends.quantized.engine = "x86"
+        self.convs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the quantized-tensor API is marked deprecated
+            for conv, norm, top in zip(net.timbral, net.timbral_norm, ranges, strict=True):
+                scale, shift = norm.scale_shift()
+                negative = scale < 0
+                parts = []
+                for select, sign in ((~negative, 1.0), (negative, -1.0)):
+                    index = torch.nonzero(select).flatten()
+                    if index.numel() == 0:
+                        continue
+                    weight = conv.weight.detach().float()[index] * sign
+                    bias = conv.bias.detach().float()[index] * sign
+                    w_scale = (weight.abs().amax(dim=(1, 2, 3)) / 127.0).clamp_min(1e-12)
+                    q_weight = torch.quantize_per_channel(
+                        weight,
+                        w_scale.double(),
+                        torch.zeros(index.numel(), dtype=torch.long),
+                        0,
+                        torch.qint8,
+                    )
+                    kind = ConvReLU2d if sign > 0 else QConv2d
+                    module = kind(1, index.numel(), tuple(conv.kernel_size))
+                    module.set_weight_bias(q_weight, bias)
+                    module.scale = float(top) / 255.0
+                    module.zero_point = 0 if sign > 0 else 255
+                    parts.append((module, index, sign))
+                self.convs.append((parts, scale, shift))
+
+    def __call__(self, padded: torch.Tensor) -> list[torch.Tensor]:
+        """``(P, T + 6, 96)`` padded, normalised patches -> two ``(P, T, 204)`` features."""
+        import warnings
+
+        x = padded.unsqueeze(1).contiguous()
+        lo, hi = float(x.min()), float(x.max())
+        step = max(hi - lo, 1e-8) / 255.0
+        zero = round(min(max(-lo / step, 0.0), 255.0))
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qx = torch.quantize_per_tensor(x, step, zero, torch.quint8)
+            for parts, scale, shift in self.convs:
+                peak = torch.empty(x.shape[0], scale.numel(), x.shape[2] - 6)
+                for module, index, sign in parts:
+                    maps = module(qx)  # (P, n, T, F)
+                    pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()
+                    peak[:, index] = pooled[..., 0] * sign
+                out.append(peak.transpose(1, 2) * scale + shift)
+        return out
 
 
 class FrozenBatchNorm(torch.nn.Module):
@@ -200,9 +314,19 @@ class MusicnnNetwork(torch.nn.Module):
     midend_filters = 64
     backend_units = 200
 
-    def __init__(self, *, n_tags: int = 50, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        *,
+        n_tags: int = 50,
+        precision: str = "fp32",
+        int8_ranges: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__()
         self.precision = _check_precision(precision)
+        if self.precision == "int8" and int8_ranges is None:
+            raise ModelError("precision int8 needs the output ranges of these weights")
+        self.int8_ranges = int8_ranges
+        self._int8: tuple[Any, _Int8Timbral] | None = None
         self.input_norm = FrozenBatchNorm(1)
         self.timbral = torch.nn.ModuleList(
             torch.nn.Conv2d(1, self.timbral_filters, (7, w)) for w in self.timbral_widths
@@ -253,10 +377,19 @@ class MusicnnNetwork(torch.nn.Module):
         """Bias, ReLU and batch norm of the (sign-folded) frequency maxima ``(P, T, C)``."""
         return torch.relu((peak.float() + bias) * sign) * scale + shift
 
+    def _int8_timbral(self) -> _Int8Timbral:
+        """The int8 timbral convolutions, rebuilt whenever the weights change."""
+        key = tuple((c.weight.data_ptr(), c.weight._version) for c in self.timbral)
+        if self._int8 is None or self._int8[0] != key:
+            assert self.int8_ranges is not None
+            self._int8 = (key, _Int8Timbral(self, self.int8_ranges))
+        return self._int8[1]
+
     def front_end(self, patches: torch.Tensor) -> torch.Tensor:
         """``(P, T, 96)`` log-mel patches -> ``(P, 561, T)`` front-end features."""
         scale, shift = self.input_norm.scale_shift()
         x = patches.float() * scale + shift
+        int8 = self.precision == "int8" and x.device.type == "cpu"
         bf16 = self.precision == "bf16"
         timbral = []
         for conv, norm in zip(self.timbral, self.timbral_norm, strict=True):
@@ -272,11 +405,15 @@ class MusicnnNetwork(torch.nn.Module):
         # On a CPU, one patch at a time: its per-frequency maps (about 20 MB in
         # float32) then stay in cache between the convolution and the max.
         chunk_size = CHUNK_PATCHES if x.device.type == "cpu" else max(1, len(x))
+        if int8:
+            chunk_size = INT8_CHUNK_PATCHES
         for chunk in x.split(chunk_size):
             features = []
             padded = F.pad(chunk, (0, 0, 3, 3))
             low = padded.to(torch.bfloat16) if bf16 else padded
-            for (taps, width), weight, rest in timbral:
+            if int8:
+                features.extend(self._int8_timbral()(padded))
+            for (taps, width), weight, rest in [] if int8 else timbral:
                 if bf16:
                     # A one-channel convolution gains nothing from bfloat16 dot
                     # products (they pair input channels), a matrix product over
@@ -328,6 +465,24 @@ class MusicnnNetwork(torch.nn.Module):
         return {"embedding": embedding, "tags": tags}
 
 
+@torch.inference_mode()
+def timbral_output_max(net: MusicnnNetwork, patches: torch.Tensor) -> tuple[float, float]:
+    """The largest output (after bias and ReLU) of each timbral convolution on ``patches``.
+
+    What :data:`INT8_RANGES` is calibrated from (``(P, 187, 96)`` log-mel
+    patches of real music, in float32).
+    """
+    scale, shift = net.input_norm.scale_shift()
+    tops = []
+    for conv in net.timbral:
+        top = 0.0
+        for chunk in patches.split(4):
+            x = F.pad(chunk.float() * scale + shift, (0, 0, 3, 3)).unsqueeze(1)
+            top = max(top, float(torch.relu(F.conv2d(x, conv.weight, conv.bias)).max()))
+        tops.append(top)
+    return tops[0], tops[1]
+
+
 class MusicnnModel(Model):
     """One musicnn network as a deepsim :class:`~deepsim.models.base.Model` (200-d).
 
@@ -368,7 +523,11 @@ class MusicnnModel(Model):
         self.frontend = FRONTEND if frontend is None else frontend
         self.tag_names = names
         self.dim = MusicnnNetwork.backend_units
-        self.net = MusicnnNetwork(n_tags=len(names), precision=precision)
+        self.net = MusicnnNetwork(
+            n_tags=len(names),
+            precision=precision,
+            int8_ranges=INT8_RANGES.get(self.model_id) if precision == "int8" else None,
+        )
 
     @property
     def precision(self) -> str:

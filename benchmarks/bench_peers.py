@@ -1,0 +1,207 @@
+"""deepsim against bliss-audio on the same files, in one run: quiet, then under load.
+
+Usage::
+
+    pip install -e '.[bench]'           # bliss-audio 0.2.0, a benchmark-only dependency
+    python benchmarks/bench_peers.py [--copies 6] [--models default msd-musicnn]
+
+The files are the real full-length songs of ``../shared/corpus/full`` (4 songs in
+opus, ogg, m4a and mp3), each copied ``--copies`` times under a temporary
+directory (distinct paths, so nothing is cached by path).  Each tool runs in a
+fresh child process, one after the other, on the same list:
+
+* **deepsim**: ``beet deepsim-embed`` on a throwaway beets library holding the
+  files (start-up, model loading and writing the vectors included), with its
+  defaults (``workers: auto``, ``precision: auto``);
+* **bliss**: ``bliss_audio.Song(path)`` (decode and analyse the whole song, as
+  bliss does), in a pool of one process per usable core, as bliss-rs does.
+
+For each it prints tracks/s (wall), CPU-seconds per track (user + system of
+the child and its workers), the peak RSS of the largest process, and the
+ratio deepsim/bliss.  Then it starts two busy-loop processes (``while True``,
+each ending by itself after ``--load-seconds`` and stopped by the benchmark),
+runs both tools again, and prints the loaded figures and each tool's loaded
+/ quiet ratio (a fair share with two busy loops on two cores is 0.5).
+Nothing is asserted: figures go to docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = ROOT.parent / "shared" / "corpus" / "full"
+
+BLISS_CHILD = r"""
+import json, multiprocessing, os, resource, sys, time
+
+def analyse(path):
+    import bliss_audio
+    return len(bliss_audio.Song(path).analysis)
+
+if __name__ == "__main__":
+    paths = json.loads(sys.argv[1])
+    procs = int(sys.argv[2])
+    started = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        sizes = pool.map(analyse, paths, chunksize=1)
+    wall = time.perf_counter() - started
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"tracks": len(sizes), "dims": sizes[0], "wall": wall,
+                      "cpu": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+                      "rss_mb": max(me.ru_maxrss, kids.ru_maxrss) / 1024}))
+"""
+
+BUSY = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def run_child(
+    argv: list[str], env: dict[str, str] | None = None
+) -> tuple[float, float, float, str]:
+    """Wall, CPU (child and its descendants) and peak RSS (MB) of one command, and its stdout."""
+    wrapper = (
+        "import resource, subprocess, sys, time, json\n"
+        "t = time.perf_counter()\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "wall = time.perf_counter() - t\n"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "sys.stderr.write(p.stderr)\n"
+        "print(json.dumps({'rc': p.returncode, 'wall': wall, 'cpu': u.ru_utime + u.ru_stime,"
+        " 'rss_mb': u.ru_maxrss / 1024, 'out': p.stdout}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, env=env, check=False
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} failed ({result['rc']}): {done.stderr[-500:]}")
+    return result["wall"], result["cpu"], result["rss_mb"], result["out"]
+
+
+def bench_deepsim(paths: list[Path], model: str, work: Path) -> dict[str, float]:
+    from beets.library import Item, Library
+
+    root = work / f"beets-{model}-{time.monotonic_ns()}"
+    root.mkdir()
+    lib = Library(str(root / "library.db"), str(root))
+    for path in paths:
+        lib.add(Item(path=os.fsencode(path), title=path.stem, artist="bench"))
+    lib._close()
+    (root / "config.yaml").write_text(
+        f"library: {root / 'library.db'}\ndirectory: {root}\nplugins: [deepsim]\n"
+        f"create_backup_before_migrations: no\ndeepsim:\n  model: {model}\n  device: cpu\n"
+    )
+    env = dict(os.environ, BEETSDIR=str(root))
+    wall, cpu, rss, out = run_child([sys.executable, "-m", "beets", "deepsim-embed"], env)
+    match = re.search(r"embedded (\d+)", out)
+    if not match or int(match.group(1)) != len(paths):
+        raise SystemExit(f"deepsim-embed embedded {match.group(1) if match else 0} of {len(paths)}")
+    return {"tracks": len(paths), "wall": wall, "cpu": cpu, "rss_mb": rss}
+
+
+def bench_bliss(paths: list[Path], procs: int) -> dict[str, float]:
+    wall, cpu, rss, out = run_child(
+        [sys.executable, "-c", BLISS_CHILD, json.dumps([os.fspath(p) for p in paths]), str(procs)]
+    )
+    inner = json.loads(out.strip().splitlines()[-1])
+    return {"tracks": inner["tracks"], "wall": wall, "cpu": cpu, "rss_mb": rss}
+
+
+def line(name: str, r: dict[str, float], base: dict[str, float] | None) -> str:
+    rate = r["tracks"] / r["wall"]
+    text = (
+        f"{name:<22} {rate:6.2f} tracks/s  {r['cpu'] / r['tracks']:5.2f} CPU-s/track  "
+        f"peak RSS {r['rss_mb']:5.0f} MB"
+    )
+    if base is not None:
+        text += f"  {rate / (base['tracks'] / base['wall']):4.2f}x bliss"
+    return text
+
+
+def round_of(label: str, paths: list[Path], models: list[str], work: Path, procs: int) -> dict:
+    print(f"\n== {label} (load average {loadavg()})")
+    results = {"bliss": bench_bliss(paths, procs)}
+    print(line(f"bliss ({procs} processes)", results["bliss"], None), flush=True)
+    for model in models:
+        results[model] = bench_deepsim(paths, model, work)
+        print(line(f"deepsim {model}", results[model], results["bliss"]), flush=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=6, help="copies of each real song")
+    parser.add_argument("--models", nargs="+", default=["default", "msd-musicnn"])
+    parser.add_argument("--busy", type=int, default=2, help="busy-loop processes for the load")
+    parser.add_argument("--load-seconds", type=int, default=900, help="each busy loop's limit")
+    parser.add_argument("--no-load", action="store_true", help="quiet round only")
+    args = parser.parse_args()
+    try:
+        import bliss_audio  # noqa: F401
+    except ImportError:
+        print("bliss-audio is not installed: pip install -e '.[bench]' (bliss-audio==0.2.0)")
+        return 1
+    if not FULL.is_dir():
+        print(f"no real songs at {FULL}")
+        return 1
+    procs = usable_cores()
+    songs = sorted(FULL.iterdir())
+    print(
+        f"{len(songs)} real songs × {args.copies} = {len(songs) * args.copies} files, "
+        f"{procs} usable cores, {os.cpu_count()} CPUs"
+    )
+    with tempfile.TemporaryDirectory(prefix="deepsim-peers-") as tmp:
+        work = Path(tmp)
+        paths = []
+        for rep in range(args.copies):
+            for song in songs:
+                copy = work / f"{rep}-{song.name}"
+                shutil.copy(song, copy)
+                paths.append(copy)
+        quiet = round_of("quiet", paths, args.models, work, procs)
+        if args.no_load:
+            return 0
+        busy = [
+            subprocess.Popen([sys.executable, "-c", BUSY.format(seconds=args.load_seconds)])
+            for _ in range(args.busy)
+        ]
+        try:
+            time.sleep(2)
+            loaded = round_of(f"{args.busy} busy loops", paths, args.models, work, procs)
+        finally:
+            for proc in busy:
+                proc.kill()
+                proc.wait()
+        print(
+            "\n== loaded / quiet throughput (fair share with the busy loops on every core: "
+            f"{procs / (procs + args.busy):.2f})"
+        )
+        for name in quiet:
+            ratio = quiet[name]["wall"] / loaded[name]["wall"]
+            print(f"{name:<22} {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
