@@ -58,7 +58,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -818,6 +818,74 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
 # Command line
 
 
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run is told: the fields of ``python -m deepsim.pretrain``.
+
+    The command line is parsed into one of these (:meth:`from_args`); the
+    parser's defaults are these defaults, and :func:`run` and :class:`Trainer`
+    read only this object.  See ``python -m deepsim.pretrain --help`` for each
+    field (``--wmf-alpha`` is ``wmf_alpha``, and so on).
+    """
+
+    audio: str
+    listens: list[str]
+    format: str = "auto"
+    song_table: str | None = None
+    session_gap: float = 1800.0
+    mapping: str | None = None
+    out: str = "pretrain-out"
+    holdout: float = 0.1
+    min_plays: float = 2
+    min_listeners: int = 2
+    min_user_tracks: int = 2
+    cache_mels: bool = False
+    source_seconds: float | None = None
+    factors: int = 40
+    wmf_alpha: float = 2.0
+    wmf_epsilon: float = 1e-6
+    wmf_regularization: float = 0.01
+    wmf_iterations: int = 15
+    filters: str = "256,256,256,256"
+    pools: str = "4,2,2"
+    kernel_size: int = 4
+    dense: str = "2048,2048"
+    dropout: float = 0.5
+    no_batch_norm: bool = False
+    patch_frames: int = 599
+    n_mels: int = 128
+    hop_length: int = 1105
+    epochs: int = 10
+    max_steps: int = 0
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    steps_per_checkpoint: int = 500
+    resume: bool = False
+    prepare_only: bool = False
+    dist_timeout: float = 120.0
+    workers: int = 2
+    amp: bool = False
+    device: str = "auto"
+    threads: int = 0
+    seed: int = 0
+    log_every: int = 20
+    eval_users: int = 20000
+
+    @classmethod
+    def from_args(cls, args: PretrainConfig | PretrainConfig) -> PretrainConfig:
+        """The config of parsed command-line ``args`` (a config passes through)."""
+        if isinstance(args, PretrainConfig):
+            return args
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in known})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m deepsim.pretrain`` argument parser."""
     p = argparse.ArgumentParser(
@@ -895,10 +963,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=20000,
         help="users sampled for the held-out ranking metrics (0: all; default %(default)s)",
     )
+    # One set of defaults: the config's.
+    p.set_defaults(
+        **{f.name: f.default for f in fields(PretrainConfig) if f.default is not MISSING}
+    )
     return p
 
 
-def _network_config(args: argparse.Namespace) -> dict[str, Any]:
+def _network_config(args: PretrainConfig) -> dict[str, Any]:
     frontend = {**DEFAULT_FRONTEND.to_dict(), "n_mels": args.n_mels, "hop_length": args.hop_length}
     return normalise_config(
         {
@@ -915,7 +987,7 @@ def _network_config(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: PretrainConfig) -> None:
     for name in ("epochs", "batch_size", "steps_per_checkpoint", "log_every", "factors"):
         value = getattr(args, name)
         if value < 1:
@@ -933,7 +1005,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainingError(f"--source-seconds must be positive, got {args.source_seconds!r}")
 
 
-def targets_key(args: argparse.Namespace) -> str:
+def targets_key(args: PretrainConfig) -> str:
     """What ``targets.npz`` depends on: inputs (with sizes and times) and options."""
     files = []
     for name in [*args.listens, args.mapping, args.song_table]:
@@ -956,7 +1028,7 @@ def targets_key(args: argparse.Namespace) -> str:
     return json.dumps({"files": files, "options": options}, sort_keys=True)
 
 
-def _prepare_targets(args: argparse.Namespace, out: Path, runtime: Runtime) -> Targets:
+def _prepare_targets(args: PretrainConfig, out: Path, runtime: Runtime) -> Targets:
     """Compute ``targets.npz`` on rank 0 unless one for the same inputs exists; load it."""
     path = out / TARGETS_FILE
     key = targets_key(args)
@@ -980,7 +1052,7 @@ def _prepare_targets(args: argparse.Namespace, out: Path, runtime: Runtime) -> T
     return load_targets(path)
 
 
-def _compute_targets(args: argparse.Namespace, path: Path, key: str) -> None:
+def _compute_targets(args: PretrainConfig, path: Path, key: str) -> None:
     try:
         listens = read_listens(
             args.listens,
@@ -1025,7 +1097,7 @@ def _compute_targets(args: argparse.Namespace, path: Path, key: str) -> None:
     save_targets(path, targets)
 
 
-def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, args: PretrainConfig) -> torch.optim.Optimizer:
     if args.optimizer == "adam":
         lr = 1e-3 if args.lr is None else args.lr
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
@@ -1039,8 +1111,12 @@ def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run pretraining as configured by parsed ``args``; returns the final summary."""
+def run(args: PretrainConfig | argparse.Namespace) -> dict[str, Any]:
+    """Run pretraining as configured (a :class:`PretrainConfig`, or parsed ``args``).
+
+    Returns the final summary.
+    """
+    args = PretrainConfig.from_args(args)
     _check_args(args)
     threads = torch.get_num_threads()
     if args.threads:
@@ -1054,7 +1130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, runtime: Runtime) -> dict[str, Any]:
+def _run(args: PretrainConfig, runtime: Runtime) -> dict[str, Any]:
     out = Path(args.out)
     say = _say if runtime.main else _quiet
     if runtime.main:
@@ -1175,7 +1251,7 @@ class Trainer:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        args: PretrainConfig,
         runtime: Runtime,
         *,
         model: DielemanModel,
@@ -1272,7 +1348,11 @@ class Trainer:
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.run_args = {
-            **{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))},
+            **{
+                k: v
+                for k, v in args.as_dict().items()
+                if isinstance(v, (int, float, str, bool, list))
+            },
             "world": runtime.world,
         }
         self.timed_steps = 0
