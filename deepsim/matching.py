@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from deepsim.errors import ParameterError
 from deepsim.listening import KEY_SEP, Listens, TrackKey
 
 if TYPE_CHECKING:
@@ -185,16 +186,6 @@ class MatchResult:
     by_name: int
     by_id: int = 0
 
-    def play_rate(self, listens: Listens) -> float:
-        """Share of all plays in ``listens`` that fall on matched tracks."""
-        if len(self.item_ids) != listens.n_tracks:
-            raise ValueError(
-                f"match has {len(self.item_ids)} tracks, listens has {listens.n_tracks}"
-            )
-        per_track = np.asarray(listens.counts.sum(axis=0, dtype=np.float64)).ravel()
-        total = per_track.sum()
-        return float(per_track[self.item_ids >= 0].sum() / total) if total > 0 else 0.0
-
 
 def _key_mbid(t: TrackKey) -> str | None:
     for v in (t.mbid, t.key):
@@ -268,7 +259,7 @@ def collapse(listens: Listens, match: MatchResult, *, min_user_plays: float = 1)
     """
     ids = np.asarray(match.item_ids, dtype=np.int64)
     if ids.shape != (listens.n_tracks,):
-        raise ValueError(
+        raise ParameterError(
             f"match has {ids.shape[0] if ids.ndim else 0} tracks, listens has {listens.n_tracks}"
         )
     matched = np.flatnonzero(ids >= 0)

@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from deepsim.audio import decode_middle
-from deepsim.errors import AudioError, DeepsimError
+from deepsim.errors import AudioError, DeepsimError, ParameterError
 from deepsim.frontend import FrontendParams
+from deepsim.util import loop_to_length
 
 MELS_FILE = "mels.f16"
 INDEX_FILE = "index.json"
@@ -67,14 +68,6 @@ def cache_key(paths: Sequence[str], *, frontend: FrontendParams, seconds: float)
 def cache_frames(frontend: FrontendParams, seconds: float) -> int:
     """Frames stored per track: those of a ``seconds``-long window."""
     return frontend.n_frames(round(seconds * frontend.sample_rate))
-
-
-def loop_to(mel: np.ndarray, frames: int) -> np.ndarray:
-    """Repeat ``mel`` (frames, bands) along time up to exactly ``frames`` rows."""
-    if mel.shape[0] >= frames:
-        return mel[:frames]
-    reps = -(-frames // mel.shape[0])
-    return np.tile(mel, (reps, 1))[:frames]
 
 
 @dataclass
@@ -119,7 +112,7 @@ class MelCache:
         """``frames`` frames of track ``index`` from frame ``start``, as float32."""
         n = self.shape[1] if frames is None else frames
         if not 0 <= start <= self.shape[1] - n:
-            raise ValueError(f"crop of {n} frames from {start} exceeds {self.shape[1]} frames")
+            raise ParameterError(f"crop of {n} frames from {start} exceeds {self.shape[1]} frames")
         return np.asarray(self.mels[index, start : start + n], dtype=np.float32)
 
     @classmethod
@@ -203,7 +196,7 @@ class _DecodeMels:
             self._logmel = make_logmel(self.frontend)
         with torch.inference_mode():
             mel = self._logmel(torch.from_numpy(wave)[None])[0].numpy()
-        return index, loop_to(mel, self.frames).astype(np.float16), ""
+        return index, loop_to_length(mel, self.frames)[: self.frames].astype(np.float16), ""
 
 
 def loader_context(workers: int, *, preload: Sequence[str] = ()) -> Any:
@@ -288,9 +281,9 @@ def build_cache(
     import torch
 
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need 0 <= rank < world, got rank={rank!r}, world={world!r}")
+        raise ParameterError(f"need 0 <= rank < world, got rank={rank!r}, world={world!r}")
     if seconds <= 0:
-        raise ValueError(f"seconds must be positive, got {seconds!r}")
+        raise ParameterError(f"seconds must be positive, got {seconds!r}")
     directory = Path(directory)
     key = cache_key(paths, frontend=frontend, seconds=seconds)
     existing = MelCache.open(directory, key=key)

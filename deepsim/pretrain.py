@@ -81,7 +81,7 @@ from deepsim.matching import (
     normalise_artist,
     normalise_title,
 )
-from deepsim.melcache import MelCache, build_cache, loader_context, loop_to
+from deepsim.melcache import MelCache, build_cache, loader_context
 from deepsim.metrics import PREDICTED_ROW, HeldoutMetrics, MetricRow, evaluate_heldout
 from deepsim.models.checkpoint import read_metadata
 from deepsim.models.dieleman import (
@@ -93,6 +93,7 @@ from deepsim.models.dieleman import (
     parse_int_list,
     summary,
 )
+from deepsim.util import loop_to_length
 from deepsim.wmf import unit_normalise
 
 #: Extensions taken as audio when scanning ``--audio``.
@@ -508,7 +509,9 @@ class ClipDataset(Dataset):
         if self.cache is not None:
             frames = self.cache.shape[1]
             if frames < self.patch_frames:
-                return loop_to(self.cache.read(track), self.patch_frames)
+                return loop_to_length(self.cache.read(track), self.patch_frames)[
+                    : self.patch_frames
+                ]
             return self.cache.read(
                 track, start=self._start(frames, self.patch_frames), frames=self.patch_frames
             )
@@ -524,7 +527,7 @@ class ClipDataset(Dataset):
             self._logmel = make_logmel(self.frontend)
         with torch.inference_mode():
             mel = self._logmel(torch.from_numpy(crop)[None])[0].numpy()
-        return loop_to(mel, self.patch_frames)
+        return loop_to_length(mel, self.patch_frames)[: self.patch_frames]
 
     def _load(self, track: int) -> np.ndarray | None:
         if track in self._bad:
