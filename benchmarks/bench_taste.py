@@ -198,8 +198,17 @@ def main() -> None:
 
     print("\n$ beet deepsim-train --listens listens.csv")
     started = time.perf_counter()
-    print(beet(workdir, "deepsim-train", "--listens", str(workdir / "listens.csv")).rstrip())
+    out = beet(workdir, "deepsim-train", "--listens", str(workdir / "listens.csv"))
+    print(out.rstrip())
     print(f"(training: {time.perf_counter() - started:.1f} s)")
+    if "(not active)" in out:
+        print(
+            "\n$ beet deepsim-train --listens listens.csv --activate   (the same model, measured)"
+        )
+        out = beet(
+            workdir, "deepsim-train", "--listens", str(workdir / "listens.csv"), "--activate"
+        )
+        print("\n".join(out.rstrip().splitlines()[-2:]))
 
     print("\nsame-album P@5 of `beet similar -c 5` after training")
     show("trained, chosen taste weight", p_at_5(workdir, album, never))

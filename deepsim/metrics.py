@@ -200,7 +200,8 @@ class Comparison:
     """Paired per-user difference ``a - b`` of AUC and AP (over users both rank).
 
     ``z = mean / standard error``; :attr:`beats` asks for both means to be
-    positive with ``z`` above ``z_min`` (one-sided, 1.645 = 95 %).
+    positive with ``z`` above ``z_min`` (one-sided, 1.645 = 95 %).  ``auc``
+    and ``map_at_k`` are the two means ``(a, b)`` over the compared users.
     """
 
     d_auc: float
@@ -209,6 +210,8 @@ class Comparison:
     se_map: float
     n_users: int
     z_min: float = 1.645
+    auc: tuple[float, float] = (float("nan"), float("nan"))
+    map_at_k: tuple[float, float] = (float("nan"), float("nan"))
 
     @property
     def z_auc(self) -> float:
@@ -229,22 +232,36 @@ class Comparison:
         )
 
 
-def compare(a: RankingScores, b: RankingScores, *, z_min: float = 1.645) -> Comparison:
-    """Paired comparison of two score sets computed for the same users."""
+def compare(
+    a: RankingScores,
+    b: RankingScores,
+    *,
+    users: np.ndarray | None = None,
+    z_min: float = 1.645,
+) -> Comparison:
+    """Paired comparison of two score sets computed for the same users.
+
+    ``users`` (a boolean mask or indices) restricts it to some of them.
+    """
     if a.auc_per_user.shape != b.auc_per_user.shape:
         raise ParameterError("compare needs scores computed over the same users")
+    pick = (
+        np.ones(len(a.auc_per_user), bool) if users is None else np.zeros(len(a.auc_per_user), bool)
+    )
+    if users is not None:
+        pick[np.asarray(users)] = True
 
-    def paired(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
-        ok = np.isfinite(x) & np.isfinite(y)
+    def paired(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int, float, float]:
+        ok = np.isfinite(x) & np.isfinite(y) & pick
         d = x[ok] - y[ok]
         if len(d) == 0:
-            return float("nan"), float("nan"), 0
+            return float("nan"), float("nan"), 0, float("nan"), float("nan")
         se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
-        return float(d.mean()), se, len(d)
+        return float(d.mean()), se, len(d), float(x[ok].mean()), float(y[ok].mean())
 
-    d_auc, se_auc, _ = paired(a.auc_per_user, b.auc_per_user)
-    d_map, se_map, n = paired(a.ap_per_user, b.ap_per_user)
-    return Comparison(d_auc, se_auc, d_map, se_map, n, z_min)
+    d_auc, se_auc, _, a_auc, b_auc = paired(a.auc_per_user, b.auc_per_user)
+    d_map, se_map, n, a_map, b_map = paired(a.ap_per_user, b.ap_per_user)
+    return Comparison(d_auc, se_auc, d_map, se_map, n, z_min, (a_auc, b_auc), (a_map, b_map))
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
