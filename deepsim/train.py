@@ -1042,9 +1042,10 @@ def evaluate_split(
     Only users with at least one training play take part (the others have no
     factor and no profile), so every row ranks for the same users and rows can
     be compared user by user.  ``taste_weight=None`` tries
-    :data:`TASTE_WEIGHTS` and keeps the one whose combined profile has the
-    best mAP (then AUC) for a seeded half of the users; the comparison with
-    the untrained model uses the other half.
+    :data:`TASTE_WEIGHTS` and keeps the smallest one whose combined profile's
+    mAP is within one standard error of the best (:func:`_pick_weight`), for a
+    seeded half of the users; the comparison with the untrained model uses the
+    other half.
     """
     from deepsim.taste import combine
 
@@ -1062,33 +1063,44 @@ def evaluate_split(
     chooser = np.random.default_rng(seed + 1).random(len(keep)) < 0.5
     weights = TASTE_WEIGHTS if taste_weight is None else (float(taste_weight),)
     scan: dict[float, tuple[float, float]] = {}
-    best: tuple[float, float, float] | None = None
-    best_scores = None
+    tried: dict[float, Any] = {}
     for w in weights:
-        scores = profile_scores(
+        tried[w] = profile_scores(
             train_plays,
             combine(features_train, predicted_train, w),
             heldout_plays,
             combine(features_heldout, predicted_heldout, w),
         )
-        scan[w] = (scores.auc, scores.map_at_k)
-        ap = scores.ap_per_user[chooser]
-        auc = scores.auc_per_user[chooser]
-        key = (
-            float(np.nanmean(ap)) if np.isfinite(ap).any() else -1.0,
-            float(np.nanmean(auc)) if np.isfinite(auc).any() else -1.0,
-            -w,
-        )
-        if best is None or key > best:
-            best, best_scores = key, scores
-    assert best is not None and best_scores is not None
-    chosen = -best[2]
+        scan[w] = (tried[w].auc, tried[w].map_at_k)
+    chosen = _pick_weight(tried, chooser)
+    best_scores = tried[chosen]
     metrics = metrics.with_row(
         MetricRow(f"{COMBINED_ROW} (w={chosen:g})", best_scores), after=PREDICTED_ROW
     )
     metrics = metrics.with_row(MetricRow(UNTRAINED_ROW, untrained), after=metrics.rows[2].name)
     judges = ~chooser if taste_weight is None else np.ones(len(keep), bool)
     return Evaluation(metrics, chosen, scan, compare(best_scores, untrained, users=judges))
+
+
+def _pick_weight(tried: dict[float, Any], users: np.ndarray) -> float:
+    """The smallest taste weight whose mAP is within one standard error of the best.
+
+    Over ``users`` (the choosing half), paired per user.  Preferring the
+    smaller weight when the difference is within noise keeps more of the
+    sound, which is all a never-played track's vector is sure of.
+    """
+    if len(tried) == 1:
+        return next(iter(tried))
+    ap = {w: s.ap_per_user[users] for w, s in tried.items()}
+    means = {w: float(np.nanmean(a)) if np.isfinite(a).any() else -1.0 for w, a in ap.items()}
+    top = max(means, key=lambda w: (means[w], -w))
+    for w in sorted(tried):
+        d = ap[w] - ap[top]
+        d = d[np.isfinite(d)]
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        if means[w] >= means[top] - se:
+            return w
+    return top
 
 
 def activation_decision(evaluation: Evaluation | None, *, force: bool | None) -> tuple[bool, str]:
