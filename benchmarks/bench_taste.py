@@ -17,8 +17,10 @@ Steps (all through the real beets commands, in this process):
 2. same-album P@5 of ``beet similar -c 5`` for every track (played and
    never-played tracks reported apart): the untrained figures;
 3. ``beet deepsim-train --listens listens.csv``: the metrics table;
-4. the same P@5 with the trained model, at its chosen taste weight and at
-   ``--taste-weight 0`` (sound only: must equal step 2) and ``1`` (taste only);
+4. the same P@5 with the trained model (activated with ``--activate`` if the
+   evidence rule refused it), at its chosen taste weight and at
+   ``--taste-weight`` 0 (sound only: must equal step 2), 0.3, 0.5 and 1
+   (taste only);
 5. ``beet recommend --listens <one new listener's file> --unplayed -c 10``.
 
 Figures depend on the seed (``--seed``) and the corpus; the load of the
@@ -212,8 +214,8 @@ def main() -> None:
 
     print("\nsame-album P@5 of `beet similar -c 5` after training")
     show("trained, chosen taste weight", p_at_5(workdir, album, never))
-    show("trained, --taste-weight 0 (sound)", p_at_5(workdir, album, never, 0.0))
-    show("trained, --taste-weight 1 (taste)", p_at_5(workdir, album, never, 1.0))
+    for w, what in ((0.0, " (sound)"), (0.3, ""), (0.5, ""), (1.0, " (taste)")):
+        show(f"trained, --taste-weight {w:g}{what}", p_at_5(workdir, album, never, w))
     first = min(album)
     print(f"\n$ beet similar -c 5 id:{first}   ({album[first]})")
     print(

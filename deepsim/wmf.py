@@ -71,18 +71,20 @@ class WMFResult:
 
         ``params`` needs ``alpha``, ``epsilon`` and ``regularization``.
         """
+        import threadpoolctl
         from implicit.cpu.als import AlternatingLeastSquares
 
         y = np.ascontiguousarray(item_factors, dtype=np.float32)
         if y.ndim != 2 or len(y) == 0:
             raise ParameterError(f"item_factors must be a non-empty 2-D array, got {y.shape}")
-        model = AlternatingLeastSquares(
-            factors=y.shape[1],
-            regularization=float(params["regularization"]),
-            alpha=1.0,
-            dtype=np.float32,
-            num_threads=1,
-        )
+        with threadpoolctl.threadpool_limits(1, "blas"):  # as in fit_wmf (implicit's advice)
+            model = AlternatingLeastSquares(
+                factors=y.shape[1],
+                regularization=float(params["regularization"]),
+                alpha=1.0,
+                dtype=np.float32,
+                num_threads=1,
+            )
         model.item_factors = y
         model.user_factors = np.zeros((0, y.shape[1]), np.float32)
         full = {"alpha": float(params["alpha"]), "epsilon": float(params["epsilon"]), **params}
@@ -99,8 +101,12 @@ class WMFResult:
         scales each play's confidence excess ``c - 1``: an old play counts less
         (see :mod:`deepsim.recommend`).  Users without plays get zero rows.
         """
+        import threadpoolctl
+
         conf = self._confidence(counts, self.item_factors.shape[0], weights)
-        return _zero_empty(self.model.recalculate_user(np.arange(conf.shape[0]), conf), conf)
+        with threadpoolctl.threadpool_limits(1, "blas"):
+            users = self.model.recalculate_user(np.arange(conf.shape[0]), conf)
+        return _zero_empty(users, conf)
 
     def fold_in_items(self, counts: sp.spmatrix | sp.sparray) -> np.ndarray:
         """Factors of new tracks from their ``(n_users, n_new_tracks)`` play counts.
@@ -115,8 +121,12 @@ class WMFResult:
                 f"counts must have one row per fitted user ({self.user_factors.shape[0]}), "
                 f"got {csr.shape[0]}"
             )
+        import threadpoolctl
+
         conf = self._confidence(csr.T.tocsr(), csr.shape[0], None)
-        return _zero_empty(self.model.recalculate_item(np.arange(conf.shape[0]), conf), conf)
+        with threadpoolctl.threadpool_limits(1, "blas"):
+            items = self.model.recalculate_item(np.arange(conf.shape[0]), conf)
+        return _zero_empty(items, conf)
 
     def _confidence(
         self, counts: sp.spmatrix | sp.sparray, width: int, weights: sp.spmatrix | None
