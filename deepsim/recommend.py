@@ -61,6 +61,9 @@ _SESSION_TIME = "%Y-%m-%dT%H:%M:%SZ"
 
 def _split_row(name: str) -> tuple[str, float | None]:
     """``"alice@2024-05-01T20:00:00Z"`` → ``("alice", unix time)``; else ``(name, None)``."""
+    if name.startswith("library:"):  # the library's play counts and plays are one listener
+        stamp = name.partition("@")[2]
+        name = "library" + (f"@{stamp}" if stamp else "")
     user, sep, stamp = name.rpartition("@")
     if sep:
         try:

@@ -189,6 +189,14 @@ class TestRecommendCommand(PluginTestHelper):
         assert "sound profile: the recency-weighted mean sound of the 4 most-played" in caplog.text
         assert "not trained on listening data" in caplog.text
 
+    def test_play_counts_in_the_library(self, capsys: pytest.CaptureFixture[str]) -> None:
+        for item_id in self.alice_ids:
+            item = self.lib.get_item(item_id)
+            item["play_count"] = 3
+            item.store()
+        lines = self.out(capsys, "recommend", "--library", "--unplayed", "-c", "4", "-f", "$id")
+        assert len(lines) == 4 and not {int(x) for x in lines} & self.alice_ids
+
     def test_several_listeners_need_user_and_errors_are_user_errors(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
