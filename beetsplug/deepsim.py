@@ -1,20 +1,23 @@
 """Find music that sounds alike, from the audio alone.
 
 Commands: ``deepsim-embed`` (store a vector per track), ``similar`` (nearest
-tracks, printed or as a playlist), ``deepsim-index`` (rebuild the ANN index)
-and ``deepsim-train`` (learn a collaborative-filtering space from listening
-data).  The algorithms live in the :mod:`deepsim` library; this module holds
-configuration, commands and events only.  torch is imported only by the
+tracks or albums, printed or as a playlist), ``deepsim-index`` (rebuild the
+ANN index) and ``deepsim-train`` (learn a collaborative-filtering space from
+listening data).  The algorithms live in the :mod:`deepsim` library; this
+module reads configuration (checked when the plugin loads), calls one
+library function per command and prints.  torch is imported only by the
 commands that run a network, never by ``beet similar``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,19 +30,29 @@ from beets.exceptions import UserError
 from beets.plugins import BeetsPlugin
 from beets.util.units import human_seconds_short
 
-from deepsim import dupes, outliers, store
-from deepsim.errors import DeepsimError
+from deepsim import dupes as _dupes
+from deepsim import outliers as _outliers
+from deepsim import store
+from deepsim.errors import DeepsimError, ParameterError
+from deepsim.util import LOGGER_NAME, check_choice, check_float, check_int
 
 if TYPE_CHECKING:
     from beets.importer import ImportSession, ImportTask
     from beets.library import Item, Library
 
+    from deepsim.embed import EmbedPlan, EmbedSummary
     from deepsim.models.base import Model
+
+#: In-memory result fields of `beet similar` (named so no other plugin types them).
+SIMILARITY_FIELD = "deepsim_similarity"
+DISTANCE_FIELD = "deepsim_distance"
 
 
 class EmbedOpts(Protocol):
     force: bool
     pretend: bool
+    retry_failed: bool
+    prune: bool
 
 
 class SimilarOpts(Protocol):
@@ -52,7 +65,7 @@ class SimilarOpts(Protocol):
     include_seeds: bool
     max_per_artist: int | None
     max_per_album: int | None
-    where: str | None
+    where: list[str] | None
     exact: bool
     taste_weight: float | None
     to: str | None
@@ -60,6 +73,7 @@ class SimilarOpts(Protocol):
     keep_duplicates: bool
     no_outliers: bool
     mpd: bool
+    album: bool
 
 
 class IndexOpts(Protocol):
@@ -96,66 +110,200 @@ def _top_tags(names: Sequence[str], probs: Any, per_group: int = 3) -> str:
     return ", ".join(best)
 
 
+# -- configuration: defaults and the check made when the plugin loads -------------------------
+
+DEFAULTS: dict[str, Any] = {
+    "auto": True,
+    "model": "auto",
+    "device": "auto",
+    "precision": "auto",
+    "workers": "auto",
+    "batch_size": 8,
+    "commit_every": 32,
+    "store_tags": True,
+    "state_dir": "deepsim",
+    # beet similar
+    "count": 20,
+    "format": None,
+    "album_format": None,
+    "max_per_artist": 0,
+    "max_per_album": 0,
+    "relative": False,
+    "index": {"n_trees": 20, "exact_below": 2000},
+    # versions, outliers, map, MPD radio
+    "dupes": {"threshold": _dupes.DEFAULT_THRESHOLD, "tags": True},
+    "outliers": {
+        "threshold": _outliers.DEFAULT_THRESHOLD,
+        "min_tracks": _outliers.DEFAULT_MIN_TRACKS,
+    },
+    "map": {"method": "opentsne", "color_by": "album", "neighbours": 10},
+    "radio": {"ahead": 3, "batch": 5, "history": 3, "avoid": 3600, "interval": 2.0},
+    # beet deepsim-train
+    "train": {
+        "listens": [],
+        "format": "auto",
+        "playlists": [],
+        "library": False,
+        "backbone": "default",
+        "min_plays": 2,
+        "min_tracks": 50,
+        "factors": 40,
+        "alpha": None,
+        "epsilon": None,
+        "regularization": None,
+        "iterations": None,
+        "heldout": 0.2,
+        "head": "auto",
+        "taste_weight": None,
+        "epochs": 200,
+        "threads": 1,
+    },
+    # beet similar --taste-weight / beet recommend
+    "taste_weight": None,
+    "recommend": {"half_life": 90.0},
+}
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ParameterError(f"{key} must be yes or no, got {value!r}")
+
+
+def _text(key: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        what = "a beets format string" if "format" in key else "a non-empty string"
+        raise ParameterError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}")
+
+
+def _texts(key: str, value: Any) -> None:
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ParameterError(f"{key} must be a file name or a list of them, got {value!r}")
+
+
+def _device(key: str, value: Any) -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ParameterError(f"{key} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+
+
+def _workers(key: str, value: Any) -> None:
+    if value != "auto":
+        check_int(key, value, minimum=0)
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda key, value: None if value is None else check(key, value)
+
+
+def _positive(key: str, value: Any) -> None:
+    check_float(key, value, low=0, low_open=True)
+
+
+_RULES: dict[str, Callable[[str, Any], Any]] = {
+    "auto": _bool,
+    "model": _text,
+    "device": _device,
+    "precision": lambda k, v: check_choice(k, v, ("auto", "fp32", "bf16")),
+    "workers": _workers,
+    "batch_size": lambda k, v: check_int(k, v, minimum=1),
+    "commit_every": lambda k, v: check_int(k, v, minimum=1),
+    "store_tags": _bool,
+    "state_dir": _text,
+    "count": lambda k, v: check_int(k, v, minimum=1),
+    "format": lambda k, v: _text(k, v, optional=True),
+    "album_format": lambda k, v: _text(k, v, optional=True),
+    "max_per_artist": lambda k, v: check_int(k, v, minimum=0),
+    "max_per_album": lambda k, v: check_int(k, v, minimum=0),
+    "relative": _bool,
+    "index.n_trees": lambda k, v: check_int(k, v, minimum=1),
+    "index.exact_below": lambda k, v: check_int(k, v, minimum=0),
+    "train.listens": _texts,
+    "train.format": lambda k, v: check_choice(
+        k, v, ("auto", "taste-profile", "lastfm-csv", "lastfm-1k", "listenbrainz")
+    ),
+    "train.playlists": _texts,
+    "train.library": _bool,
+    "train.backbone": _text,
+    "train.min_plays": lambda k, v: check_float(k, v, low=0),
+    "train.min_tracks": lambda k, v: check_int(k, v, minimum=1),
+    "train.factors": lambda k, v: check_int(k, v, minimum=1),
+    "train.alpha": _optional(_positive),
+    "train.epsilon": _optional(_positive),
+    "train.regularization": _optional(lambda k, v: check_float(k, v, low=0)),
+    "train.iterations": _optional(lambda k, v: check_int(k, v, minimum=1)),
+    "train.heldout": lambda k, v: check_float(k, v, low=0, high=1, high_open=True),
+    "train.epochs": lambda k, v: check_int(k, v, minimum=1),
+    "train.threads": _optional(lambda k, v: check_int(k, v, minimum=1)),
+    "train.head": _text,
+    "train.taste_weight": _optional(lambda k, v: check_float(k, v, low=0, high=1)),
+    "taste_weight": _optional(lambda k, v: check_float(k, v, low=0, high=1)),
+    "recommend.half_life": _optional(_positive),
+    "dupes.threshold": lambda k, v: check_float(k, v, low=-1, high=1),
+    "dupes.tags": _bool,
+    "outliers.threshold": lambda k, v: check_float(k, v, low=0),
+    "outliers.min_tracks": lambda k, v: check_int(k, v, minimum=3),
+    "map.method": _text,
+    "map.color_by": _text,
+    "map.neighbours": lambda k, v: check_int(k, v, minimum=1, maximum=100),
+    "radio.ahead": lambda k, v: check_int(k, v, minimum=1),
+    "radio.batch": lambda k, v: check_int(k, v, minimum=1),
+    "radio.history": lambda k, v: check_int(k, v, minimum=1),
+    "radio.avoid": lambda k, v: check_float(k, v, low=0),
+    "radio.interval": lambda k, v: check_float(k, v, low=0),
+}
+
+
+def check_config(view: confuse.ConfigView) -> None:
+    """Check every key of the ``deepsim`` block; raise ParameterError naming the first bad one."""
+    for key, rule in _RULES.items():
+        node = view
+        for part in key.split("."):
+            node = node[part]
+        try:
+            value = node.get()
+        except confuse.ConfigTypeError as exc:
+            raise ParameterError(str(exc).removeprefix("deepsim.")) from None
+        rule(key, value)
+
+
+class _ToBeetsLog(logging.Handler):
+    """Routes the library's ``deepsim`` logger into the plugin's beets logger."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(logging.DEBUG)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log.log(record.levelno, "{}", record.getMessage())
+
+
 class DeepsimPlugin(BeetsPlugin):
     def __init__(self) -> None:
         super().__init__()
-        self.config.add(
-            {
-                "auto": True,
-                "model": "auto",
-                "device": "auto",
-                "precision": "auto",
-                "workers": "auto",
-                "batch_size": 8,
-                "commit_every": 32,
-                "store_tags": True,
-                "state_dir": "deepsim",
-                # beet similar
-                "count": 20,
-                "format": None,
-                "max_per_artist": 0,
-                "max_per_album": 0,
-                "relative": False,
-                "index": {"n_trees": 20, "exact_below": 2000},
-                # versions, outliers, map, MPD radio
-                "dupes": {"threshold": dupes.DEFAULT_THRESHOLD, "tags": True},
-                "outliers": {
-                    "threshold": outliers.DEFAULT_THRESHOLD,
-                    "min_tracks": outliers.DEFAULT_MIN_TRACKS,
-                },
-                "map": {"method": "opentsne", "color_by": "album", "neighbours": 10},
-                "radio": {"ahead": 3, "batch": 5, "history": 3, "avoid": 3600, "interval": 2.0},
-                # beet deepsim-train
-                "train": {
-                    "listens": [],
-                    "format": "auto",
-                    "playlists": [],
-                    "library": False,
-                    "backbone": "default",
-                    "min_plays": 2,
-                    "min_tracks": 50,
-                    "factors": 40,
-                    "alpha": None,
-                    "epsilon": None,
-                    "regularization": None,
-                    "iterations": None,
-                    "heldout": 0.2,
-                    "head": "auto",
-                    "taste_weight": None,
-                    "epochs": 200,
-                    "threads": 1,
-                },
-                # beet similar --taste-weight / beet recommend
-                "taste_weight": None,
-                "recommend": {"half_life": 90.0},
-            }
-        )
+        self.config.add(DEFAULTS)
+        try:
+            check_config(self.config)
+        except (ParameterError, confuse.ConfigError) as exc:
+            # Raised here, an exception would only disable the plugin (beets logs
+            # it with a traceback and goes on): one line, and stop.
+            self._log.error("{}", exc)
+            raise SystemExit(1) from None
         self.item_types = {
             store.VECTOR_FIELD: store.VectorType(),
-            # set in memory on the results of `beet similar`, for $similarity / $distance
-            "similarity": types.Float(3),
-            "distance": types.Float(3),
+            # set in memory on the results of `beet similar`
+            SIMILARITY_FIELD: types.Float(3),
+            DISTANCE_FIELD: types.Float(3),
         }
+        self.album_types = {SIMILARITY_FIELD: types.Float(3), DISTANCE_FIELD: types.Float(3)}
+        library_log = logging.getLogger(LOGGER_NAME)
+        for handler in [h for h in library_log.handlers if isinstance(h, _ToBeetsLog)]:
+            library_log.removeHandler(handler)
+        library_log.addHandler(_ToBeetsLog(self._log))
+        library_log.setLevel(logging.DEBUG)
+        library_log.propagate = False
         self._vectors_changed = False
         self._imported_ids: list[int] = []
         if self.config["auto"].get(bool):
@@ -168,7 +316,7 @@ class DeepsimPlugin(BeetsPlugin):
 
     @cached_property
     def state_dir(self) -> Path:
-        """``<beets config dir>/deepsim``: index, trained models, active-model record."""
+        """``<beets config dir>/deepsim``: index, trained models, active-model record, lock."""
         return Path(self.config["state_dir"].get(confuse.Filename(in_app_dir=True)))
 
     @cached_property
@@ -190,30 +338,36 @@ class DeepsimPlugin(BeetsPlugin):
         except DeepsimError as exc:
             raise UserError(f"deepsim: {exc}") from exc
 
+    def kept_model_ids(self) -> set[str]:
+        """The active model and, for a trained head, its backbone (no torch)."""
+        from deepsim.models import BUILTIN_MODELS
+        from deepsim.models.checkpoint import read_metadata
+
+        keep = {self.model_id}
+        if self.model_name not in BUILTIN_MODELS:
+            with_backbone = read_metadata(os.path.expanduser(self.model_name))["config"]
+            if with_backbone.get("backbone_id"):
+                keep.add(str(with_backbone["backbone_id"]))
+        return keep
+
+    def _int(self, key: str, value: Any = None) -> int:
+        return int(self.config[key].get() if value is None else value)
+
     def _positive_int(self, key: str, value: Any = None) -> int:
         value = self.config[key].get() if value is None else value
         try:
-            number = int(value)
-        except (TypeError, ValueError):
+            return check_int(key, value, minimum=1)
+        except ParameterError:
             raise UserError(f"deepsim: {key} must be a positive integer, got {value!r}") from None
-        if number <= 0:
-            raise UserError(f"deepsim: {key} must be a positive integer, got {value!r}")
-        return number
 
     @property
     def workers(self) -> int:
         value = self.config["workers"].get()
-        if value in (None, "auto"):
+        if value == "auto":
             from deepsim.embed import default_workers
 
             return default_workers()
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = -1
-        if number < 0:
-            raise UserError(f"deepsim: workers must be 'auto' or an integer >= 0, got {value!r}")
-        return number
+        return int(value)
 
     def load_model(self) -> Model:
         """Load the active model on the configured device (imports torch)."""
@@ -223,13 +377,10 @@ class DeepsimPlugin(BeetsPlugin):
         device_name = self.config["device"].as_str()
         try:
             device = resolve_device(device_name)
-        except ValueError as exc:
-            raise UserError(f"deepsim: {exc}") from exc
-        try:
             model = load_model(
                 self.model_name, device=device, precision=self.config["precision"].as_str()
             )
-        except DeepsimError as exc:
+        except (DeepsimError, ValueError) as exc:
             raise UserError(f"deepsim: {exc}") from exc
         self._log.debug("model {} on {}", model.model_id, device)
         return model
@@ -237,28 +388,53 @@ class DeepsimPlugin(BeetsPlugin):
     # -- commands --------------------------------------------------------------------
 
     def commands(self) -> list[ui.Subcommand]:
+        return [
+            self._embed_subcommand(),
+            self._similar_subcommand(),
+            self._index_subcommand(),
+            self._train_subcommand(),
+            self._recommend_subcommand(),
+            *self._extra_commands(),
+        ]
+
+    def _embed_subcommand(self) -> ui.Subcommand:
         embed = ui.Subcommand(
             "deepsim-embed", help="compute and store a similarity vector per track"
         )
-        embed.parser.add_option(
+        p = embed.parser
+        p.add_option(
             "-f",
             "--force",
             action="store_true",
             default=False,
-            help="re-embed tracks that already have a vector of the active model",
+            help="recompute vectors that are current too",
         )
-        embed.parser.add_option(
+        p.add_option(
             "-p",
             "--pretend",
             action="store_true",
             default=False,
             help="list the tracks that would be embedded, and do nothing",
         )
-        embed.parser.usage = "%prog [options] [QUERY]\nExample: %prog -f 'album:Blue Train'"
+        p.add_option(
+            "--retry-failed",
+            action="store_true",
+            default=False,
+            help="try again the unchanged files that failed before",
+        )
+        p.add_option(
+            "--prune",
+            action="store_true",
+            default=False,
+            help="remove the vectors of models other than the active one (and its backbone)",
+        )
+        p.usage = "%prog [options] [QUERY]\nExample: %prog -f 'album:Blue Train'"
         embed.func = self.embed_command
+        return embed
 
+    def _similar_subcommand(self) -> ui.Subcommand:
         similar = ui.Subcommand(
-            "similar", help="list the tracks that sound most like the matched track(s)"
+            "similar", help="list the tracks (or albums) that sound most like the matched ones"
         )
         p = similar.parser
         p.add_option(
@@ -266,8 +442,9 @@ class DeepsimPlugin(BeetsPlugin):
             "--count",
             type="int",
             metavar="N",
-            help=f"how many tracks (default: {self.config['count'].get()})",
+            help=f"how many tracks or albums (default: {self.config['count'].get()})",
         )
+        p.add_album_option()
         p.add_format_option(target="item")
         p.add_option(
             "-o",
@@ -320,8 +497,10 @@ class DeepsimPlugin(BeetsPlugin):
         p.add_option(
             "-w",
             "--where",
+            action="append",
             metavar="QUERY",
-            help="only return tracks matching this beets query, e.g. 'format:FLAC'",
+            help="only return tracks matching this beets query, e.g. 'format:FLAC' "
+            "(repeat: all must match)",
         )
         p.add_option(
             "--exact",
@@ -340,10 +519,14 @@ class DeepsimPlugin(BeetsPlugin):
         p.usage = (
             "%prog [options] QUERY\n"
             "Examples: %prog 'title:Blue in Green'\n"
-            "          %prog -c 30 --extm3u -o ~/like-this.m3u album:'Kind of Blue'"
+            "          %prog -c 30 --extm3u -o ~/like-this.m3u album:'Kind of Blue'\n"
+            "          %prog -a 'album:Kind of Blue'"
         )
         similar.func = self.similar_command
+        self._similar_parser = p
+        return similar
 
+    def _index_subcommand(self) -> ui.Subcommand:
         index = ui.Subcommand("deepsim-index", help="rebuild the similarity index now")
         index.parser.add_option(
             "-f",
@@ -353,7 +536,9 @@ class DeepsimPlugin(BeetsPlugin):
             help="rebuild even when the index is up to date",
         )
         index.func = self.index_command
+        return index
 
+    def _train_subcommand(self) -> ui.Subcommand:
         train = ui.Subcommand(
             "deepsim-train", help="learn a listening-data (CF) space and a model that predicts it"
         )
@@ -435,132 +620,121 @@ class DeepsimPlugin(BeetsPlugin):
         )
         p.usage = "%prog [options]\nExample: %prog --listens ~/scrobbles.csv --playlist ~/Playlists"
         train.func = self.train_command
-        return [embed, similar, index, train, self._recommend_subcommand(), *self._extra_commands()]
+        return train
+
+    # -- deepsim-embed ------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        from deepsim.lock import EMBED_LOCK
+
+        return self.state_dir / EMBED_LOCK
 
     def embed_command(self, lib: Library, opts: EmbedOpts, args: list[str]) -> None:
-        items = list(lib.items(args))
-        if not items:
+        from deepsim.embed import plan_embedding
+        from deepsim.lock import hold
+
+        ids = _query_ids(lib, args)
+        if ids is not None and not ids:
             raise UserError(f"deepsim-embed: no tracks match query {' '.join(args)!r}")
-        done = set() if opts.force else store.ids_with_vectors(lib, self.model_id)
-        todo = [item for item in items if item.id not in done]
-        skipped = len(items) - len(todo)
-        if opts.pretend:
-            for item in todo:
-                ui.print_(format(item))
+
+        def waiting(holder: str) -> None:
             ui.print_(
-                f"deepsim-embed: would embed {len(todo)} track(s) with {self.model_id}; "
-                f"{skipped} already have a vector"
+                f"deepsim-embed: another deepsim-embed is running ({holder or 'no pid'}); "
+                "waiting for it, then doing what it left"
             )
-            return
-        if not todo:
-            ui.print_(
-                f"deepsim-embed: all {len(items)} matching tracks already have a {self.model_id} "
-                "vector (use -f to recompute)"
+
+        with hold(self.lock_path, on_wait=waiting, label="deepsim-embed"):
+            if opts.prune:
+                self._prune(lib, pretend=opts.pretend)
+            plan = plan_embedding(
+                lib, self.model_id, ids, force=opts.force, retry_failed=opts.retry_failed
             )
-            return
-        self.embed_items(lib, todo, skipped=skipped, progress=True, force=opts.force)
+            if opts.pretend:
+                for item in store.items_by_ids(lib, plan.todo).values():
+                    ui.print_(format(item))
+                ui.print_(
+                    f"deepsim-embed: would embed {len(plan.todo)} track(s) with "
+                    f"{self.model_id}; {plan.done} already have a vector{_plan_notes(plan)}"
+                )
+                return
+            if not plan.todo:
+                self._run_plan(lib, plan)  # records new identities of retagged files
+                ui.print_(
+                    f"deepsim-embed: nothing to do: all {plan.done} matching tracks already "
+                    f"have a current {self.model_id} vector{_plan_notes(plan)} "
+                    "(-f recomputes them)"
+                )
+                return
+            summary = self._run_plan(lib, plan, force=opts.force, progress=True)
+        self._report(summary)
 
-    def _embed_from_backbone(self, lib: Library, items: Sequence[Item], head: Any) -> list[Item]:
-        """Give items with a stored backbone vector the head's vector; return the others."""
-        backbone_id = head.config["backbone_id"]
-        ids, matrix = store.read_vectors(lib, backbone_id, ids=[item.id for item in items])
-        if len(ids):
-            vectors = head.apply_to_vectors(matrix)
-            rows = (
-                (item_id, vector, None, backbone)
-                for item_id, vector, backbone in zip(ids.tolist(), vectors, matrix, strict=True)
-            )
-            store.write_vectors(lib, rows, head.model_id, backbone_id=backbone_id)
-            self._vectors_changed = True
-            self._log.info("{} track(s) embedded from stored {} vectors", len(ids), backbone_id)
-        done = set(ids.tolist())
-        return [item for item in items if item.id not in done]
+    def _prune(self, lib: Library, *, pretend: bool) -> None:
+        keep = self.kept_model_ids()
+        if pretend:
+            counts = {m: n for m, n in store.model_counts(lib).items() if m not in keep}
+        else:
+            counts = dict(store.prune(lib, keep))
+            self._vectors_changed = self._vectors_changed or bool(counts)
+        verb = "would remove" if pretend else "removed"
+        if not counts:
+            ui.print_(f"deepsim-embed: no vectors of other models than {', '.join(sorted(keep))}")
+        for model, count in sorted(counts.items()):
+            ui.print_(f"deepsim-embed: {verb} {count} {model} vector(s)")
 
-    def embed_items(
-        self,
-        lib: Library,
-        items: Sequence[Item],
-        *,
-        skipped: int = 0,
-        progress: bool = False,
-        force: bool = False,
-    ) -> None:
-        """Embed ``items`` and store their vectors, reporting failures per file."""
-        from deepsim.embed import embed_files
+    def _run_plan(
+        self, lib: Library, plan: EmbedPlan, *, force: bool = False, progress: bool = False
+    ) -> EmbedSummary:
+        from deepsim.embed import embed_items
 
-        model = self.load_model()
-        head = None
-        if hasattr(model, "apply_to_vectors") and not getattr(model, "finetune", True):
-            # A head on a frozen backbone: reuse stored backbone vectors, and
-            # run the backbone (keeping its vectors) for the rest.
-            head = model
-            backbone_id = head.config["backbone_id"]
-            if not force:
-                items = self._embed_from_backbone(lib, items, head)
-                if not items:
-                    ui.print_(f"deepsim-embed: embedded from stored {backbone_id} vectors")
-                    return
-            model = head.backbone
-        batch_size = self._positive_int("batch_size")
-        commit_every = self._positive_int("commit_every")
-        store_tags = self.config["store_tags"].get(bool) and bool(model.tag_names)
-        paths = [item.filepath for item in items]  # resolved here, in the main thread
-        ids = [item.id for item in items]
-        failures: list[str] = []
-        reporter = _Progress(len(items), self._log, enabled=progress)
-        interrupted = False
-
-        def rows() -> Iterator[tuple[int, Any, str | None]]:
-            nonlocal interrupted
-            outcomes = embed_files(paths, model, workers=self.workers, batch_size=batch_size)
-            try:
-                for outcome in outcomes:
-                    reporter.advance()
-                    if outcome.error is not None:
-                        failures.append(outcome.error.reason)
-                        self._log.error("{}", outcome.error)
-                        continue
-                    tags = None
-                    if store_tags and outcome.tags is not None:
-                        tags = _top_tags(model.tag_names, outcome.tags)
-                    if head is None:
-                        yield ids[outcome.index], outcome.vector, tags
-                    else:
-                        vector = head.apply_to_vectors(outcome.vector[None])[0]
-                        yield ids[outcome.index], vector, tags, outcome.vector
-            except KeyboardInterrupt:
-                interrupted = True
-            finally:
-                outcomes.close()
-
-        started = time.monotonic()
+        reporter = _Progress(len(plan.todo), self._log, enabled=progress)
         try:
-            written = store.write_vectors(
+            summary = embed_items(
                 lib,
-                rows(),
-                model.model_id if head is None else head.model_id,
-                batch_size=commit_every,
-                backbone_id=None if head is None else model.model_id,
+                plan,
+                self.load_model,
+                force=force,
+                workers=self.workers,
+                batch_size=self._int("batch_size"),
+                commit_every=self._int("commit_every"),
+                tag_text=_top_tags if self.config["store_tags"].get(bool) else None,
+                on_progress=reporter.advance,
             )
         finally:
             reporter.close()
+        if plan.todo:
             self._vectors_changed = True
-        elapsed = time.monotonic() - started
-        rate = written / elapsed if elapsed > 0 else 0.0
-        summary = (
-            f"deepsim-embed: embedded {written}, skipped {skipped} (already embedded), "
-            f"failed {len(failures)} — {(head or model).model_id}, {rate:.1f} tracks/s"
+        return summary
+
+    def _embed(self, lib: Library, ids: Sequence[int], *, progress: bool = True) -> None:
+        """Embed what these items need (import hook, training), reporting as the command does."""
+        from deepsim.embed import plan_embedding
+
+        plan = plan_embedding(lib, self.model_id, ids)
+        if plan.todo:
+            self._report(self._run_plan(lib, plan, progress=progress))
+
+    def _report(self, summary: EmbedSummary) -> None:
+        plan = summary.plan
+        rate = f", {summary.rate:.1f} tracks/s" if summary.rate is not None else ""
+        stored = f", {summary.from_stored} from stored vectors" if summary.from_stored else ""
+        ui.print_(
+            f"deepsim-embed: embedded {summary.embedded}{stored}, skipped {plan.done} "
+            f"(already embedded), failed {len(summary.failures)}{_plan_notes(plan)} "
+            f"— {summary.model_id}{rate}"
         )
-        ui.print_(summary)
-        for reason, count in Counter(failures).most_common():
+        for reason, count in Counter(r for _, _, r in summary.failures).most_common():
             ui.print_(f"  {count} × {reason}")
-        if interrupted:
-            remaining = len(items) - written - len(failures)
-            ui.print_(
-                f"deepsim-embed: interrupted; {written} vector(s) saved, {remaining} left. "
-                "Run `beet deepsim-embed` again to resume."
+        if summary.interrupted:
+            raise UserError(
+                f"deepsim-embed: interrupted; {summary.embedded + summary.from_stored} vector(s) "
+                f"saved, {summary.remaining} left — run `beet deepsim-embed` again to resume"
             )
-            raise UserError("deepsim-embed: interrupted")
+        if summary.failures:
+            raise UserError(
+                f"deepsim-embed: {len(summary.failures)} track(s) could not be embedded (see "
+                "above); they are not tried again until their file changes (--retry-failed)"
+            )
 
     # -- events ------------------------------------------------------------------------
 
@@ -568,20 +742,25 @@ class DeepsimPlugin(BeetsPlugin):
         self._imported_ids.extend(item.id for item in task.imported_items() if item.id)
 
     def _embed_imported(self, lib: Library, paths: Sequence[bytes]) -> None:
+        from deepsim.lock import Busy, hold
+
         if not self._imported_ids:
             return
         wanted = sorted(set(self._imported_ids))
         self._imported_ids.clear()
-        done = store.ids_with_vectors(lib, self.model_id)
-        wanted = [i for i in wanted if i not in done]
-        if not wanted:
-            return
-        items = items_by_ids(lib, wanted)
-        self._log.info("embedding {} imported track(s)", len(items))
         try:
-            self.embed_items(lib, items)
+            with hold(self.lock_path, wait=False, label="import auto-embed"):
+                self._log.info("embedding {} imported track(s)", len(wanted))
+                self._embed(lib, wanted)
+        except Busy as exc:
+            self._log.warning(
+                "another deepsim-embed is running ({}); the {} imported track(s) are left "
+                "for the next `beet deepsim-embed`",
+                exc.holder or "no pid",
+                len(wanted),
+            )
         except UserError as exc:
-            self._log.warning("{}", exc)
+            self._log.warning("{}", str(exc).removeprefix("deepsim-embed: "))
 
     def _item_removed(self, item: Item) -> None:
         self._vectors_changed = True
@@ -591,6 +770,8 @@ class DeepsimPlugin(BeetsPlugin):
             return
         self._vectors_changed = False
         self.refresh_index(lib)
+
+    # -- the index ----------------------------------------------------------------------
 
     def refresh_index(self, lib: Library, *, force: bool = False) -> Any:
         """Bring the ANN index of the active model up to date (no torch)."""
@@ -602,10 +783,8 @@ class DeepsimPlugin(BeetsPlugin):
                 self.model_id,
                 self.state_dir,
                 force=force,
-                exact_below=self._positive_int(
-                    "exact_below", self.config["index"]["exact_below"].get()
-                ),
-                n_trees=self._positive_int("n_trees", self.config["index"]["n_trees"].get()),
+                exact_below=self.config["index"]["exact_below"].get(int),
+                n_trees=self.config["index"]["n_trees"].get(int),
             )
         except DeepsimError as exc:
             self._log.warning("index not updated: {}", exc)
@@ -631,7 +810,40 @@ class DeepsimPlugin(BeetsPlugin):
         }
         ui.print_(f"deepsim-index: {messages[result.action]}")
 
+    # -- beet similar -------------------------------------------------------------------
+
+    def _similar_options(self, opts: SimilarOpts) -> dict[str, Any]:
+        count = self._positive_int("count", opts.count)
+        caps = {}
+        for key in ("max_per_artist", "max_per_album"):
+            value = getattr(opts, key)
+            value = self.config[key].get() if value is None else value
+            if not isinstance(value, int) or value < 0:
+                raise UserError(f"similar: {key.replace('_', '-')} must be >= 0, got {value!r}")
+            caps[key] = value
+        return {
+            "model_id": self.model_id,
+            "index_dir": self.state_dir,
+            "count": count,
+            "exclude_seeds": not opts.include_seeds,
+            "where": opts.where,
+            "backend": "exact" if opts.exact else "auto",
+            "exact_below": self.config["index"]["exact_below"].get(int),
+            "query_scale": self._query_scale(opts.taste_weight),
+            **caps,
+        }
+
     def similar_command(self, lib: Library, opts: SimilarOpts, args: list[str]) -> None:
+        if not args:
+            raise UserError(
+                "similar: which tracks? give a beets query for the seed track(s), "
+                "e.g. `beet similar title:Blue` (or -a and an album query; see beet similar -h)"
+            )
+        if opts.each and opts.output:
+            raise UserError("similar: --each prints one list per seed; it cannot write -o/--output")
+        if opts.album:
+            self._similar_albums(lib, opts, args)
+            return
         from deepsim.similar import find_similar, find_similar_each
 
         seeds = list(lib.items(args))
@@ -641,30 +853,7 @@ class DeepsimPlugin(BeetsPlugin):
             seeds = list(lib.items(" ".join(args)))
         if not seeds:
             raise UserError(f"similar: no tracks match query {' '.join(args)!r}")
-        count = self._positive_int("count", opts.count)
-        caps = {}
-        for key in ("max_per_artist", "max_per_album"):
-            value = getattr(opts, key)
-            value = self.config[key].get() if value is None else value
-            if not isinstance(value, int) or value < 0:
-                raise UserError(f"similar: {key.replace('_', '-')} must be >= 0, got {value!r}")
-            caps[key] = value
-        if opts.each and opts.output:
-            raise UserError("similar: --each prints one list per seed; it cannot write -o/--output")
-        options: dict[str, Any] = {
-            "model_id": self.model_id,
-            "index_dir": self.state_dir,
-            "count": count,
-            "exclude_seeds": not opts.include_seeds,
-            "where": opts.where,
-            "backend": "exact" if opts.exact else "auto",
-            "exact_below": self._positive_int(
-                "exact_below", self.config["index"]["exact_below"].get()
-            ),
-            "query_scale": self._query_scale(opts.taste_weight),
-            **caps,
-            **self._filter_options(lib, opts),
-        }
+        options = {**self._similar_options(opts), **self._filter_options(lib, opts)}
         if opts.to is not None:
             self._path_command(lib, opts, seeds, options)
             return
@@ -675,18 +864,8 @@ class DeepsimPlugin(BeetsPlugin):
                 results = [find_similar(lib, seeds, **options)]
         except DeepsimError as exc:
             raise UserError(f"similar: {exc}") from exc
-        missing = (
-            results[0].missing if not opts.each else [r.missing[0] for r in results if r.missing]
-        )
-        if missing:
-            noun = "track has" if len(seeds) == 1 else "tracks have"
-            message = (
-                f"{len(missing)} of {len(seeds)} seed {noun} no {self.model_id} vector yet; "
-                "run `beet deepsim-embed`"
-            )
-            if len(missing) == len(seeds):
-                raise UserError(f"similar: {message}")
-            self._log.warning("{}", message)
+        self._say_about_seeds(seeds, results, each=opts.each)
+        self._say_left_out(results)
         for result in results:
             self._log.debug(
                 "{} search ({} index: {})", result.backend, result.index_state, result.index_reason
@@ -696,8 +875,8 @@ class DeepsimPlugin(BeetsPlugin):
         if not any(result.items for result in results):
             raise UserError(
                 "similar: no track passes the filters"
-                if opts.where or any(caps.values())
-                else f"similar: no other track has a {self.model_id} vector yet"
+                if opts.where or options["max_per_artist"] or options["max_per_album"]
+                else f"similar: no other track has a usable {self.model_id} vector yet"
             )
         if opts.output:
             self._write_playlist(opts, results[0].items)
@@ -708,7 +887,7 @@ class DeepsimPlugin(BeetsPlugin):
         fmt = (
             opts.format
             or self.config["format"].get()
-            or ("$similarity  " + beets_config["format_item"].as_str())
+            or (f"${SIMILARITY_FIELD}  " + beets_config["format_item"].as_str())
         )
         for result in results:
             if opts.each and result.seeds:
@@ -716,6 +895,95 @@ class DeepsimPlugin(BeetsPlugin):
                 ui.print_(f"== {seed.evaluate_template('$artist - $album - $title')}")
             for item in result.items:
                 ui.print_(format(item, fmt))
+
+    def _say_about_seeds(
+        self, seeds: Sequence[Item], results: Sequence[Any], *, each: bool
+    ) -> None:
+        """Lines on the seeds that cannot be used, with their real reason, and on the mean."""
+        n = len(seeds)
+        noun = "track has" if n == 1 else "tracks have"
+        missing = [s for r in results for s in r.missing]
+        failed = [s for s in missing if s.get(store.FAILED_FIELD)]
+        not_yet = len(missing) - len(failed)
+        stale = [why for r in results for _, why in r.stale]
+        lines = [
+            f"seed {os.fsdecode(s.path)} could not be embedded: "
+            + str(s.get(store.FAILED_FIELD)).split(":", 2)[-1]
+            for s in failed
+        ]
+        if not_yet:
+            lines.append(
+                f"{not_yet} of {n} seed {noun} no {self.model_id} vector yet; "
+                "run `beet deepsim-embed`"
+            )
+        if stale.count("changed"):
+            lines.append(
+                f"{stale.count('changed')} of {n} seed {noun} changed audio since embedding; "
+                "run `beet deepsim-embed`"
+            )
+        if stale.count("missing"):
+            lines.append(f"{stale.count('missing')} of {n} seed {noun} no file on disk")
+        used = sum(len(r.seeds) for r in results)
+        if lines and used == 0:
+            raise UserError(f"similar: {'; '.join(lines)}")
+        for line in lines:
+            self._log.warning("{}", line)
+        if not each and used > 1:
+            self._log.info(
+                "the mean of {} seed tracks is the query (--each: one list per seed)", used
+            )
+
+    def _say_left_out(self, results: Sequence[Any]) -> None:
+        missing = sum(r.left_out.get("missing", 0) for r in results)
+        changed = sum(r.left_out.get("changed", 0) for r in results)
+        if missing:
+            self._log.warning("{} track(s) left out: file missing on disk", missing)
+        if changed:
+            self._log.warning(
+                "{} track(s) left out: audio changed since embedding; run `beet deepsim-embed`",
+                changed,
+            )
+
+    def _similar_albums(self, lib: Library, opts: SimilarOpts, args: list[str]) -> None:
+        from deepsim.similar import find_similar_albums
+
+        seeds = list(lib.albums(args))
+        if not seeds:
+            raise UserError(f"similar: no albums match query {' '.join(args)!r}")
+        options = self._similar_options(opts)
+        try:
+            result = find_similar_albums(
+                lib,
+                seeds,
+                model_id=self.model_id,
+                count=options["count"],
+                exclude_seeds=options["exclude_seeds"],
+                where=opts.where,
+            )
+        except DeepsimError as exc:
+            raise UserError(f"similar: {exc}") from exc
+        if not result.seeds:
+            raise UserError(
+                f"similar: no track of the matched album(s) has a usable {self.model_id} "
+                "vector; run `beet deepsim-embed`"
+            )
+        if len(result.seeds) > 1:
+            self._log.info("the mean of {} seed albums is the query", len(result.seeds))
+        if result.left_out:
+            self._log.warning("{} album(s) left out: files missing on disk", result.left_out)
+        if not result.albums:
+            raise UserError("similar: no other album has a usable vector")
+        if opts.output:
+            tracks = [item for album in result.albums for item in album.items()]
+            self._write_playlist(opts, tracks)
+            return
+        fmt = (
+            opts.format
+            or self.config["album_format"].get()
+            or (f"${SIMILARITY_FIELD}  " + beets_config["format_album"].as_str())
+        )
+        for album in result.albums:
+            ui.print_(format(album, fmt))
 
     def train_command(self, lib: Library, opts: TrainOpts, args: list[str]) -> None:
         from deepsim.errors import ListeningDataError
@@ -817,7 +1085,7 @@ class DeepsimPlugin(BeetsPlugin):
         self._vectors_changed = True
         if len(todo):
             self._log.info("{} track(s) need their audio decoded", len(todo))
-            self.embed_items(lib, items_by_ids(lib, todo.tolist()), progress=True)
+            self._embed(lib, todo.tolist())
         else:
             ui.print_(f"deepsim-train: re-embedded the library with {report.model_id}")
 
@@ -961,10 +1229,13 @@ class DeepsimPlugin(BeetsPlugin):
             ui.print_(format(item, fmt))
 
     def _write_playlist(self, opts: SimilarOpts, items: Sequence[Item]) -> None:
-        from deepsim.playlist import write_playlist
+        from deepsim.playlist import present, write_playlist
 
         relative = self.config["relative"].get(bool) if opts.relative is None else opts.relative
         path = os.path.expanduser(opts.output or "")
+        items, gone = present(items)
+        if gone:
+            self._log.warning("{} track(s) left out of the playlist: file missing on disk", gone)
         try:
             written = write_playlist(
                 path, items, format="extm3u" if opts.extm3u else "m3u", relative=relative
@@ -1234,7 +1505,7 @@ class DeepsimPlugin(BeetsPlugin):
             )
         except DeepsimError as exc:
             raise UserError(f"deepsim-dupes: {exc}") from exc
-        items = {item.id: item for item in items_by_ids(lib, [i for g in groups for i, _ in g])}
+        items = store.items_by_ids(lib, [i for g in groups for i, _ in g])
         fmt = opts.format or beets_config["format_item"].as_str()
         for group in groups:
             ui.print_(f"== {len(group)} versions")
@@ -1262,7 +1533,7 @@ class DeepsimPlugin(BeetsPlugin):
         except DeepsimError as exc:
             raise UserError(f"deepsim-outliers: {exc}") from exc
         shown = fits if opts.all else [f for f in fits if f.is_outlier(threshold)]
-        items = {item.id: item for item in items_by_ids(lib, [f.item_id for f in shown])}
+        items = store.items_by_ids(lib, [f.item_id for f in shown])
         fmt = opts.format or beets_config["format_item"].as_str()
         if shown:
             ui.print_("score    fit  track")
@@ -1374,27 +1645,46 @@ class DeepsimPlugin(BeetsPlugin):
         )
 
 
-def items_by_ids(lib: Library, ids: Sequence[int]) -> list[Item]:
-    """Load the items with these ids (that still exist), a few queries in all."""
-    from beets.dbcore.query import NumericQuery, OrQuery
+def _query_ids(lib: Library, args: list[str]) -> list[int] | None:
+    """Ids matching a beets query (None: no query, every item), without loading every item."""
+    if not args:
+        return None
+    from beets.library import Item
+    from beets.library.queries import parse_query_parts
 
-    items: list[Item] = []
-    ids = list(ids)
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        items.extend(lib.items(OrQuery([NumericQuery("id", str(i)) for i in chunk])))
-    return items
+    from deepsim.similar import where_ids
+
+    query, _sort = parse_query_parts(args, Item)
+    ids = where_ids(lib, query)
+    if ids is None:  # a query SQL cannot evaluate: beets filters the items
+        return [item.id for item in lib.items(query)]
+    return sorted(int(i) for i in ids.tolist())
+
+
+def _plan_notes(plan: EmbedPlan) -> str:
+    notes = []
+    if plan.stale:
+        notes.append(f"{plan.stale} with changed audio")
+    if plan.repaired:
+        notes.append(f"{plan.repaired} damaged")
+    if plan.missing:
+        notes.append(f"{len(plan.missing)} missing on disk")
+    if plan.failed_before:
+        notes.append(f"{plan.failed_before} failed before (--retry-failed)")
+    return f"; {', '.join(notes)}" if notes else ""
 
 
 class _Progress:
-    """A tqdm bar on a terminal; plain log lines (every 10 s) otherwise."""
+    """A tqdm bar on a terminal; plain log lines (every 10 s) otherwise.
+
+    The rate comes from the library (model loading is not in it); no ETA is
+    shown before a first track is done.
+    """
 
     def __init__(self, total: int, log: Any, *, enabled: bool) -> None:
         self.total = total
-        self.done = 0
         self.log = log
-        self.started = time.monotonic()
-        self.last_log = self.started
+        self.last_log = 0.0
         self.bar = None
         self.enabled = enabled
         if enabled and sys.stdout.isatty():
@@ -1402,23 +1692,21 @@ class _Progress:
 
             self.bar = tqdm(total=total, unit="track", dynamic_ncols=True, leave=False)
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, done: int, total: int, rate: float | None) -> None:
         if self.bar is not None:
             self.bar.update(1)
             return
+        import time
+
         now = time.monotonic()
-        if self.enabled and (now - self.last_log >= 10 or self.done == self.total):
-            self.last_log = now
-            rate = self.done / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            self.log.info(
-                "{}/{} tracks, {:.1f} tracks/s, ETA {}",
-                self.done,
-                self.total,
-                rate,
-                human_seconds_short(eta),
-            )
+        if not self.enabled or (now - self.last_log < 10 and done != total):
+            return
+        self.last_log = now
+        if rate is None:
+            self.log.info("{}/{} tracks", done, total)
+        else:
+            eta = human_seconds_short((total - done) / rate) if rate > 0 else "?"
+            self.log.info("{}/{} tracks, {:.1f} tracks/s, ETA {}", done, total, rate, eta)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -3,27 +3,42 @@
 ``embed_files`` yields one :class:`EmbedOutcome` per input path, in input
 order, whatever happens to the file: a decoding failure comes back as an
 :class:`~deepsim.errors.AudioError` value, never as an exception that stops
-the run.  Writing to the database is the caller's job (:mod:`deepsim.store`).
+the run.
+
+``plan_embedding`` + ``embed_items`` are the one "embed these items with this
+model and store them" routine (``beet deepsim-embed``, the import hook,
+training): which items need work (no vector, a damaged one, changed audio;
+not an unchanged file that failed before), a head applied to stored backbone
+vectors where it can be, the rest from audio, vectors stored through
+:mod:`deepsim.store` with the audio identity of their file, failures
+remembered, a summary.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepsim import threads
+from deepsim import store, threads
 from deepsim.audio import PathLike, decode_middle
 from deepsim.errors import AudioError
+from deepsim.identity import AudioIdentity, compare, identify, stat_identity
+from deepsim.util import get_logger
 
 if TYPE_CHECKING:
+    from beets.library import Library
+
     from deepsim.models.base import Model
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -38,6 +53,7 @@ class EmbedOutcome:
     vector: np.ndarray | None = None
     tags: np.ndarray | None = None
     error: AudioError | None = None
+    audio: str | None = None  # the file's AudioIdentity text, taken beside the decoding
 
 
 def resolve_device(device: str) -> str:
@@ -66,13 +82,20 @@ def default_workers() -> int:
     return threads.plan(None)[0]
 
 
-def _decode_job(path: PathLike, sample_rate: int, seconds: float) -> np.ndarray | AudioError:
+Decoded = tuple[np.ndarray | AudioError, str | None]
+
+
+def _decode_job(path: PathLike, sample_rate: int, seconds: float) -> Decoded:
+    """The decoded window (or the error) and the file's audio identity."""
+    ident = identify(path)
+    audio = None if ident is None else ident.text
     try:
-        return decode_middle(path, sample_rate=sample_rate, seconds=seconds)
+        return decode_middle(path, sample_rate=sample_rate, seconds=seconds), audio
     except AudioError as exc:
-        return exc
+        return exc, audio
     except Exception as exc:  # a decoder bug must not take the run down
-        return AudioError(path, f"unexpected decoding failure ({type(exc).__name__}: {exc})")
+        reason = f"unexpected decoding failure ({type(exc).__name__}: {exc})"
+        return AudioError(path, reason), audio
 
 
 def _worker_init() -> None:
@@ -88,15 +111,15 @@ def _worker_init() -> None:
 
 def _decoded(
     paths: Sequence[PathLike], *, sample_rate: int, seconds: float, workers: int, window: int
-) -> Iterator[np.ndarray | AudioError]:
-    """Decoded audio per path, in order, with at most ``window`` files in flight."""
+) -> Iterator[Decoded]:
+    """Decoded audio and audio identity per path, in order, at most ``window`` in flight."""
     if workers <= 0:
         for path in paths:
             yield _decode_job(path, sample_rate, seconds)
         return
     context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
-    pending: deque[tuple[int, Future[np.ndarray | AudioError]]] = deque()
+    pending: deque[tuple[int, Future[Decoded]]] = deque()
     submitted = 0
 
     def submit_next() -> None:
@@ -114,7 +137,7 @@ def _decoded(
             try:
                 result = future.result()
             except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
-                result = AudioError(paths[index], f"decoder process failed ({exc})")
+                result = (AudioError(paths[index], f"decoder process failed ({exc})"), None)
             submit_next()
             yield result
     finally:
@@ -164,6 +187,7 @@ def embed_files(
     params = model.frontend
     window = max(2 * batch_size, 2 * max(workers, 1))
     batch: list[tuple[int, np.ndarray]] = []
+    audio: dict[int, str | None] = {}
     ready: list[EmbedOutcome] = []
 
     def run_batch() -> None:
@@ -180,16 +204,21 @@ def embed_files(
                     run_batch()
                 return
             index, _ = batch[0]
-            ready.append(
-                EmbedOutcome(
-                    index, paths[index], error=AudioError(paths[index], f"model failed ({exc})")
-                )
-            )
+            error = AudioError(paths[index], f"model failed ({exc})")
+            ready.append(EmbedOutcome(index, paths[index], error=error, audio=audio.pop(index)))
             batch.clear()
             return
         for row, (index, _) in enumerate(batch):
             tags = None if result.tags is None else result.tags[row]
-            ready.append(EmbedOutcome(index, paths[index], vector=result.vectors[row], tags=tags))
+            ready.append(
+                EmbedOutcome(
+                    index,
+                    paths[index],
+                    vector=result.vectors[row],
+                    tags=tags,
+                    audio=audio.pop(index),
+                )
+            )
         batch.clear()
 
     decoded = _decoded(
@@ -200,12 +229,13 @@ def embed_files(
         window=window,
     )
     next_index = 0
-    for index, wave in enumerate(decoded):
+    for index, (wave, ident) in enumerate(decoded):
         if on_decoded is not None:
             on_decoded(index)
         if isinstance(wave, AudioError):
-            ready.append(EmbedOutcome(index, paths[index], error=wave))
+            ready.append(EmbedOutcome(index, paths[index], error=wave, audio=ident))
         else:
+            audio[index] = ident
             batch.append((index, wave))
             if len(batch) >= batch_size:
                 run_batch()
@@ -221,3 +251,255 @@ def embed_files(
 
 def _in_batch(batch: list[tuple[int, np.ndarray]], index: int) -> bool:
     return any(i == index for i, _ in batch)
+
+
+# --------------------------------------------------------------------------------------------
+# Items in, vectors stored: the one routine behind `beet deepsim-embed`, import and training
+
+
+@dataclass
+class EmbedPlan:
+    """What :func:`plan_embedding` found: the ids to embed and why the others are left."""
+
+    model_id: str
+    todo: list[int] = field(default_factory=list)
+    paths: dict[int, bytes] = field(default_factory=dict)
+    done: int = 0  # a vector of the model for the same audio
+    stale: int = 0  # in ``todo``: the audio changed since its vector was computed
+    repaired: int = 0  # in ``todo``: the stored value is damaged
+    failed_before: int = 0  # the unchanged file failed before (``retry_failed`` retries)
+    missing: list[tuple[int, str]] = field(default_factory=list)  # (id, path) not on disk
+    retagged: dict[int, str] = field(default_factory=dict)  # new identities to record
+
+
+@dataclass
+class EmbedSummary:
+    """What :func:`embed_items` did (``seconds``: the embedding itself, not model loading)."""
+
+    plan: EmbedPlan
+    model_id: str
+    embedded: int = 0
+    from_stored: int = 0
+    failures: list[tuple[int, str, str]] = field(default_factory=list)  # (id, path, reason)
+    interrupted: bool = False
+    seconds: float = 0.0  # from the start of decoding (model loaded) to the last track
+    timed: int = 0  # tracks finished in ``seconds``
+
+    @property
+    def rate(self) -> float | None:
+        """Tracks per second from audio, or None when too few tracks to say."""
+        if self.timed == 0 or self.seconds <= 0:
+            return None
+        return self.timed / self.seconds
+
+    @property
+    def remaining(self) -> int:
+        return len(self.plan.todo) - self.embedded - self.from_stored - len(self.failures)
+
+
+def _failure_text(path: bytes | str, reason: str) -> str:
+    ident = stat_identity(path)
+    return f"{ident.size}:{ident.mtime_ns}:{reason}" if ident else f"::{reason}"
+
+
+def _failed_unchanged(failed: str | None, path: bytes) -> bool:
+    if not failed:
+        return False
+    size, _, rest = failed.partition(":")
+    mtime, _, _reason = rest.partition(":")
+    ident = stat_identity(path)
+    return ident is not None and f"{ident.size}:{ident.mtime_ns}" == f"{size}:{mtime}"
+
+
+def plan_embedding(
+    lib: Library,
+    model_id: str,
+    ids: Iterable[int] | None = None,
+    *,
+    force: bool = False,
+    retry_failed: bool = False,
+) -> EmbedPlan:
+    """Which of the items (all, or ``ids``) need a ``model_id`` vector computed.
+
+    A few SQL queries (:func:`deepsim.store.embed_states`) and a ``stat`` per
+    file; no ``Item`` objects, no torch.  An item needs work when it has no
+    usable vector, its stored value is damaged, or its audio changed (see
+    :mod:`deepsim.identity`); a retagged file keeps its vector (its new
+    identity is recorded by :func:`embed_items`); a file that failed before
+    and has not changed is left alone unless ``retry_failed``; a file missing
+    on disk is listed, never embedded.  ``force`` recomputes every present file.
+    """
+    plan = EmbedPlan(model_id)
+    for state in store.embed_states(lib, model_id, ids):
+        path = state.path
+        if not path:
+            plan.missing.append((state.item_id, ""))
+            continue
+        if state.vector:
+            change, current = compare(AudioIdentity.parse(state.audio), path)
+            if change == "missing":
+                plan.missing.append((state.item_id, os.fsdecode(path)))
+                continue
+            if change == "changed":
+                plan.stale += 1
+            elif not force:
+                plan.done += 1
+                if current is not None and current.text != state.audio:
+                    plan.retagged[state.item_id] = current.text
+                continue
+        else:
+            if stat_identity(path) is None:
+                plan.missing.append((state.item_id, os.fsdecode(path)))
+                continue
+            if state.corrupt is not None:
+                plan.repaired += 1
+            elif not (force or retry_failed) and _failed_unchanged(state.failed, path):
+                plan.failed_before += 1
+                continue
+        plan.todo.append(state.item_id)
+        plan.paths[state.item_id] = path
+    return plan
+
+
+def _head_of(model: Model) -> Any:
+    """The model if it is a head on a frozen backbone (computable from stored vectors)."""
+    if hasattr(model, "apply_to_vectors") and not getattr(model, "finetune", True):
+        return model
+    return None
+
+
+def _from_stored_backbone(
+    lib: Library, head: Any, plan: EmbedPlan, todo: list[int], *, commit_every: int
+) -> list[int]:
+    """Give ``todo`` items with a stored, current backbone vector the head's; return the rest."""
+    backbone_id = head.config["backbone_id"]
+    stored = store.read_stored(lib, backbone_id, ids=todo)
+    usable: list[int] = []
+    rows: list[int] = []
+    for k, (item_id, audio) in enumerate(zip(stored.ids.tolist(), stored.audio, strict=True)):
+        change, _ = compare(AudioIdentity.parse(audio), plan.paths[item_id])
+        if change in ("same", "retagged"):
+            usable.append(item_id)
+            rows.append(k)
+    if usable:
+        vectors = head.apply_to_vectors(stored.matrix[rows])
+        audio = [stored.audio[k] for k in rows]
+        store.write_records(
+            lib,
+            (
+                store.VectorRecord(i, head.model_id, v, audio=a)
+                for i, v, a in zip(usable, vectors, audio, strict=True)
+            ),
+            batch_size=commit_every,
+        )
+        log.info("%d track(s) embedded from stored %s vectors", len(usable), backbone_id)
+    done = set(usable)
+    return [i for i in todo if i not in done]
+
+
+def embed_items(
+    lib: Library,
+    plan: EmbedPlan,
+    model: Model | Callable[[], Model],
+    *,
+    force: bool = False,
+    workers: int | None = None,
+    batch_size: int = 8,
+    commit_every: int = 32,
+    tag_text: Callable[[Sequence[str], np.ndarray], str] | None = None,
+    on_progress: Callable[[int, int, float | None], None] | None = None,
+) -> EmbedSummary:
+    """Embed the items of ``plan`` with ``model`` and store their vectors.
+
+    Parameters
+    ----------
+    plan
+        From :func:`plan_embedding` (under the embedding lock, see :mod:`deepsim.lock`).
+    model
+        A loaded model, or a function that loads it (called only when there is
+        work, so a run with nothing to do never imports torch).
+    force
+        A head on a frozen backbone recomputes its backbone from audio too.
+    tag_text
+        Turns ``(tag names, probabilities)`` into the text stored as the
+        track's tags; None stores none.
+    on_progress
+        Called with ``(done, total, tracks per second)`` after each track from
+        audio; the rate counts from the start of decoding, after the model is
+        loaded, so loading is not in it.
+
+    Returns
+    -------
+    EmbedSummary
+        Counts, per-file failures (also recorded in the store with the
+        file's identity, and logged one line each) and whether Ctrl-C
+        stopped the run (everything finished before it is stored).
+    """
+    if plan.retagged:
+        store.write_audio(lib, plan.model_id, plan.retagged)
+    summary = EmbedSummary(plan, plan.model_id)
+    todo = list(plan.todo)
+    if not todo:
+        return summary
+    loaded = model() if callable(model) and not hasattr(model, "embed") else model
+    head = _head_of(loaded)
+    summary.model_id = (head or loaded).model_id
+    network = loaded
+    if head is not None:
+        if not force:
+            before = len(todo)
+            todo = _from_stored_backbone(lib, head, plan, todo, commit_every=commit_every)
+            summary.from_stored = before - len(todo)
+        network = head.backbone
+    if not todo:
+        return summary
+    paths = [plan.paths[i] for i in todo]
+    tag_names = list(getattr(network, "tag_names", None) or [])
+    failures: list[tuple[int, str]] = []
+    clock: dict[str, float] = {}
+
+    def records() -> Iterator[store.VectorRecord]:
+        clock["start"] = time.monotonic()  # the model is loaded: loading is not in the rate
+        outcomes = embed_files(paths, network, workers=workers, batch_size=batch_size)
+        try:
+            for done, outcome in enumerate(outcomes, start=1):
+                item_id = todo[outcome.index]
+                if outcome.error is not None:
+                    reason = outcome.error.reason
+                    summary.failures.append((item_id, outcome.error.path, reason))
+                    failures.append((item_id, _failure_text(paths[outcome.index], reason)))
+                    log.error("%s", outcome.error)
+                else:
+                    assert outcome.vector is not None
+                    tags = None
+                    if tag_text is not None and tag_names and outcome.tags is not None:
+                        tags = tag_text(tag_names, outcome.tags)
+                    if head is not None:
+                        vector = head.apply_to_vectors(outcome.vector[None])[0]
+                        yield store.VectorRecord(
+                            item_id, head.model_id, vector, audio=outcome.audio, tags=tags
+                        )
+                    yield store.VectorRecord(
+                        item_id, network.model_id, outcome.vector, audio=outcome.audio, tags=tags
+                    )
+                    summary.embedded += 1
+                now = time.monotonic()
+                clock["last"], clock["done"] = now, done
+                elapsed = now - clock["start"]
+                rate = done / elapsed if elapsed > 0 else None
+                if on_progress is not None:
+                    on_progress(done, len(todo), rate)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            outcomes.close()
+
+    try:
+        store.write_records(lib, records(), batch_size=commit_every)
+    finally:
+        if failures:
+            store.record_failures(lib, failures)
+        if "last" in clock:
+            summary.seconds = clock["last"] - clock["start"]
+            summary.timed = int(clock["done"])
+    return summary

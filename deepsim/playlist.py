@@ -151,3 +151,20 @@ def write_playlist(
             os.unlink(tmp)
         raise DeepsimError(f"{target}: cannot write playlist ({exc.strerror or exc})") from exc
     return target
+
+
+def present(items: Iterable[Item]) -> tuple[list[Item], int]:
+    """The items whose file is on disk, in order, and how many were left out.
+
+    A playlist never names a file that is not there (deleted, or on an
+    unmounted disk).
+    """
+    kept: list[Item] = []
+    gone = 0
+    for item in items:
+        raw = item.path
+        if raw and os.path.isfile(_fspath(raw)):
+            kept.append(item)
+        else:
+            gone += 1
+    return kept, gone

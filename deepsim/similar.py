@@ -42,6 +42,7 @@ from beets.dbcore import query as dbquery
 
 from deepsim import store
 from deepsim.errors import DeepsimError
+from deepsim.identity import AudioIdentity, compare
 from deepsim.index import (
     EXACT_THRESHOLD,
     SEARCH_FRACTION,
@@ -59,16 +60,12 @@ if TYPE_CHECKING:
 
     from deepsim.dupes import VersionFolder
 
-#: Beets' item fields set on returned items (in memory only).
-SIMILARITY_FIELD = "similarity"
-DISTANCE_FIELD = "distance"
+#: Fields set on returned items and albums (in memory only), named so that
+#: they cannot collide with another plugin's types.
+SIMILARITY_FIELD = "deepsim_similarity"
+DISTANCE_FIELD = "deepsim_distance"
 
-#: Ids per SQL ``IN (...)`` list (well below SQLite's variable limit).
-_ID_CHUNK = 900
-
-#: Ids per :func:`deepsim.store.read_vectors` call (it filters longer lists in Python
-#: after reading every vector).
-_VECTOR_CHUNK = 500
+_ID_CHUNK = store.ID_CHUNK
 
 SearchBackend = Literal["auto", "exact"]
 
@@ -88,7 +85,14 @@ class SimilarResult:
     seeds
         The seed items whose vectors made the query.
     missing
-        Seed items without a vector of the model (not embedded yet).
+        Seed items without a usable vector of the model (not embedded yet,
+        failed, or a damaged value).
+    stale
+        ``(seed, "missing" | "changed")``: seeds whose file vanished or whose
+        audio changed since their vector was computed; not used.
+    left_out
+        How many better-ranked tracks were left out because their file is
+        ``"missing"`` on disk or its audio ``"changed"`` since embedding.
     backend
         ``"annoy"`` or ``"exact"``: what produced the candidates.
     index_state
@@ -105,6 +109,8 @@ class SimilarResult:
     matches: list[tuple[Item, float]] = field(default_factory=list)
     seeds: list[Item] = field(default_factory=list)
     missing: list[Item] = field(default_factory=list)
+    stale: list[tuple[Item, str]] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)
     backend: str = "exact"
     index_state: str = "unused"
     index_reason: str = ""
@@ -119,43 +125,27 @@ class SimilarResult:
 # --------------------------------------------------------------------------- items
 
 
-class _IdsQuery(dbquery.Query):
-    """``items.id IN (...)`` as a fast beets query."""
-
-    def __init__(self, ids: Sequence[int]) -> None:
-        self.ids = [int(i) for i in ids]
-        self._set = set(self.ids)
-
-    def clause(self) -> tuple[str, Sequence[int]]:
-        return f"items.id IN ({','.join('?' * len(self.ids))})", self.ids
-
-    def match(self, obj: Any) -> bool:
-        return obj.id in self._set
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _IdsQuery) and other._set == self._set
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._set))
-
-
-def load_items(lib: Library, ids: Iterable[int]) -> dict[int, Item]:
-    """The items with these ids that still exist, by id (one query per 900 ids)."""
-    wanted = sorted({int(i) for i in ids})
-    found: dict[int, Item] = {}
-    for start in range(0, len(wanted), _ID_CHUNK):
-        for item in lib.items(_IdsQuery(wanted[start : start + _ID_CHUNK])):
-            found[item.id] = item
-    return found
+load_items = store.items_by_ids
 
 
 # --------------------------------------------------------------------------- where
 
 
-def parse_where(lib: Library, where: str | dbquery.Query | None) -> dbquery.Query | None:
-    """Parse a beets query string the way ``beet ls`` does (``None`` passes through)."""
+Where = str | dbquery.Query | Sequence[str | dbquery.Query] | None
+
+
+def parse_where(lib: Library, where: Where) -> dbquery.Query | None:
+    """Parse a beets query string the way ``beet ls`` does (``None`` passes through).
+
+    A sequence of queries (``-w`` given several times) must all match (AND).
+    """
     if where is None or isinstance(where, dbquery.Query):
         return where
+    if isinstance(where, (list, tuple)):
+        parts = [q for q in (parse_where(lib, w) for w in where) if q is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else dbquery.AndQuery(parts)
     if not isinstance(where, str):
         raise ValueError(f"where must be a beets query string, got {where!r}")
     if not where.strip():
@@ -255,12 +245,30 @@ class _Candidates:
     """
 
     def __init__(
-        self, lib: Library, *, fast_where: _WhereSQL | None, slow_where: dbquery.Query | None
+        self,
+        lib: Library,
+        *,
+        model_id: str,
+        fast_where: _WhereSQL | None,
+        slow_where: dbquery.Query | None,
     ) -> None:
         self.lib = lib
+        self.model_id = model_id
         self.fast_where = fast_where
         self.slow_where = slow_where
         self.facts: dict[int, tuple[Any, Any] | None] = {}
+        self.paths: dict[int, bytes] = {}
+        self.files: dict[int, str] = {}  # id -> "ok" | "missing" | "changed"
+
+    def file_state(self, item_id: int) -> str:
+        """Whether the candidate's file is there with the audio its vector was made from."""
+        state = self.files.get(item_id)
+        if state is None:
+            audio = store.audio_identities(self.lib, self.model_id, [item_id]).get(item_id)
+            change, _ = compare(AudioIdentity.parse(audio), self.paths.get(item_id) or b"")
+            state = {"same": "ok", "retagged": "ok"}.get(change, change)
+            self.files[item_id] = state
+        return state
 
     def fetch(self, ids: Iterable[int]) -> None:
         unknown = sorted({int(i) for i in ids} - self.facts.keys())
@@ -271,6 +279,7 @@ class _Candidates:
         if self.slow_where is not None:
             items = load_items(self.lib, unknown)
             for item_id, item in items.items():
+                self.paths[item_id] = item.path
                 if self.slow_where.match(item):
                     self.facts[item_id] = _cap_keys(
                         item.get("artist"),
@@ -286,7 +295,8 @@ class _Candidates:
         for start in range(0, len(unknown), _ID_CHUNK):
             chunk = unknown[start : start + _ID_CHUNK]
             sql = (
-                "SELECT items.id, items.artist, items.albumartist, items.album, items.album_id "
+                "SELECT items.id, items.artist, items.albumartist, items.album, items.album_id, "
+                "items.path "
                 f"FROM {source} WHERE items.id IN ({','.join('?' * len(chunk))}) "
                 f"AND ({clause}) GROUP BY items.id"
             )
@@ -294,6 +304,7 @@ class _Candidates:
                 rows = tx.query(sql, [*chunk, *subvals])
             for row in rows:
                 self.facts[int(row[0])] = _cap_keys(row[1], row[2], row[3], row[4])
+                self.paths[int(row[0])] = store.absolute_path(self.lib, row[5])
 
 
 # --------------------------------------------------------------------------- search
@@ -302,22 +313,8 @@ class _Candidates:
 def _read_vectors(
     lib: Library, model_id: str, ids: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors of ``ids`` (all when None), a few indexed queries for a long id list."""
-    if ids is None or ids.size <= _VECTOR_CHUNK:
-        return store.read_vectors(lib, model_id, ids=None if ids is None else ids.tolist())
-    if ids.size > 20 * _VECTOR_CHUNK:
-        # Many ids: one read of everything beats many indexed lookups.
-        all_ids, matrix = store.read_vectors(lib, model_id)
-        keep = np.isin(all_ids, ids)
-        return all_ids[keep], matrix[keep]
-    parts = [
-        store.read_vectors(lib, model_id, ids=ids[start : start + _VECTOR_CHUNK].tolist())
-        for start in range(0, ids.size, _VECTOR_CHUNK)
-    ]
-    parts = [(i, m) for i, m in parts if i.size]
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate([i for i, _ in parts]), np.concatenate([m for _, m in parts])
+    """Vectors of ``ids`` (all when None)."""
+    return store.read_vectors(lib, model_id, ids=None if ids is None else ids.tolist())
 
 
 class _Searcher:
@@ -395,12 +392,14 @@ def _collect(
     max_per_album: int,
     fold: VersionFolder | None = None,
     seed_ids: Sequence[int] = (),
+    left_out: dict[str, int] | None = None,
 ) -> tuple[list[tuple[int, float]], bool]:
     """Grow the candidate list until ``count`` pass the filters or all are searched.
 
     Returns ``(id, similarity)`` pairs, best first, and whether everything
-    was searched.  Each round filters the whole list again, so the result
-    does not depend on how the list grew.
+    was searched; ``left_out`` counts the better-ranked candidates whose file
+    is ``"missing"`` or ``"changed"``.  Each round filters the whole list
+    again, so the result does not depend on how the list grew.
     """
     n = max(4 * count + int(exclude.size), 50)
     while True:
@@ -413,10 +412,17 @@ def _collect(
         kept: list[tuple[int, float]] = []
         per_artist: dict[Any, int] = {}
         per_album: dict[Any, int] = {}
+        if left_out is None:
+            left_out = {}
+        left_out.clear()
         for item_id, sim in zip(ids.tolist(), sims.tolist(), strict=True):
             facts = candidates.facts.get(item_id)
             if facts is None:
                 continue  # removed since indexed, or rejected by `where`
+            state = candidates.file_state(item_id)
+            if state != "ok":
+                left_out[state] = left_out.get(state, 0) + 1
+                continue  # never a file that vanished or whose audio changed
             if folding is not None and folding.is_version(item_id):
                 continue  # another version of a seed or of a better match
             artist, album = facts
@@ -460,6 +466,7 @@ class _Plan:
     searcher: _Searcher
     candidates: _Candidates
     seed_vectors: dict[int, np.ndarray]
+    seed_files: dict[int, str]
     exclude: np.ndarray
     count: int
     max_per_artist: int
@@ -477,7 +484,7 @@ def _plan(
     index_dir: str | os.PathLike[str] | None,
     count: int,
     exclude_seeds: bool,
-    where: str | dbquery.Query | None,
+    where: Where,
     max_per_artist: int,
     max_per_album: int,
     backend: SearchBackend,
@@ -498,8 +505,16 @@ def _plan(
     if not seeds:
         raise DeepsimError("no seed items: the query matched nothing")
     seed_ids = _seed_ids(seeds)
-    vec_ids, matrix = store.read_vectors(lib, model_id, ids=seed_ids)
-    seed_vectors = {int(i): matrix[k] for k, i in enumerate(vec_ids.tolist())}
+    stored = store.read_stored(lib, model_id, ids=seed_ids)
+    seed_vectors: dict[int, np.ndarray] = {}
+    seed_files: dict[int, str] = {}
+    paths = {int(s.id): s.path for s in seeds}
+    for k, (item_id, audio) in enumerate(zip(stored.ids.tolist(), stored.audio, strict=True)):
+        change, _ = compare(AudioIdentity.parse(audio), paths.get(item_id) or b"")
+        if change in ("same", "retagged"):
+            seed_vectors[item_id] = stored.matrix[k]
+        else:
+            seed_files[item_id] = change
     parsed = parse_where(lib, where)
     fast_where = _where_sql(parsed) if parsed is not None else None
     slow_where = parsed if parsed is not None and fast_where is None else None
@@ -528,8 +543,9 @@ def _plan(
     return _Plan(
         lib,
         searcher,
-        _Candidates(lib, fast_where=fast_where, slow_where=slow_where),
+        _Candidates(lib, model_id=model_id, fast_where=fast_where, slow_where=slow_where),
         seed_vectors,
+        seed_files,
         exclude,
         count,
         max_per_artist,
@@ -541,7 +557,13 @@ def _plan(
 def _search(plan: _Plan, seeds: list[Item]) -> SimilarResult:
     used = [s for s in seeds if int(s.id) in plan.seed_vectors]
     result = SimilarResult(
-        seeds=used, missing=[s for s in seeds if int(s.id) not in plan.seed_vectors]
+        seeds=used,
+        missing=[
+            s
+            for s in seeds
+            if int(s.id) not in plan.seed_vectors and int(s.id) not in plan.seed_files
+        ],
+        stale=[(s, plan.seed_files[int(s.id)]) for s in seeds if int(s.id) in plan.seed_files],
     )
     if used:
         mean = np.mean([plan.seed_vectors[int(s.id)] for s in used], axis=0, dtype=np.float64)
@@ -572,6 +594,7 @@ def _search(plan: _Plan, seeds: list[Item]) -> SimilarResult:
             max_per_album=plan.max_per_album,
             fold=plan.fold,
             seed_ids=[int(s.id) for s in used],
+            left_out=result.left_out,
         )
         items = load_items(plan.lib, [i for i, _ in found])
         for item_id, cosine in found:
@@ -596,7 +619,7 @@ def find_similar(
     index_dir: str | os.PathLike[str] | None = None,
     count: int = 20,
     exclude_seeds: bool = True,
-    where: str | dbquery.Query | None = None,
+    where: Where = None,
     max_per_artist: int = 0,
     max_per_album: int = 0,
     backend: SearchBackend = "auto",
@@ -690,7 +713,7 @@ def find_similar_each(
     index_dir: str | os.PathLike[str] | None = None,
     count: int = 20,
     exclude_seeds: bool = True,
-    where: str | dbquery.Query | None = None,
+    where: Where = None,
     max_per_artist: int = 0,
     max_per_album: int = 0,
     backend: SearchBackend = "auto",
@@ -728,3 +751,109 @@ def find_similar_each(
     )
     plan.query_scale = query_scale
     return [_search(plan, [seed]) for seed in seeds]
+
+
+# --------------------------------------------------------------------------- albums
+
+
+@dataclass
+class AlbumResult:
+    """What :func:`find_similar_albums` found.
+
+    ``albums`` best first, each with ``deepsim_similarity`` / ``deepsim_distance``
+    set (in memory); ``seeds`` the seed albums that had a vector; ``similarities``
+    in the order of ``albums``.
+    """
+
+    albums: list[Any] = field(default_factory=list)
+    similarities: list[float] = field(default_factory=list)
+    seeds: list[Any] = field(default_factory=list)
+    left_out: int = 0
+
+
+def album_vectors(
+    lib: Library, model_id: str, *, where: Where = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(album ids, unit matrix)``: each album's normalised mean of its tracks' vectors.
+
+    Only tracks matching ``where`` count; an album none of whose tracks has a
+    vector is absent.  One read of the stored vectors.
+    """
+    ids, matrix = store.read_vectors(lib, model_id)
+    parsed = parse_where(lib, where)
+    if parsed is not None and ids.size:
+        allowed = where_ids(lib, parsed)
+        if allowed is None:
+            items = load_items(lib, ids.tolist())
+            keep = np.asarray([parsed.match(items[i]) if i in items else False for i in ids])
+        else:
+            keep = np.isin(ids, allowed)
+        ids, matrix = ids[keep], matrix[keep]
+    albums = store.album_ids(lib, ids.tolist())
+    if not albums:
+        return np.zeros(0, np.int64), np.zeros((0, matrix.shape[1] if matrix.ndim == 2 else 0))
+    rows = np.asarray([albums.get(int(i), -1) for i in ids.tolist()], np.int64)
+    has = rows >= 0
+    album_ids, inverse = np.unique(rows[has], return_inverse=True)
+    sums = np.zeros((album_ids.size, matrix.shape[1]), np.float64)
+    np.add.at(sums, inverse, matrix[has])
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    ok = norms[:, 0] > 1e-6
+    return album_ids[ok], (sums[ok] / norms[ok]).astype(np.float32)
+
+
+def find_similar_albums(
+    lib: Library,
+    seeds: Sequence[Any],
+    *,
+    model_id: str,
+    count: int = 20,
+    exclude_seeds: bool = True,
+    where: Where = None,
+) -> AlbumResult:
+    """Albums similar to the mean of the seed albums' vectors (exact search).
+
+    An album's vector is the normalised mean of its tracks' vectors (of the
+    tracks matching ``where``, when given); the query is the normalised mean
+    of the seed albums' vectors.  ``left_out`` counts result albums all of
+    whose tracks' files are missing on disk (they are not returned).
+    """
+    from deepsim.util import check_int
+
+    count = check_int("count", count, minimum=1)
+    album_ids, matrix = album_vectors(lib, model_id, where=where)
+    if where is not None:
+        # the seeds' own vectors are all their tracks, whatever `where` keeps
+        seed_ids, seed_matrix = album_vectors(lib, model_id)
+    else:
+        seed_ids, seed_matrix = album_ids, matrix
+    position = {int(a): k for k, a in enumerate(seed_ids.tolist())}
+    used = [album for album in seeds if int(album.id) in position]
+    result = AlbumResult(seeds=used)
+    if not used or album_ids.size == 0:
+        return result
+    mean = seed_matrix[[position[int(a.id)] for a in used]].mean(axis=0, dtype=np.float64)
+    norm = float(np.linalg.norm(mean))
+    if norm < 1e-3:
+        raise DeepsimError("the seed albums' vectors cancel out: choose other seeds")
+    sims = matrix @ (mean / norm).astype(np.float32)
+    order = np.lexsort((album_ids, -sims))
+    excluded = {int(a.id) for a in used} if exclude_seeds else set()
+    for k in order.tolist():
+        album_id = int(album_ids[k])
+        if album_id in excluded:
+            continue
+        album = lib.get_album(album_id)
+        if album is None:
+            continue
+        if not any(os.path.isfile(os.fsdecode(item.path)) for item in album.items()):
+            result.left_out += 1
+            continue
+        sim = float(sims[k])
+        album[SIMILARITY_FIELD] = round(sim, 4)
+        album[DISTANCE_FIELD] = round(1.0 - sim, 4)
+        result.albums.append(album)
+        result.similarities.append(sim)
+        if len(result.albums) == count:
+            break
+    return result

@@ -1,25 +1,32 @@
-"""Vectors in the beets database.
+"""Vectors in the beets database — the only module that talks SQL.
 
-Each embedded item carries two flexible attributes:
+Layout (beets flexible attributes, so beets deletes them with the item):
 
-``deepsim_vector``
-    The L2-normalised vector, base64 of little-endian float16 (a 400-d vector
-    is 1,068 characters; float32 would double that for no gain in ranking —
-    see docs/performance.md).  Typed by :class:`VectorType`, so
-    ``item.deepsim_vector`` is a float32 numpy array.
-``deepsim_model``
-    The id of the model that made it.  Vectors of other ids are ignored, so
-    models never mix.
+``deepsim_vector`` / ``deepsim_model`` / ``deepsim_audio`` / ``deepsim_tags``
+    The *main slot*: the vector of the first model that embedded the item (or
+    of the active model after ``beet deepsim-embed --prune``), its model id,
+    the :class:`~deepsim.identity.AudioIdentity` of the file it was computed
+    from (``size:mtime_ns:digest``) and, optionally, the model's top tags.
+    ``deepsim_vector`` is typed by :class:`VectorType`, whose values are
+    :class:`Vector` objects: immutable, comparable, hashable, shown as
+    ``<200-d vector>``.
+``deepsim_vector:<model id>`` / ``deepsim_audio:<model id>`` / ``deepsim_tags:<model id>``
+    One slot per other model.  Embedding with another model never touches a
+    slot of a different model, so switching ``model:`` and back needs no
+    recomputation; :func:`prune` removes the slots of models no longer wanted.
+``deepsim_failed``
+    ``size:mtime_ns:<reason>`` of a file that could not be embedded, so an
+    unchanged broken file is not decoded again on every run.
 
-Optionally ``deepsim_tags`` holds the model's top tags as text.
+Older libraries may hold ``deepsim_backbone_vector`` / ``deepsim_backbone_model``
+(the slot of a trained head's backbone before there was one slot per model):
+read as the slot of that model, removed when that model's vector is rewritten.
 
-A second slot, ``deepsim_backbone_vector`` / ``deepsim_backbone_model``, keeps
-the vector of the model a trained head reads (its *backbone*), so that
-re-training, re-embedding after ``beet deepsim-train --no-embed`` and going
-back to ``model: default`` need no audio.  Reads for a model id look in both
-slots (the main one wins); a vector means the same whichever slot holds it.
-
-Reads go through one SQL query (never by loading ``Item`` objects); writes go
+A vector is stored as base64 of little-endian float16 (a 400-d vector is
+1,068 characters).  Reads go through one SQL query per slot (never through
+``Item`` objects) and validate every value: bad base64, a length that is not
+the dimension of the model's other vectors, NaN or infinity — such a value is
+named once in a warning (item id and path) and treated as missing.  Writes go
 in transactions of ``batch_size`` items, so an interruption loses at most the
 batch in flight.  torch is never imported here.
 """
@@ -29,51 +36,159 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from beets.dbcore import query as dbquery
 from beets.dbcore import types
 
+from deepsim.errors import ParameterError
+from deepsim.util import check_int, get_logger
+
 if TYPE_CHECKING:
-    from beets.library import Library
+    from beets.library import Item, Library
+
+log = get_logger(__name__)
 
 VECTOR_FIELD = "deepsim_vector"
 MODEL_FIELD = "deepsim_model"
+AUDIO_FIELD = "deepsim_audio"
 TAGS_FIELD = "deepsim_tags"
+FAILED_FIELD = "deepsim_failed"
 BACKBONE_VECTOR_FIELD = "deepsim_backbone_vector"
 BACKBONE_MODEL_FIELD = "deepsim_backbone_model"
-_SLOTS = ((BACKBONE_VECTOR_FIELD, BACKBONE_MODEL_FIELD), (VECTOR_FIELD, MODEL_FIELD))
+
+#: Ids per SQL ``IN (...)`` list (below SQLite's variable limit): the one chunking scheme.
+ID_CHUNK = 900
 
 _DTYPE = np.dtype("<f2")
 
 
-def encode_vector(vector: np.ndarray) -> str:
+def slot_keys(model_id: str) -> tuple[str, str, str]:
+    """The (vector, audio, tags) keys of ``model_id``'s own slot (not the main one)."""
+    return f"{VECTOR_FIELD}:{model_id}", f"{AUDIO_FIELD}:{model_id}", f"{TAGS_FIELD}:{model_id}"
+
+
+def chunks(ids: Sequence[int], size: int | None = None) -> Iterator[list[int]]:
+    """``ids`` in lists of at most ``size`` (default :data:`ID_CHUNK`)."""
+    size = size or ID_CHUNK
+    for start in range(0, len(ids), size):
+        yield [int(i) for i in ids[start : start + size]]
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and the beets value
+
+
+def encode_vector(vector: Any) -> str:
     """Encode a 1-D vector as base64 of little-endian float16."""
     array = np.asarray(vector, dtype=np.float32)
     if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"expected a non-empty 1-D vector, got shape {array.shape!r}")
+        raise ParameterError(f"vector must be a non-empty 1-D array, got shape {array.shape!r}")
     if not np.all(np.isfinite(array)):
-        raise ValueError("vector contains NaN or infinite values")
+        raise ParameterError("vector contains NaN or infinite values")
     return base64.b64encode(array.astype(_DTYPE).tobytes()).decode("ascii")
+
+
+def _decode(text: Any) -> np.ndarray | None:
+    """float32 vector of an encoding, or None when it is not a valid one."""
+    try:
+        raw = binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError, TypeError):
+        return None
+    if len(raw) == 0 or len(raw) % _DTYPE.itemsize:
+        return None
+    array = np.frombuffer(raw, dtype=_DTYPE).astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        return None
+    return array
 
 
 def decode_vector(text: str | bytes) -> np.ndarray:
     """Inverse of :func:`encode_vector`; returns float32."""
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"not a deepsim vector encoding ({exc})") from None
-    if len(raw) == 0 or len(raw) % _DTYPE.itemsize:
-        raise ValueError(f"not a deepsim vector encoding ({len(raw)} bytes)")
-    return np.frombuffer(raw, dtype=_DTYPE).astype(np.float32)
+    array = _decode(text)
+    if array is None:
+        raise ParameterError(f"not a deepsim vector encoding: {str(text)[:40]!r}")
+    return array
+
+
+class Vector:
+    """A stored vector as a beets value: immutable, ``==`` and ``hash`` by content.
+
+    ``numpy.asarray(vector)`` (or :attr:`array`) gives the read-only float32
+    array; ``str(vector)`` is ``<400-d vector>``.
+    """
+
+    __slots__ = ("__weakref__", "_array", "_text")
+
+    def __init__(self, values: Any) -> None:
+        if isinstance(values, Vector):
+            self._array, self._text = values._array, values._text
+            return
+        if isinstance(values, (str, bytes)):
+            array = decode_vector(values)
+            text = values if isinstance(values, str) else values.decode("ascii")
+        else:
+            text = encode_vector(values)
+            array = np.asarray(values, dtype=np.float32).copy()
+        array.setflags(write=False)
+        self._array = array
+        self._text = text
+
+    @property
+    def array(self) -> np.ndarray:
+        return self._array
+
+    @property
+    def text(self) -> str:
+        """The stored encoding."""
+        return self._text
+
+    @property
+    def dim(self) -> int:
+        return int(self._array.shape[0])
+
+    def __len__(self) -> int:
+        return self.dim
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self._array if dtype is None else self._array.astype(dtype)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Vector):
+            return self._text == other._text
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._text)
+
+    def __str__(self) -> str:
+        return f"<{self.dim}-d vector>"
+
+    def __repr__(self) -> str:
+        return f"Vector(<{self.dim}-d>, {self.digest})"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.blake2b(self._text.encode("ascii"), digest_size=4).hexdigest()
 
 
 class VectorType(types.Type):  # type: ignore[type-arg]
-    """beets field type of ``deepsim_vector``: float32 array in memory, base64 text in SQL."""
+    """beets type of ``deepsim_vector``: a :class:`Vector` in memory, base64 text in SQL.
+
+    ``format`` shows ``<400-d vector>``; ``parse`` reads a stored encoding
+    back, and also the shown form of a vector this process formatted (so
+    ``beet edit --all`` leaves vectors as they are); anything else parses to
+    no vector.
+    """
 
     sql = "TEXT"
-    model_type = np.ndarray
+    model_type = Vector
+    _shown: ClassVar[dict[str, Vector]] = {}
 
     @property
     def null(self) -> None:
@@ -82,106 +197,277 @@ class VectorType(types.Type):  # type: ignore[type-arg]
     def format(self, value: Any) -> str:
         if value is None:
             return ""
-        return f"<{len(value)}-d vector>"
+        vector = self.normalize(value)
+        if vector is None:
+            return ""
+        shown = f"<{vector.dim}-d vector {vector.digest}>"
+        if len(self._shown) > 4096:
+            self._shown.clear()
+        self._shown[shown] = vector
+        return shown
 
-    def parse(self, string: str) -> np.ndarray | None:
+    def parse(self, string: str) -> Vector | None:
+        if string in self._shown:
+            return self._shown[string]
         try:
-            return decode_vector(string)
-        except ValueError:
+            return Vector(string.strip())
+        except (ParameterError, UnicodeDecodeError):
             return None
 
-    def normalize(self, value: Any) -> np.ndarray | None:
-        if value is None:
-            return None
+    def normalize(self, value: Any) -> Vector | None:
+        if value is None or isinstance(value, Vector):
+            return value
         if isinstance(value, (str, bytes)):
             return self.parse(value if isinstance(value, str) else value.decode("ascii", "ignore"))
-        return np.asarray(value, dtype=np.float32)
+        try:
+            return Vector(value)
+        except ParameterError:
+            return None
+
+    def from_sql(self, sql_value: Any) -> Vector | None:
+        return self.normalize(sql_value)
 
     def to_sql(self, model_value: Any) -> str | None:
-        if model_value is None:
-            return None
-        return encode_vector(model_value)
+        vector = self.normalize(model_value)
+        return None if vector is None else vector.text
 
 
-def _slot_rows(vector_key: str, model_key: str) -> str:
-    return f"""
-    FROM item_attributes AS v
-    JOIN item_attributes AS m
-      ON m.entity_id = v.entity_id AND m.key = '{model_key}'
-    JOIN items AS i ON i.id = v.entity_id
-    WHERE v.key = '{vector_key}' AND m.value = ?
-"""
+# --------------------------------------------------------------------------------------------
+# Items by id
 
 
-def _query_slots(lib: Library, columns: str, model_id: str, extra: str = "", params=()) -> list:
-    """Rows of both slots for ``model_id``; main-slot rows come last (and win)."""
-    rows: list[Any] = []
+class IdsQuery(dbquery.Query):
+    """``items.id IN (...)`` as a fast beets query (at most :data:`ID_CHUNK` ids)."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.ids = [int(i) for i in ids]
+        self._set = set(self.ids)
+
+    def clause(self) -> tuple[str, Sequence[int]]:
+        return f"items.id IN ({','.join('?' * len(self.ids))})", self.ids
+
+    def match(self, obj: Any) -> bool:
+        return obj.id in self._set
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdsQuery) and other._set == self._set
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._set))
+
+
+def items_by_ids(lib: Library, ids: Iterable[int]) -> dict[int, Item]:
+    """The items with these ids that still exist, by id (one query per :data:`ID_CHUNK`)."""
+    wanted = sorted({int(i) for i in ids})
+    found: dict[int, Item] = {}
+    for chunk in chunks(wanted):
+        for item in lib.items(IdsQuery(chunk)):
+            found[item.id] = item
+    return found
+
+
+def absolute_path(lib: Library, raw: Any) -> bytes:
+    """An ``items.path`` value as read by SQL, as the absolute path beets gives ``item.path``.
+
+    beets stores paths under the music directory relative to it.
+    """
+    if raw is None:
+        return b""
+    if isinstance(raw, memoryview):
+        raw = bytes(raw)
+    if isinstance(raw, str):
+        raw = os.fsencode(raw)
+    if raw and not os.path.isabs(raw):
+        from beets.dbcore.pathutils import expand_path_from_db
+
+        context = getattr(lib, "music_dir_context", None)
+        if context is None:
+            return os.path.join(os.fsencode(lib.directory), raw)
+        with context():
+            return expand_path_from_db(raw)
+    return raw
+
+
+def album_ids(lib: Library, ids: Sequence[int]) -> dict[int, int]:
+    """``{item id: album id}`` of those of ``ids`` that belong to an album."""
+    found: dict[int, int] = {}
     with lib.transaction() as tx:
-        for vector_key, model_key in _SLOTS:
-            sql = f"SELECT {columns} {_slot_rows(vector_key, model_key)}{extra}"
-            rows.extend(tx.query(sql, [model_id, *params]))
+        for chunk in chunks(sorted({int(i) for i in ids})):
+            sql = (
+                "SELECT id, album_id FROM items WHERE album_id IS NOT NULL "
+                f"AND id IN ({','.join('?' * len(chunk))})"
+            )
+            for row in tx.query(sql, chunk):
+                found[int(row[0])] = int(row[1])
+    return found
+
+
+def all_item_ids(lib: Library) -> list[int]:
+    with lib.transaction() as tx:
+        return [int(row[0]) for row in tx.query("SELECT id FROM items ORDER BY id")]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _slot_sql(model_id: str) -> list[tuple[str, list[Any]]]:
+    """(SQL, params) selecting ``entity_id, vector, audio`` of each slot, lowest priority first."""
+    vec_key, audio_key, _ = slot_keys(model_id)
+    legacy = (
+        "SELECT v.entity_id, v.value, NULL FROM item_attributes AS v "
+        "JOIN item_attributes AS m ON m.entity_id = v.entity_id AND m.key = ? AND m.value = ? "
+        "WHERE v.key = ?",
+        [BACKBONE_MODEL_FIELD, model_id, BACKBONE_VECTOR_FIELD],
+    )
+    own = (
+        "SELECT v.entity_id, v.value, a.value FROM item_attributes AS v "
+        "LEFT JOIN item_attributes AS a ON a.entity_id = v.entity_id AND a.key = ? "
+        "WHERE v.key = ?",
+        [audio_key, vec_key],
+    )
+    main = (
+        "SELECT v.entity_id, v.value, a.value FROM item_attributes AS v "
+        "JOIN item_attributes AS m ON m.entity_id = v.entity_id AND m.key = ? AND m.value = ? "
+        "LEFT JOIN item_attributes AS a ON a.entity_id = v.entity_id AND a.key = ? "
+        "WHERE v.key = ?",
+        [MODEL_FIELD, model_id, AUDIO_FIELD, VECTOR_FIELD],
+    )
+    return [legacy, own, main]
+
+
+def _slot_rows(
+    lib: Library, model_id: str, ids: Sequence[int] | None
+) -> dict[int, tuple[Any, Any]]:
+    """``{item id: (vector text, audio text)}`` of ``model_id`` for existing items."""
+    rows: dict[int, tuple[Any, Any]] = {}
+    id_lists: list[list[int] | None]
+    if ids is None or len(ids) > 20 * ID_CHUNK:
+        id_lists = [None]  # many ids: one read of everything beats many lookups
+    else:
+        id_lists = list(chunks(sorted({int(i) for i in ids})))
+    wanted = None if ids is None else {int(i) for i in ids}
+    with lib.transaction() as tx:
+        for sql, params in _slot_sql(model_id):
+            for chunk in id_lists:
+                extra = " AND v.entity_id IN (SELECT id FROM items)"
+                args = list(params)
+                if chunk is not None:
+                    extra += f" AND v.entity_id IN ({','.join('?' * len(chunk))})"
+                    args.extend(chunk)
+                for row in tx.query(sql + extra, args):
+                    item_id = int(row[0])
+                    if wanted is None or item_id in wanted:
+                        rows[item_id] = (row[1], row[2])
     return rows
 
 
-def _rows_to_matrix(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.fromiter((int(row[0]) for row in rows), np.int64, count=len(rows))
-    raws: list[bytes] = []
-    for _, text in rows:
+def audio_identities(lib: Library, model_id: str, ids: Sequence[int]) -> dict[int, str | None]:
+    """The recorded audio identity of each of ``ids``' ``model_id`` vector (None: not recorded)."""
+    return {i: audio for i, (_, audio) in _slot_rows(lib, model_id, ids).items()}
+
+
+_warned: set[tuple[str, int, str]] = set()
+
+
+def _warn_corrupt(lib: Library, model_id: str, bad: dict[int, str]) -> None:
+    """Name each damaged value once per process (item id and path)."""
+    new = {i: why for i, why in bad.items() if (model_id, i, why) not in _warned}
+    if not new:
+        return
+    paths = {i: item.path for i, item in items_by_ids(lib, new).items()}
+    for item_id, why in sorted(new.items()):
+        _warned.add((model_id, item_id, why))
+        path = os.fsdecode(paths.get(item_id) or b"?")
+        log.warning(
+            f"item {item_id}: {path}: damaged {model_id} vector ({why}); treated as missing, "
+            "`beet deepsim-embed` recomputes it"
+        )
+
+
+@dataclass
+class StoredVectors:
+    """Valid vectors of one model: ``ids`` (ascending), unit ``matrix`` rows, ``audio`` texts."""
+
+    ids: np.ndarray
+    matrix: np.ndarray
+    audio: list[str | None]
+    corrupt: dict[int, str]
+
+
+def read_stored(
+    lib: Library, model_id: str, *, ids: Iterable[int] | None = None, warn: bool = True
+) -> StoredVectors:
+    """All valid vectors of ``model_id`` (or of ``ids``), their audio identities, the damaged ones.
+
+    The dimension is that of the most common length among the model's
+    values; a value of another length, bad base64, NaN or infinity is
+    damaged: left out, listed in ``corrupt`` (``{id: reason}``) and, with
+    ``warn``, named once in a warning.
+    """
+    wanted = None if ids is None else sorted({int(i) for i in ids})
+    rows = _slot_rows(lib, model_id, wanted)
+    order = sorted(rows)
+    raws: list[bytes | None] = []
+    corrupt: dict[int, str] = {}
+    for item_id in order:
         try:
-            raws.append(binascii.a2b_base64(text, strict_mode=True))
+            raws.append(binascii.a2b_base64(rows[item_id][0], strict_mode=True))
         except (binascii.Error, ValueError, TypeError):
-            raws.append(b"")  # a damaged value is treated as "no vector"
-    sizes = np.fromiter((len(r) for r in raws), np.int64, count=len(raws))
-    if len(raws) == 0:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    # The common size is the dimension; rows of any other size are dropped.
+            raws.append(None)
+            corrupt[item_id] = "not base64"
+    sizes = np.fromiter((len(r) if r is not None else 0 for r in raws), np.int64, len(raws))
     valid = sizes[(sizes > 0) & (sizes % _DTYPE.itemsize == 0)]
-    if valid.size == 0:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    size = int(np.bincount(valid).argmax())
-    keep = sizes == size
-    if not keep.all():
-        raws = [r for r, k in zip(raws, keep, strict=True) if k]
-        ids = ids[keep]
-    matrix = np.frombuffer(b"".join(raws), dtype=_DTYPE).reshape(len(raws), -1)
-    matrix = matrix.astype(np.float32)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    np.divide(matrix, norms, out=matrix, where=norms > 0)
-    return ids, matrix
+    size = int(np.bincount(valid).argmax()) if valid.size else 0
+    keep_ids: list[int] = []
+    keep_raw: list[bytes] = []
+    audio: list[str | None] = []
+    for item_id, raw in zip(order, raws, strict=True):
+        if raw is None:
+            continue
+        if len(raw) != size:
+            corrupt[item_id] = f"{len(raw)} bytes, not {size}"
+            continue
+        keep_ids.append(item_id)
+        keep_raw.append(raw)
+        audio.append(rows[item_id][1])
+    if keep_raw:
+        matrix = np.frombuffer(b"".join(keep_raw), dtype=_DTYPE).reshape(len(keep_raw), -1)
+        matrix = matrix.astype(np.float32)
+        finite = np.isfinite(matrix).all(axis=1)
+        if not finite.all():
+            for k in np.flatnonzero(~finite).tolist():
+                corrupt[keep_ids[k]] = "NaN or infinite values"
+            matrix = matrix[finite]
+            keep_ids = [i for i, f in zip(keep_ids, finite.tolist(), strict=True) if f]
+            audio = [a for a, f in zip(audio, finite.tolist(), strict=True) if f]
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        np.divide(matrix, norms, out=matrix, where=norms > 0)
+    else:
+        matrix = np.zeros((0, 0), np.float32)
+    if corrupt and warn:
+        _warn_corrupt(lib, model_id, corrupt)
+    return StoredVectors(np.asarray(keep_ids, np.int64), matrix, audio, corrupt)
 
 
 def read_vectors(
     lib: Library, model_id: str, *, ids: Iterable[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All stored vectors of ``model_id`` (or of the given item ids), in one query.
+    """All valid vectors of ``model_id`` (or of the given item ids).
 
     Returns
     -------
     ids, matrix
         int64 item ids (ascending) and float32 ``(n, dim)`` unit rows.  Items
-        without a vector of this model are absent.
+        without a usable vector of this model are absent (see :func:`read_stored`).
     """
-    extra = ""
-    params: list[Any] = []
-    wanted: set[int] | None = None
-    if ids is not None:
-        wanted = {int(i) for i in ids}
-        if len(wanted) <= 500:
-            extra = f" AND v.entity_id IN ({','.join('?' * len(wanted))})"
-            params.extend(sorted(wanted))
-            wanted = None
-    by_id = {
-        int(row[0]): row[1]
-        for row in _query_slots(lib, "v.entity_id, v.value", model_id, extra, params)
-    }
-    if wanted is not None:
-        by_id = {i: v for i, v in by_id.items() if i in wanted}
-    return _rows_to_matrix(sorted(by_id.items()))
+    stored = read_stored(lib, model_id, ids=ids)
+    return stored.ids, stored.matrix
 
 
 def ids_with_vectors(lib: Library, model_id: str) -> set[int]:
-    """Ids of the items that hold a vector of ``model_id`` (one query a slot, no decoding)."""
-    return {int(row[0]) for row in _query_slots(lib, "v.entity_id", model_id)}
+    """Ids of the items that hold a usable vector of ``model_id``."""
+    return set(read_stored(lib, model_id, warn=False).ids.tolist())
 
 
 def _int_list(text: str | None) -> np.ndarray:
@@ -195,13 +481,19 @@ def vector_row_ids(lib: Library, model_id: str) -> tuple[np.ndarray, np.ndarray]
     comparing row ids with an earlier read tells added, rewritten and removed
     vectors apart (what :func:`deepsim.index.refresh_index` keeps up).
     """
-    ids, rows = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    for entity_text, row_text in _query_slots(
-        lib, "group_concat(v.entity_id), group_concat(v.id)", model_id
-    ):
-        # The main slot comes last and wins over the backbone slot.
-        ids = np.concatenate([_int_list(entity_text), ids])
-        rows = np.concatenate([_int_list(row_text), rows])
+    parts_ids: list[np.ndarray] = []
+    parts_rows: list[np.ndarray] = []
+    with lib.transaction() as tx:
+        for sql, params in _slot_sql(model_id):  # lowest priority first, as reads
+            _select, _, rest = sql.partition(" FROM ")
+            aggregate = "SELECT group_concat(v.entity_id), group_concat(v.id) FROM " + rest
+            for entity_text, row_text in tx.query(aggregate, params):
+                parts_ids.append(_int_list(entity_text))
+                parts_rows.append(_int_list(row_text))
+    if not parts_ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ids, rows = np.concatenate(parts_ids), np.concatenate(parts_rows)
+    # Where several slots hold the model (an old backbone slot), the later one wins.
     ids, first = np.unique(ids[::-1], return_index=True)
     return ids, rows[::-1][first]
 
@@ -209,23 +501,93 @@ def vector_row_ids(lib: Library, model_id: str) -> tuple[np.ndarray, np.ndarray]
 def vector_rows(lib: Library) -> tuple[np.ndarray, np.ndarray]:
     """Item ids and row ids of every stored vector row, of any model and slot.
 
-    One aggregate over one key pair with no join: 100k rows in about 50 ms, a
-    quarter of :func:`vector_row_ids` (which filters by model).
+    One aggregate with no join: 100k rows in about 50 ms, a quarter of
+    :func:`vector_row_ids` (which filters by model).
     """
     with lib.transaction() as tx:
         (row,) = tx.query(
             "SELECT group_concat(entity_id), group_concat(id) "
-            "FROM item_attributes WHERE key IN (?, ?)",
-            [VECTOR_FIELD, BACKBONE_VECTOR_FIELD],
+            "FROM item_attributes WHERE key IN (?, ?) OR key LIKE ?",
+            [VECTOR_FIELD, BACKBONE_VECTOR_FIELD, f"{VECTOR_FIELD}:%"],
         )
     return _int_list(row[0]), _int_list(row[1])
 
 
 def ids_with_any_vector(lib: Library) -> set[int]:
-    """Ids of the items that hold a main vector of any model."""
+    """Ids of the items whose main slot holds a vector (of any model)."""
     with lib.transaction() as tx:
         rows = tx.query("SELECT entity_id FROM item_attributes WHERE key = ?", [VECTOR_FIELD])
     return {int(row[0]) for row in rows}
+
+
+@dataclass(frozen=True)
+class ItemState:
+    """What :func:`embed_states` knows of one item without loading it."""
+
+    item_id: int
+    path: bytes
+    vector: bool  # a usable vector of the model
+    audio: str | None  # its recorded audio identity
+    failed: str | None  # the recorded failure (``size:mtime_ns:reason``)
+    corrupt: str | None = None  # why its stored value is unusable
+
+
+def embed_states(lib: Library, model_id: str, ids: Iterable[int] | None = None) -> list[ItemState]:
+    """For each item (all, or ``ids``): path, has a usable vector, audio identity, failure.
+
+    A few SQL queries in all, whatever the library size; no ``Item`` objects.
+    """
+    stored = read_stored(lib, model_id, ids=ids)
+    have = dict(zip(stored.ids.tolist(), stored.audio, strict=True))
+    wanted = None if ids is None else sorted({int(i) for i in ids})
+    sql = (
+        "SELECT i.id, i.path, f.value FROM items AS i "
+        "LEFT JOIN item_attributes AS f ON f.entity_id = i.id AND f.key = ?"
+    )
+    states: list[ItemState] = []
+    with lib.transaction() as tx:
+        parts = [None] if wanted is None or len(wanted) > 20 * ID_CHUNK else list(chunks(wanted))
+        keep = None if wanted is None else set(wanted)
+        for chunk in parts:
+            args: list[Any] = [FAILED_FIELD]
+            where = ""
+            if chunk is not None:
+                where = f" WHERE i.id IN ({','.join('?' * len(chunk))})"
+                args.extend(chunk)
+            for row in tx.query(sql + where + " ORDER BY i.id", args):
+                item_id = int(row[0])
+                if keep is not None and item_id not in keep:
+                    continue
+                path = absolute_path(lib, row[1])
+                states.append(
+                    ItemState(
+                        item_id,
+                        path,
+                        item_id in have,
+                        have.get(item_id),
+                        row[2],
+                        stored.corrupt.get(item_id),
+                    )
+                )
+    return states
+
+
+def model_counts(lib: Library) -> Counter[str]:
+    """How many items hold a vector of each model (any slot)."""
+    counts: Counter[str] = Counter()
+    with lib.transaction() as tx:
+        for row in tx.query(
+            "SELECT value, count(*) FROM item_attributes WHERE key IN (?, ?) GROUP BY value",
+            [MODEL_FIELD, BACKBONE_MODEL_FIELD],
+        ):
+            counts[str(row[0])] += int(row[1])
+        prefix = f"{VECTOR_FIELD}:"
+        for row in tx.query(
+            "SELECT key, count(*) FROM item_attributes WHERE key LIKE ? GROUP BY key",
+            [prefix + "%"],
+        ):
+            counts[str(row[0])[len(prefix) :]] += int(row[1])
+    return counts
 
 
 def fingerprint(lib: Library, model_id: str) -> str:
@@ -236,118 +598,247 @@ def fingerprint(lib: Library, model_id: str) -> str:
     is removed (beets deletes its attributes), without reading the vectors.
     It covers the vectors of every model, so writing another model's vectors
     also changes it: harmless (an index rebuilt once more), and it keeps the
-    query to one aggregate over one key.
+    query to one aggregate.
     """
     with lib.transaction() as tx:
         (row,) = tx.query(
-            "SELECT count(*), total(id), max(id), total(entity_id) "
-            "FROM item_attributes WHERE key IN (?, ?)",
-            [VECTOR_FIELD, BACKBONE_VECTOR_FIELD],
+            "SELECT count(*), total(id), max(id), total(entity_id) FROM item_attributes "
+            "WHERE key IN (?, ?) OR key LIKE ?",
+            [VECTOR_FIELD, BACKBONE_VECTOR_FIELD, f"{VECTOR_FIELD}:%"],
         )
     text = f"{model_id}|{row[0]}|{row[1]}|{row[2]}|{row[3]}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def write_vectors(
-    lib: Library,
-    rows: Iterable[tuple[Any, ...]],
-    model_id: str,
-    *,
-    batch_size: int = 64,
-    backbone_id: str | None = None,
-) -> int:
-    """Store vectors (and optional tag text) for item ids, ``batch_size`` per transaction.
+# --------------------------------------------------------------------------------------------
+# Writing
 
-    Rows are ``(item_id, vector)``, ``(item_id, vector, tags_text)`` or, with
-    ``backbone_id``, ``(item_id, vector, tags_text, backbone_vector)``: the
-    backbone vector goes to the backbone slot.  Each transaction commits
-    before the next batch is read from ``rows``, so a generator that embeds
-    lazily loses at most one batch when interrupted.
+
+@dataclass(frozen=True)
+class VectorRecord:
+    """One vector to store: the item, the model, and what identifies the audio."""
+
+    item_id: int
+    model_id: str
+    vector: Any
+    audio: str | None = None
+    tags: str | None = None
+
+
+_INSERT = "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)"
+
+
+def _main_models(tx: Any, ids: Sequence[int]) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for chunk in chunks(sorted(set(ids))):
+        sql = (
+            "SELECT v.entity_id, m.value FROM item_attributes AS v LEFT JOIN item_attributes AS m "
+            "ON m.entity_id = v.entity_id AND m.key = ? "
+            f"WHERE v.key = ? AND v.entity_id IN ({','.join('?' * len(chunk))})"
+        )
+        for row in tx.query(sql, [MODEL_FIELD, VECTOR_FIELD, *chunk]):
+            found[int(row[0])] = str(row[1])
+    return found
+
+
+def _write_batch(lib: Library, batch: list[tuple[VectorRecord, str]]) -> None:
+    with lib.transaction() as tx:
+        main = _main_models(tx, [r.item_id for r, _ in batch])
+        deletes: list[tuple[int, str]] = []
+        records: list[tuple[int, str, str]] = []
+        for rec, encoded in batch:
+            vec_key, audio_key, tags_key = slot_keys(rec.model_id)
+            deletes.append((rec.item_id, FAILED_FIELD))
+            if main.setdefault(rec.item_id, rec.model_id) == rec.model_id:
+                # Vector first, then the rest: a rewritten vector row never
+                # holds the highest row id, so it always gets a new one.
+                keys = (VECTOR_FIELD, AUDIO_FIELD, TAGS_FIELD)
+                records.append((rec.item_id, VECTOR_FIELD, encoded))
+                records.append((rec.item_id, MODEL_FIELD, rec.model_id))
+                deletes.extend((rec.item_id, key) for key in (vec_key, audio_key, tags_key))
+            else:
+                keys = (vec_key, audio_key, tags_key)
+                records.append((rec.item_id, vec_key, encoded))
+            deletes.append((rec.item_id, keys[1]))
+            if rec.audio is not None:
+                records.append((rec.item_id, keys[1], rec.audio))
+            if rec.tags is not None:
+                records.append((rec.item_id, keys[2], rec.tags))
+        tx.mutate_many("DELETE FROM item_attributes WHERE entity_id = ? AND key = ?", deletes)
+        # A legacy backbone slot of the same model is superseded.
+        tx.mutate_many(
+            "DELETE FROM item_attributes WHERE entity_id = ? AND key IN (?, ?) AND entity_id IN "
+            "(SELECT entity_id FROM item_attributes WHERE entity_id = ? AND key = ? AND value = ?)",
+            [
+                (
+                    r.item_id,
+                    BACKBONE_VECTOR_FIELD,
+                    BACKBONE_MODEL_FIELD,
+                    r.item_id,
+                    BACKBONE_MODEL_FIELD,
+                    r.model_id,
+                )
+                for r, _ in batch
+            ],
+        )
+        tx.mutate_many(_INSERT, records)
+
+
+def write_records(lib: Library, records: Iterable[VectorRecord], *, batch_size: int = 64) -> int:
+    """Store vectors, each in its model's slot, ``batch_size`` per transaction.
+
+    A model's vector goes to the main slot when that is empty or already
+    holds that model, else to the model's own slot; no other model's vector
+    is touched.  A recorded failure of the item is cleared.  Each
+    transaction commits before the next batch is read from ``records``, so a
+    generator that embeds lazily loses at most one batch when interrupted.
 
     Returns
     -------
     int
-        Number of items written.
+        Number of records written.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1)
     written = 0
-    batch: list[tuple[str, ...] | tuple[Any, ...]] = []
-
-    def flush() -> None:
-        nonlocal written
-        if not batch:
-            return
-        records: list[tuple[int, str, str]] = []
-        for item_id, encoded, tags, backbone in batch:
-            # Vector first, then model, then the rest: a rewritten vector row
-            # never holds the highest row id, so it always gets a new one.
-            records.append((item_id, VECTOR_FIELD, encoded))
-            records.append((item_id, MODEL_FIELD, model_id))
-            if tags is not None:
-                records.append((item_id, TAGS_FIELD, tags))
-            if backbone is not None and backbone_id is not None:
-                records.append((item_id, BACKBONE_VECTOR_FIELD, backbone))
-                records.append((item_id, BACKBONE_MODEL_FIELD, backbone_id))
-        with lib.transaction() as tx:
-            tx.mutate_many(
-                "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)",
-                records,
-            )
-        written += len(batch)
-        batch.clear()
-
-    for row in rows:
-        item_id, vector = int(row[0]), row[1]
-        tags = row[2] if len(row) > 2 else None
-        backbone = row[3] if len(row) > 3 and row[3] is not None else None
-        batch.append(
-            (
-                item_id,
-                encode_vector(vector),
-                tags,
-                None if backbone is None else encode_vector(backbone),
-            )
-        )
+    batch: list[tuple[VectorRecord, str]] = []
+    for rec in records:
+        batch.append((rec, encode_vector(rec.vector)))
         if len(batch) >= batch_size:
-            flush()
-    flush()
+            _write_batch(lib, batch)
+            written += len(batch)
+            batch = []
+    if batch:
+        _write_batch(lib, batch)
+        written += len(batch)
     return written
+
+
+def write_vectors(
+    lib: Library,
+    rows: Iterable[tuple[Any, ...] | VectorRecord],
+    model_id: str,
+    *,
+    batch_size: int = 64,
+) -> int:
+    """Store ``(item_id, vector)`` or ``(item_id, vector, tags)`` rows as ``model_id``'s.
+
+    See :func:`write_records`, which this calls (a :class:`VectorRecord` row
+    is written as it is).
+    """
+
+    def records() -> Iterator[VectorRecord]:
+        for row in rows:
+            if isinstance(row, VectorRecord):
+                yield row
+            else:
+                tags = row[2] if len(row) > 2 else None
+                yield VectorRecord(int(row[0]), model_id, row[1], tags=tags)
+
+    return write_records(lib, records(), batch_size=batch_size)
 
 
 def write_backbone_vectors(
     lib: Library, rows: Iterable[tuple[int, np.ndarray]], model_id: str
 ) -> int:
-    """Store vectors in the backbone slot only (the main vector is left alone)."""
-    records: list[tuple[int, str, str]] = []
-    for item_id, vector in rows:
-        records.append((int(item_id), BACKBONE_VECTOR_FIELD, encode_vector(vector)))
-        records.append((int(item_id), BACKBONE_MODEL_FIELD, model_id))
+    """Store vectors of a head's backbone model: the same as :func:`write_vectors`."""
+    return write_vectors(lib, rows, model_id)
+
+
+def write_audio(lib: Library, model_id: str, audio: dict[int, str]) -> None:
+    """Record new audio identities of existing ``model_id`` vectors (a retagged file)."""
+    if not audio:
+        return
+    _, own_key, _ = slot_keys(model_id)
     with lib.transaction() as tx:
+        main = _main_models(tx, list(audio))
+        rows = [
+            (i, AUDIO_FIELD if main.get(i) == model_id else own_key, text)
+            for i, text in audio.items()
+        ]
         tx.mutate_many(
-            "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)", records
+            "DELETE FROM item_attributes WHERE entity_id = ? AND key = ?", [r[:2] for r in rows]
         )
-    return len(records) // 2
+        tx.mutate_many(_INSERT, rows)
+
+
+def record_failures(lib: Library, failures: Iterable[tuple[int, str]]) -> int:
+    """Remember failures: ``(item_id, "size:mtime_ns:reason")``."""
+    rows = [(int(i), FAILED_FIELD, text) for i, text in failures]
+    if rows:
+        with lib.transaction() as tx:
+            tx.mutate_many(
+                "DELETE FROM item_attributes WHERE entity_id = ? AND key = ?",
+                [r[:2] for r in rows],
+            )
+            tx.mutate_many(_INSERT, rows)
+    return len(rows)
 
 
 def clear_vectors(lib: Library, item_ids: Iterable[int]) -> None:
-    """Remove deepsim's fields from the given items."""
+    """Remove every deepsim field (all models) from the given items."""
     ids = [int(i) for i in item_ids]
     with lib.transaction() as tx:
-        tx.mutate_many(
-            "DELETE FROM item_attributes WHERE entity_id = ? AND key IN (?, ?, ?, ?, ?)",
-            [
-                (
-                    i,
-                    VECTOR_FIELD,
-                    MODEL_FIELD,
-                    TAGS_FIELD,
-                    BACKBONE_VECTOR_FIELD,
-                    BACKBONE_MODEL_FIELD,
+        for chunk in chunks(ids):
+            tx.mutate(
+                "DELETE FROM item_attributes WHERE key LIKE 'deepsim\\_%' ESCAPE '\\' "
+                f"AND entity_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+
+
+def prune(lib: Library, keep: Iterable[str]) -> Counter[str]:
+    """Remove the vectors of every model not in ``keep``; return how many per model.
+
+    Where the main slot held a pruned model and a kept model has its own
+    slot, that vector moves into the main slot.
+    """
+    keep = set(keep)
+    removed: Counter[str] = Counter()
+    with lib.transaction() as tx:
+        for model, count in model_counts(lib).items():
+            if model not in keep:
+                removed[model] = count
+        gone = [m for m in removed]
+        for model in gone:
+            vec_key, audio_key, tags_key = slot_keys(model)
+            tx.mutate(
+                "DELETE FROM item_attributes WHERE key IN (?, ?, ?)", (vec_key, audio_key, tags_key)
+            )
+            tx.mutate(
+                "DELETE FROM item_attributes WHERE key IN (?, ?) AND entity_id IN (SELECT "
+                "entity_id FROM item_attributes WHERE key = ? AND value = ?)",
+                (BACKBONE_VECTOR_FIELD, BACKBONE_MODEL_FIELD, BACKBONE_MODEL_FIELD, model),
+            )
+            tx.mutate(
+                "DELETE FROM item_attributes WHERE key IN (?, ?, ?, ?) AND entity_id IN (SELECT "
+                "entity_id FROM item_attributes WHERE key = ? AND value = ?)",
+                (VECTOR_FIELD, AUDIO_FIELD, TAGS_FIELD, MODEL_FIELD, MODEL_FIELD, model),
+            )
+        # Promote a kept model's own slot into an empty main slot.
+        for model in sorted(keep):
+            vec_key, audio_key, tags_key = slot_keys(model)
+            empty = "entity_id NOT IN (SELECT entity_id FROM item_attributes WHERE key = ?)"
+            ids = [
+                int(r[0])
+                for r in tx.query(
+                    f"SELECT entity_id FROM item_attributes WHERE key = ? AND {empty}",
+                    (vec_key, VECTOR_FIELD),
                 )
-                for i in ids
-            ],
-        )
+            ]
+            for chunk in chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                tx.mutate_many(_INSERT, [(i, MODEL_FIELD, model) for i in chunk])
+                for old, new in (
+                    (vec_key, VECTOR_FIELD),
+                    (audio_key, AUDIO_FIELD),
+                    (tags_key, TAGS_FIELD),
+                ):
+                    tx.mutate(
+                        "UPDATE OR REPLACE item_attributes SET key = ? "
+                        f"WHERE key = ? AND entity_id IN ({marks})",
+                        (new, old, *chunk),
+                    )
+    return removed
 
 
 # --------------------------------------------------------------------------------------------

@@ -1397,19 +1397,23 @@ def reembed_from_store(lib: Library, head_model: HeadModel, *, batch_size: int =
     if head_model.finetune or len(todo) == 0:
         return todo
     backbone_id = head_model.config["backbone_id"]
-    ids, matrix = store.read_vectors(lib, backbone_id, ids=todo.tolist())
-    if len(ids):
-        vectors = head_model.apply_to_vectors(matrix)
-        # The backbone vector moves to the backbone slot, so that training again
-        # or going back to the backbone model needs no audio.
-        rows = (
-            (item_id, vector, None, backbone)
-            for item_id, vector, backbone in zip(ids.tolist(), vectors, matrix, strict=True)
+    stored = store.read_stored(lib, backbone_id, ids=todo.tolist())
+    if len(stored.ids):
+        # The backbone vectors stay in their own slot, so that training again or
+        # going back to the backbone model needs no audio; the head's vectors
+        # carry the audio identity of the backbone vector they come from.
+        vectors = head_model.apply_to_vectors(stored.matrix)
+        store.write_records(
+            lib,
+            (
+                store.VectorRecord(item_id, head_model.model_id, vector, audio=audio)
+                for item_id, vector, audio in zip(
+                    stored.ids.tolist(), vectors, stored.audio, strict=True
+                )
+            ),
+            batch_size=batch_size,
         )
-        store.write_vectors(
-            lib, rows, head_model.model_id, batch_size=batch_size, backbone_id=backbone_id
-        )
-    return np.setdiff1d(todo, ids)
+    return np.setdiff1d(todo, stored.ids)
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,3 +121,95 @@ def test_invalid_arguments(files) -> None:
     with pytest.raises(ValueError, match="'gpu'"):
         resolve_device("gpu")
     assert resolve_device("auto") in {"cpu", "cuda", "mps"}
+
+
+# --------------------------------------------------------------------------------------------
+# embed_items: items in, vectors stored, with the audio each one follows
+
+
+@pytest.fixture
+def library(tmp_path: Path):
+    from beets.library import Item, Library
+
+    music = tmp_path / "music"
+    music.mkdir()
+    lib = Library(str(tmp_path / "lib.db"), str(music))
+    for k, freq in enumerate((200.0, 800.0, 2000.0)):
+        path = write_audio(
+            music / f"{k}.flac",
+            tone(3.0, rate=8000, channels=1, freqs=(freq,), seed=k),
+            rate=8000,
+            tags={"title": f"t{k}"},
+        )
+        lib.add(Item(title=f"t{k}", path=str(path).encode()))
+    (music / "bad.mp3").write_text("not audio\n" * 50)
+    lib.add(Item(title="bad", path=str(music / "bad.mp3").encode()))
+    yield lib
+    lib._close()
+
+
+def test_embed_items_plans_stores_and_remembers(library, tmp_path: Path) -> None:
+    import shutil
+
+    import mediafile
+
+    from deepsim import store
+    from deepsim.embed import embed_items, plan_embedding
+
+    model = SpectralModel()
+    plan = plan_embedding(library, model.model_id)
+    assert plan.todo == [1, 2, 3, 4] and plan.done == 0
+    loads: list[int] = []
+
+    def loader() -> Model:
+        loads.append(1)
+        return model
+
+    summary = embed_items(library, plan, loader, workers=0, batch_size=2)
+    assert summary.embedded == 3 and [f[0] for f in summary.failures] == [4]
+    assert summary.rate is not None and summary.rate > 0
+    assert store.ids_with_vectors(library, model.model_id) == {1, 2, 3}
+    assert "not a readable audio file" in library.get_item(4)[store.FAILED_FIELD]
+    # nothing to do: the model is not even loaded; the broken file is not retried
+    again = plan_embedding(library, model.model_id)
+    assert again.todo == [] and again.done == 3 and again.failed_before == 1
+    embed_items(library, again, loader)
+    assert loads == [1]
+    assert plan_embedding(library, model.model_id, retry_failed=True).todo == [4]
+    # a tag edit changes size and mtime but not the audio: the vector is kept
+    path = library.get_item(1).path.decode()
+    tagged = mediafile.MediaFile(path)
+    tagged.title = "a much longer title than before " * 4
+    tagged.save()
+    retag = plan_embedding(library, model.model_id)
+    assert retag.todo == [] and 1 in retag.retagged
+    embed_items(library, retag, loader)  # records the new identity
+    assert plan_embedding(library, model.model_id).retagged == {}
+    # another song at the same path: stale, recomputed
+    shutil.copyfile(library.get_item(3).path.decode(), path)
+    stale = plan_embedding(library, model.model_id)
+    assert stale.todo == [1] and stale.stale == 1
+    embed_items(library, stale, model, workers=0)
+    vectors = dict(zip(*store.read_vectors(library, model.model_id), strict=True))
+    np.testing.assert_allclose(vectors[1], vectors[3], atol=2e-3)
+    # a vanished file is listed, never embedded; a fixed file is tried again
+    Path(library.get_item(2).path.decode()).unlink()
+    shutil.copyfile(library.get_item(3).path.decode(), library.get_item(4).path.decode())
+    last = plan_embedding(library, model.model_id)
+    assert [i for i, _ in last.missing] == [2] and last.todo == [4]
+
+
+def test_a_second_model_keeps_the_first_ones_vectors(library) -> None:
+    from deepsim import store
+    from deepsim.embed import embed_items, plan_embedding
+
+    first, second = SpectralModel(), SpectralModel()
+    second.model_id = "test-spectral-2"
+    embed_items(library, plan_embedding(library, first.model_id), first, workers=0)
+    before = store.read_vectors(library, first.model_id)
+    embed_items(library, plan_embedding(library, second.model_id), second, workers=0)
+    after = store.read_vectors(library, first.model_id)
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+    # switching back: nothing to do
+    assert plan_embedding(library, first.model_id).todo == []

@@ -61,7 +61,7 @@ def test_path_walks_from_start_to_end() -> None:
     # 8 waypoints 10° apart: the nearest tracks are t10 ... t80
     assert titles[1:-1] == [f"t{d:02d}" for d in range(10, 81, 10)]
     assert path.steps[1].to_waypoint == pytest.approx(1.0, abs=1e-3)
-    assert path.steps[0].item["similarity"] == pytest.approx(1.0, abs=1e-3)
+    assert path.steps[0].item["deepsim_similarity"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_path_filters() -> None:

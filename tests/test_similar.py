@@ -29,6 +29,15 @@ ARTISTS = 6
 PER_ARTIST = 12
 
 
+@pytest.fixture(autouse=True)
+def _no_plugin_types() -> Iterator[None]:
+    """No field types left cached by a plugin test that ran before (beets' type cache)."""
+    from beets.util import cached_classproperty
+
+    cached_classproperty.cache.clear()
+    yield
+
+
 @pytest.fixture(scope="module")
 def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """72 items: 6 artists (vectors clustered by artist), 2 albums each, FLAC/MP3 alternating.
@@ -37,6 +46,7 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     queries); item 73 has no vector.
     """
     root = tmp_path_factory.mktemp("template")
+    (root / "music").mkdir()
     lib = Library(str(root / "library.db"), str(root / "music"))
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(ARTISTS, DIM))
@@ -55,6 +65,7 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         length=100.0 + n,
                         path=str(root / "music" / f"{n}.mp3").encode(),
                     )
+                    (root / "music" / f"{n}.mp3").write_bytes(b"")  # present on disk
                     if a == 0 and n % 2 == 0:
                         item["mood"] = "calm"
                     items.append(item)
@@ -70,7 +81,7 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lib(template_db: Path, tmp_path: Path) -> Iterator[Library]:
     """A private copy of the template library."""
     shutil.copyfile(template_db, tmp_path / "library.db")
-    lib = Library(str(tmp_path / "library.db"), str(tmp_path / "music"))
+    lib = Library(str(tmp_path / "library.db"), str(template_db.parent / "music"))
     yield lib
     lib._close()
 
@@ -141,15 +152,15 @@ def test_seeds_without_vectors_are_reported(lib: Library) -> None:
 def test_similarity_and_distance_are_formattable_but_not_stored(lib: Library) -> None:
     result = find_similar(lib, [lib.get_item(1)], model_id=MODEL, count=3)
     item, sim = result.matches[0]
-    text = item.evaluate_template("$title|$similarity|$distance")
+    text = item.evaluate_template("$title|$deepsim_similarity|$deepsim_distance")
     title, shown_sim, shown_dist = text.split("|")
     assert title == item.title
-    # the plugin declares both as 3-digit floats; without it they print in full
-    assert float(shown_sim) == pytest.approx(sim, abs=6e-4)
-    assert float(shown_dist) == pytest.approx(1 - sim, abs=6e-4)
+    # stored rounded to 4 digits (the plugin's 3-digit type is not loaded here)
+    assert float(shown_sim) == pytest.approx(sim, abs=1e-4)
+    assert float(shown_dist) == pytest.approx(1 - sim, abs=1e-4)
     assert -1.0 <= sim <= 1.0
     fresh = lib.get_item(item.id)
-    assert "similarity" not in fresh and "distance" not in fresh
+    assert "deepsim_similarity" not in fresh and "deepsim_distance" not in fresh
 
 
 def test_where_with_a_fast_query(lib: Library) -> None:
@@ -228,7 +239,7 @@ def test_each_seed_gets_its_own_result(lib: Library) -> None:
     # separate Item objects: each result shows its own similarity
     for result in results:
         for item, sim in result.matches:
-            assert item["similarity"] == pytest.approx(sim, abs=1e-4)
+            assert item["deepsim_similarity"] == pytest.approx(sim, abs=1e-4)
 
 
 def test_items_are_loaded_in_one_query(lib: Library, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -461,11 +472,9 @@ def test_where_on_an_album_field(lib: Library, tmp_path: Path, exact_below: int)
 def test_where_sets_read_in_chunks_or_at_once_agree(
     lib: Library, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    from deepsim import similar
-
     seeds = [lib.get_item(3)]
     expected = find_similar(lib, seeds, model_id=MODEL, count=15, where=where, backend="exact")
     # 36 MP3 ids read 2 at a time; 72 ids (> 20 chunks) read at once and filtered
-    monkeypatch.setattr(similar, "_VECTOR_CHUNK", 2)
+    monkeypatch.setattr(store, "ID_CHUNK", 2)
     result = find_similar(lib, seeds, model_id=MODEL, count=15, where=where, backend="exact")
     assert ids_of(result) == ids_of(expected) and len(result.matches) == 15

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from beets.library import Item, Library
@@ -50,22 +52,109 @@ def test_write_then_read_in_one_query(lib: Library) -> None:
     assert sub_ids.tolist() == [2, 4]
 
 
-def test_typed_field_on_items(lib: Library) -> None:
-    import beets.library
+@pytest.fixture
+def typed() -> Iterator[None]:
+    """Item types as the plugin registers them, through beets' own type cache.
 
-    item = lib.get_item(1)
+    beets caches ``Item._types`` per class (``cached_classproperty``); putting
+    the entry there and clearing it afterwards (as beets' test helpers do)
+    leaves nothing behind for the next test, whatever the order.
+    """
+    from beets.util import cached_classproperty
+
+    cached_classproperty.cache.clear()
+    base = dict(Item._types)
+    cached_classproperty.cache[(Item, "_types")] = {**base, store.VECTOR_FIELD: store.VectorType()}
+    yield
+    cached_classproperty.cache.clear()
+
+
+def test_typed_field_on_items(lib: Library, typed: None) -> None:
     store.write_vectors(lib, [(1, np.ones(8, np.float32) / np.sqrt(8), "rock, pop")], "m-1")
-    # The plugin registers the type; emulate that here.
-    types = dict(beets.library.Item._types)
-    beets.library.Item._types = {**types, store.VECTOR_FIELD: store.VectorType()}
-    try:
-        item = lib.get_item(1)
-        assert isinstance(item[store.VECTOR_FIELD], np.ndarray)
-        assert item.formatted()[store.VECTOR_FIELD] == "<8-d vector>"
-        assert item[store.MODEL_FIELD] == "m-1"
-        assert item[store.TAGS_FIELD] == "rock, pop"
-    finally:
-        beets.library.Item._types = types
+    item = lib.get_item(1)
+    vector = item[store.VECTOR_FIELD]
+    assert isinstance(vector, store.Vector)
+    assert np.asarray(vector).shape == (8,) and np.asarray(vector).dtype == np.float32
+    assert str(vector) == "<8-d vector>"
+    assert item.formatted()[store.VECTOR_FIELD].startswith("<8-d vector ")
+    assert item[store.MODEL_FIELD] == "m-1"
+    assert item[store.TAGS_FIELD] == "rock, pop"
+
+
+def test_the_vector_value_behaves_like_a_beets_value(lib: Library, typed: None) -> None:
+    rng = np.random.default_rng(5)
+    v = unit(rng, 1, 400)[0]
+    a, b, c = store.Vector(v), store.Vector(store.encode_vector(v)), store.Vector(-v)
+    # equality and hashing by content, never numpy's elementwise ==
+    assert a == b and hash(a) == hash(b) and a != c
+    assert (a == "text") is False and a != None  # noqa: E711
+    assert len({a, b, c}) == 2
+    with pytest.raises(ValueError):
+        np.asarray(a)[0] = 1.0  # immutable
+    typ = store.VectorType()
+    # SQL round trip keeps the stored text exactly
+    assert typ.from_sql(typ.to_sql(a)) == a
+    # format is short; parse reads back a stored encoding and a shown vector
+    shown = typ.format(a)
+    assert shown.startswith("<400-d vector ") and len(shown) < 30
+    assert typ.parse(shown) == a
+    assert typ.parse(a.text) == a
+    assert typ.parse("not a vector") is None
+    # beets' own diff code compares with ==: an unchanged item shows no change
+    store.write_vectors(lib, [(1, v)], "m-1")
+    first, second = lib.get_item(1), lib.get_item(1)
+    assert first[store.VECTOR_FIELD] == second[store.VECTOR_FIELD]
+    from beets.ui import show_model_changes
+
+    assert show_model_changes(second, first) is False
+    second.title = "changed"
+    second.store()
+    assert lib.get_item(1)[store.VECTOR_FIELD] == a
+
+
+def test_one_slot_per_model(lib: Library) -> None:
+    rng = np.random.default_rng(6)
+    a, b = unit(rng, 3, 8), unit(rng, 3, 16)
+    store.write_vectors(lib, [(i + 1, a[i]) for i in range(3)], "model-a")
+    store.write_vectors(lib, [(i + 1, b[i]) for i in range(2)], "model-b")
+    # embedding with another model destroys nothing
+    ids_a, matrix_a = store.read_vectors(lib, "model-a")
+    ids_b, matrix_b = store.read_vectors(lib, "model-b")
+    assert ids_a.tolist() == [1, 2, 3] and ids_b.tolist() == [1, 2]
+    np.testing.assert_allclose(matrix_a, a, atol=1e-3)
+    np.testing.assert_allclose(matrix_b, b[:2], atol=1e-3)
+    # the main slot keeps the first model; the other has its own slot
+    item = lib.get_item(1)
+    assert item[store.MODEL_FIELD] == "model-a"
+    assert store.slot_keys("model-b")[0] in item
+    # rewriting a model's vector stays in that model's slot
+    store.write_vectors(lib, [(1, b[2])], "model-b")
+    np.testing.assert_allclose(store.read_vectors(lib, "model-b", ids=[1])[1][0], b[2], atol=1e-3)
+    np.testing.assert_allclose(store.read_vectors(lib, "model-a", ids=[1])[1][0], a[0], atol=1e-3)
+    assert store.model_counts(lib) == {"model-a": 3, "model-b": 2}
+    # prune keeps one model; its vectors move into the main slot
+    assert store.prune(lib, {"model-b"}) == {"model-a": 3}
+    assert store.model_counts(lib) == {"model-b": 2}
+    item = lib.get_item(1)
+    assert item[store.MODEL_FIELD] == "model-b"
+    assert not [k for k in item.keys(True) if k.startswith("deepsim_") and ":" in k]
+    np.testing.assert_allclose(store.read_vectors(lib, "model-b")[1], [b[2], b[1]], atol=1e-3)
+
+
+def test_legacy_backbone_slot_is_read(lib: Library) -> None:
+    v = unit(np.random.default_rng(7), 1, 8)[0]
+    with lib.transaction() as tx:
+        tx.mutate_many(
+            "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)",
+            [
+                (4, store.BACKBONE_VECTOR_FIELD, store.encode_vector(v)),
+                (4, store.BACKBONE_MODEL_FIELD, "old-backbone"),
+            ],
+        )
+    assert store.read_vectors(lib, "old-backbone")[0].tolist() == [4]
+    store.write_vectors(lib, [(4, v)], "old-backbone")  # supersedes the legacy slot
+    assert store.BACKBONE_VECTOR_FIELD not in lib.get_item(4)
+    assert store.read_vectors(lib, "old-backbone")[0].tolist() == [4]
 
 
 def test_fingerprint_changes_on_write_and_removal(lib: Library) -> None:
@@ -98,15 +187,52 @@ def test_interrupted_writer_keeps_committed_batches(lib: Library) -> None:
     assert store.ids_with_vectors(lib, "m") == {1, 2, 3, 4}
 
 
-def test_damaged_value_is_treated_as_missing(lib: Library) -> None:
-    store.write_vectors(lib, [(1, np.ones(8)), (2, np.ones(8))], "m")
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("%%%", "not base64"),
+        (store.encode_vector(np.ones(5)), "10 bytes, not 16"),
+        (store.base64.b64encode(np.full(8, np.nan, "<f2").tobytes()).decode(), "NaN"),
+    ],
+)
+def test_damaged_value_is_named_once_and_treated_as_missing(
+    lib: Library, damage: str, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.write_vectors(lib, [(1, np.ones(8)), (2, np.ones(8)), (3, np.ones(8))], "m")
     with lib.transaction() as tx:
         tx.mutate(
-            "UPDATE item_attributes SET value='%%%' WHERE entity_id=2 AND key=?",
-            (store.VECTOR_FIELD,),
+            "UPDATE item_attributes SET value=? WHERE entity_id=2 AND key=?",
+            (damage, store.VECTOR_FIELD),
         )
-    ids, _ = store.read_vectors(lib, "m")
-    assert ids.tolist() == [1]
+    store._warned.clear()
+    with caplog.at_level("WARNING", logger="deepsim"):
+        ids, _ = store.read_vectors(lib, "m")
+        store.read_vectors(lib, "m")
+    assert ids.tolist() == [1, 3]
+    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "item 2: /music/1.mp3" in warnings[0] and why in warnings[0]
+    stored = store.read_stored(lib, "m", warn=False)
+    assert list(stored.corrupt) == [2]
+    states = {s.item_id: s for s in store.embed_states(lib, "m")}
+    assert not states[2].vector and states[2].corrupt and states[1].vector
+
+
+def test_items_by_ids_in_chunks(lib: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "ID_CHUNK", 2)
+    found = store.items_by_ids(lib, [1, 3, 4, 5, 99])
+    assert sorted(found) == [1, 3, 4, 5]
+    assert found[3].title == "t2"
+
+
+def test_failures_and_audio_are_recorded(lib: Library) -> None:
+    store.record_failures(lib, [(2, "10:20:no audio stream")])
+    assert lib.get_item(2)[store.FAILED_FIELD] == "10:20:no audio stream"
+    store.write_records(lib, [store.VectorRecord(2, "m", np.ones(8), audio="10:20:ab")])
+    item = lib.get_item(2)
+    assert store.FAILED_FIELD not in item  # a vector clears the failure
+    assert item[store.AUDIO_FIELD] == "10:20:ab"
+    store.write_audio(lib, "m", {2: "11:21:ab"})
+    assert store.audio_identities(lib, "m", [2]) == {2: "11:21:ab"}
 
 
 def test_clear_vectors(lib: Library) -> None:

@@ -1,9 +1,22 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from audiogen import tone, write_audio
+
+
+@pytest.fixture(autouse=True)
+def _fresh_type_cache() -> Iterator[None]:
+    """beets caches ``Item._types`` (the plugins' field types) per class: start and end
+    every plugin test without a cache, as beets' own test suite does, so that no test
+    sees the types of another test's plugins, whatever the order."""
+    from beets.util import cached_classproperty
+
+    cached_classproperty.cache.clear()
+    yield
+    cached_classproperty.cache.clear()
 
 
 @pytest.fixture(scope="session")

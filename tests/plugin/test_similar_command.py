@@ -157,7 +157,7 @@ class TestSimilarOutput(SimilarHelper):
 
     def test_format_with_similarity_and_distance(self, capsys: pytest.CaptureFixture[str]) -> None:
         lines = self.similar(
-            capsys, "-f", "$title $similarity $distance", "-c", "3", "title:seed-a"
+            capsys, "-f", "$title $deepsim_similarity $deepsim_distance", "-c", "3", "title:seed-a"
         )
         assert [line.split()[0] for line in lines] == A_ORDER[:3]
         for line in lines:
@@ -176,14 +176,14 @@ class TestSimilarOutput(SimilarHelper):
     def test_seeds_excluded_unless_included(self, capsys: pytest.CaptureFixture[str]) -> None:
         assert self.titles(capsys, "-c", "3", "title:seed-a") == A_ORDER[:3]
         lines = self.similar(
-            capsys, "-f", "$title $similarity", "-c", "3", "--include-seeds", "title:seed-a"
+            capsys, "-f", "$title $deepsim_similarity", "-c", "3", "--include-seeds", "title:seed-a"
         )
         assert lines[0] == "seed-a 1.000"
         assert [line.split()[0] for line in lines] == ["seed-a", *A_ORDER[:2]]
 
     def test_several_matches_seed_with_their_mean(self, capsys: pytest.CaptureFixture[str]) -> None:
         # seed-a and seed-b share the album "Seeds": the mean points at the bridge.
-        lines = self.similar(capsys, "-f", "$title $similarity", "-c", "3", "album:Seeds")
+        lines = self.similar(capsys, "-f", "$title $deepsim_similarity", "-c", "3", "album:Seeds")
         assert lines[0] == "bridge 1.000"
         # then the nearest of either side: a1 and b1 (cos 10° / sqrt 2 each)
         assert sorted(line.split()[0] for line in lines[1:]) == ["a1", "b1"]
@@ -205,7 +205,9 @@ class TestSimilarOutput(SimilarHelper):
             "b2",
         ]
         # each block has its own similarities; the other seed is excluded too
-        lines = self.similar(capsys, "--each", "-f", "$title $similarity", "-c", "7", "album:Seeds")
+        lines = self.similar(
+            capsys, "--each", "-f", "$title $deepsim_similarity", "-c", "7", "album:Seeds"
+        )
         blocks = [lines[1:8], lines[9:]]
         assert [line.split()[0] for line in blocks[0]] == A_ORDER
         assert [line.split()[0] for line in blocks[1]][:5] == B_ORDER
@@ -281,7 +283,7 @@ class TestSimilarOutput(SimilarHelper):
             ["--max-per-album", "1", "title:seed-b"],
             ["-w", "format:MP3", "title:seed-a"],
         ]
-        fmt = ["-f", "$title $similarity"]
+        fmt = ["-f", "$title $deepsim_similarity"]
         small = [self.similar(capsys, *fmt, *q) for q in queries]
         for q, expected in zip(queries, small, strict=True):
             assert self.similar(capsys, *fmt, "--exact", *q) == expected
@@ -336,6 +338,48 @@ class TestSimilarErrors(SimilarHelper):
         with pytest.raises(UserError, match=f"2 of 2 seed tracks have no {MODEL_ID} vector"):
             self.run_command("similar", "album:None")
         assert capsys.readouterr().out == ""
+
+    def test_no_query_is_a_usage_error(self) -> None:
+        with pytest.raises(UserError, match="give a beets query for the seed track"):
+            self.run_command("similar")
+
+    def test_several_seeds_say_the_mean_is_used(
+        self, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.INFO, logger="beets"):
+            self.titles(capsys, "-c", "2", "album:Seeds")
+        assert "the mean of 2 seed tracks is the query (--each: one list per seed)" in caplog.text
+
+    def test_repeated_where_combine_with_and(self, capsys: pytest.CaptureFixture[str]) -> None:
+        flac = self.titles(capsys, "-c", "20", "-w", "format:FLAC", "title:seed-a")
+        ann = self.titles(capsys, "-c", "20", "-w", "artist:Ann", "title:seed-a")
+        both = self.titles(
+            capsys, "-c", "20", "-w", "format:FLAC", "-w", "artist:Ann", "title:seed-a"
+        )
+        assert both == [t for t in flac if t in ann] == ["a1", "a3"]
+
+    def test_similar_albums(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        by_album: dict[str, list[Item]] = {}
+        for title, item in self.items.items():
+            by_album.setdefault(SPECS[title][1], []).append(item)
+        for name, items in by_album.items():
+            album = self.lib.add_album(items)
+            album.album, album.albumartist = name, items[0].artist
+            album.store()
+        lines = self.similar(capsys, "-a", "-f", "$album $deepsim_similarity", "album:A1")
+        names = [line.split()[0] for line in lines]
+        # A1 (a1, a2) is nearest to A2 (a3), then B1 (a4, a5), C1 (a6)
+        assert names[:3] == ["A2", "B1", "C1"] and "A1" not in names
+        sims = [float(line.split()[1]) for line in lines]
+        assert sims == sorted(sims, reverse=True)
+        expected = direction(SPECS["a1"][5]) + direction(SPECS["a2"][5])
+        expected /= np.linalg.norm(expected)
+        assert sims[0] == pytest.approx(float(expected @ direction(SPECS["a3"][5])), abs=2e-3)
+        # as a playlist: the tracks of the albums, album by album
+        target = tmp_path / "albums.m3u"
+        self.run_command("similar", "-a", "-c", "2", "-o", str(target), "album:A1")
+        entries = [Path(p).stem for p in target.read_text().splitlines()]
+        assert entries == ["a3", "a4", "a5"]
 
     def test_each_with_output_is_a_user_error(self, tmp_path: Path) -> None:
         target = tmp_path / "each.m3u"
@@ -432,7 +476,7 @@ class TestIndex(SimilarHelper):
     def test_damaged_index_still_gives_correct_results(
         self, capsys: pytest.CaptureFixture[str], damage: str
     ) -> None:
-        expected = self.similar(capsys, "-f", "$title $similarity", "title:seed-a")
+        expected = self.similar(capsys, "-f", "$title $deepsim_similarity", "title:seed-a")
         self.config["deepsim"]["index"]["exact_below"] = 1
         assert "built" in self.index_message(capsys)
         ann, sidecar = index_paths(self.state_dir, MODEL_ID)
@@ -446,10 +490,10 @@ class TestIndex(SimilarHelper):
                 fh.truncate(size // 2)
         else:
             sidecar.write_text("{not json")
-        assert self.similar(capsys, "-f", "$title $similarity", "title:seed-a") == expected
+        assert self.similar(capsys, "-f", "$title $deepsim_similarity", "title:seed-a") == expected
         # the damaged index was rebuilt when the command exited
         assert "up to date" in self.index_message(capsys)
-        assert self.similar(capsys, "-f", "$title $similarity", "title:seed-a") == expected
+        assert self.similar(capsys, "-f", "$title $deepsim_similarity", "title:seed-a") == expected
 
     def test_index_of_another_model_is_ignored(self, capsys: pytest.CaptureFixture[str]) -> None:
         # The library was embedded with OTHER_ID, whose space differs (axes rolled,
@@ -478,6 +522,7 @@ class TestIndex(SimilarHelper):
         assert "built" in self.index_message(capsys)
         fingerprint = self.sidecar()["fingerprint"]
         # a new track written behind the plugin's back, nearest of all to seed-a
+        (self.lib_path / "a0.mp3").write_bytes(b"\0" * 64)
         new = self.add_item(title="a0", artist="Zed", album="Z", path=str(self.lib_path / "a0.mp3"))
         store.write_vectors(self.lib, [(new.id, direction(("toward", 0, 1, 5)))], MODEL_ID)
         # the stale index is not used (a0 is found) ...
@@ -644,6 +689,37 @@ def test_beet_similar_does_not_import_torch(beetsdir: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     assert "NO-TORCH" in proc.stderr
     assert target.read_text().splitlines()[0] == "#EXTM3U"
+
+
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        ("auto: maybe", "deepsim: auto must be yes or no, got 'maybe'"),
+        ("format: 5", "deepsim: format must be a beets format string or null, got 5"),
+        ("index:\n        n_trees: 0", "deepsim: index.n_trees must be an integer >= 1, got 0"),
+        ("index:", "deepsim: index must be a collection, not NoneType"),
+        ("workers: -2", "deepsim: workers must be an integer >= 0, got -2"),
+        ("device: gpu", "deepsim: device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ],
+)
+def test_bad_config_is_one_line_and_a_non_zero_exit(
+    beetsdir: Path, tmp_path: Path, setting: str, line: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        (beetsdir / "config.yaml").read_text() + f"deepsim:\n    {setting}\n", encoding="utf-8"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "beets", "-c", str(config), "ls"],
+        env={**os.environ, "BEETSDIR": str(beetsdir), "HOME": str(beetsdir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == line
+    assert proc.stdout == ""
 
 
 def test_beet_similar_no_match_exits_non_zero(beetsdir: Path) -> None:

@@ -84,13 +84,20 @@ class TestTrainCommand(PluginTestHelper):
                     artist=f"Band {c}",
                     album=f"Album {c}",
                     track=k + 1,
-                    path=f"/music/{c}/{k}.mp3",
+                    path=str(self._present(tmp_path / "music" / str(c) / f"{k}.mp3")),
                 )
                 self.cluster[item.id] = c
                 sound = 2.5 * nuisance[rng.integers(CLUSTERS)]
                 rows.append((item.id, means[c] + sound + 0.8 * rng.standard_normal(DIM)))
         store.write_vectors(self.lib, rows, BACKBONE_ID)
         self.listens = write_lastfm_csv(tmp_path / "scrobbles.csv")
+
+    @staticmethod
+    def _present(path: Path) -> Path:
+        """A file on disk (`similar` leaves out tracks whose file is missing)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * 64)
+        return path
 
     @property
     def state_dir(self) -> Path:
@@ -172,7 +179,7 @@ class TestTrainCommand(PluginTestHelper):
         seed = int(ids[0])
         expected = [int(ids[j]) for j in np.argsort(-sims[0]) if ids[j] != seed][:8]
         capsys.readouterr()
-        self.run_command("similar", "-f", "$id $similarity", "-c", "8", f"id:{seed}")
+        self.run_command("similar", "-f", "$id $deepsim_similarity", "-c", "8", f"id:{seed}")
         lines = capsys.readouterr().out.splitlines()
         got = [int(line.split()[0]) for line in lines]
         assert got == expected
