@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -70,12 +71,12 @@ def _fs(path: str | bytes | os.PathLike[str]) -> str:
 
 
 def stat_identity(path: str | bytes | os.PathLike[str]) -> AudioIdentity | None:
-    """Size and mtime of ``path`` (no digest); None when it is not a readable file."""
+    """Size and mtime of ``path`` (no digest); None when it is not a regular file."""
     try:
-        st = os.stat(_fs(path))
+        st = os.stat(path if isinstance(path, (bytes, str)) else os.fspath(path))
     except (OSError, ValueError):
         return None
-    if not os.path.isfile(_fs(path)) or not os.access(_fs(path), os.R_OK):
+    if not stat.S_ISREG(st.st_mode):
         return None
     return AudioIdentity(int(st.st_size), int(st.st_mtime_ns))
 

@@ -38,7 +38,7 @@ import binascii
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -266,26 +266,31 @@ def items_by_ids(lib: Library, ids: Iterable[int]) -> dict[int, Item]:
     return found
 
 
+def path_resolver(lib: Library) -> Callable[[Any], bytes]:
+    """A function turning ``items.path`` values read by SQL into the absolute paths
+    beets gives ``item.path`` (beets stores paths under the music directory relative
+    to it, with ``/`` separators)."""
+    base = os.fsencode(lib.directory) if getattr(lib, "directory", None) else b""
+
+    def resolve(raw: Any) -> bytes:
+        if raw is None:
+            return b""
+        if isinstance(raw, memoryview):
+            raw = bytes(raw)
+        if isinstance(raw, str):
+            raw = os.fsencode(raw)
+        if raw and base and not raw.startswith(b"/") and not os.path.isabs(raw):
+            if os.sep != "/":
+                raw = raw.replace(b"/", os.fsencode(os.sep))
+            return os.path.normpath(os.path.join(base, raw))
+        return raw
+
+    return resolve
+
+
 def absolute_path(lib: Library, raw: Any) -> bytes:
-    """An ``items.path`` value as read by SQL, as the absolute path beets gives ``item.path``.
-
-    beets stores paths under the music directory relative to it.
-    """
-    if raw is None:
-        return b""
-    if isinstance(raw, memoryview):
-        raw = bytes(raw)
-    if isinstance(raw, str):
-        raw = os.fsencode(raw)
-    if raw and not os.path.isabs(raw):
-        from beets.dbcore.pathutils import expand_path_from_db
-
-        context = getattr(lib, "music_dir_context", None)
-        if context is None:
-            return os.path.join(os.fsencode(lib.directory), raw)
-        with context():
-            return expand_path_from_db(raw)
-    return raw
+    """One ``items.path`` value as an absolute path (see :func:`path_resolver`)."""
+    return path_resolver(lib)(raw)
 
 
 def album_ids(lib: Library, ids: Sequence[int]) -> dict[int, int]:
@@ -545,6 +550,7 @@ def embed_states(lib: Library, model_id: str, ids: Iterable[int] | None = None) 
         "LEFT JOIN item_attributes AS f ON f.entity_id = i.id AND f.key = ?"
     )
     states: list[ItemState] = []
+    resolve = path_resolver(lib)
     with lib.transaction() as tx:
         parts = [None] if wanted is None or len(wanted) > 20 * ID_CHUNK else list(chunks(wanted))
         keep = None if wanted is None else set(wanted)
@@ -558,7 +564,7 @@ def embed_states(lib: Library, model_id: str, ids: Iterable[int] | None = None) 
                 item_id = int(row[0])
                 if keep is not None and item_id not in keep:
                     continue
-                path = absolute_path(lib, row[1])
+                path = resolve(row[1])
                 states.append(
                     ItemState(
                         item_id,
