@@ -341,6 +341,9 @@ def plan_embedding(
                 plan.missing.append((state.item_id, os.fsdecode(path)))
                 continue
             if change == "changed":
+                if not (force or retry_failed) and _failed_unchanged(state.failed, path):
+                    plan.failed_before += 1  # the new audio failed: not every run again
+                    continue
                 plan.stale += 1
             elif not force:
                 plan.done += 1

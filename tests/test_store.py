@@ -209,7 +209,11 @@ def test_damaged_value_is_named_once_and_treated_as_missing(
         ids, _ = store.read_vectors(lib, "m")
         store.read_vectors(lib, "m")
     assert ids.tolist() == [1, 3]
-    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "deepsim.store" and "damaged" in r.getMessage()
+    ]
     assert len(warnings) == 1 and "item 2: /music/1.mp3" in warnings[0] and why in warnings[0]
     stored = store.read_stored(lib, "m", warn=False)
     assert list(stored.corrupt) == [2]

@@ -19,6 +19,23 @@ def _fresh_type_cache() -> Iterator[None]:
     cached_classproperty.cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _library_logger_restored() -> Iterator[None]:
+    """The plugin routes the ``deepsim`` logger into beets' log; undo that after each test."""
+    import logging
+
+    library_log = logging.getLogger("deepsim")
+    handlers, level, propagate = (
+        list(library_log.handlers),
+        library_log.level,
+        library_log.propagate,
+    )
+    yield
+    library_log.handlers[:] = handlers
+    library_log.setLevel(level)
+    library_log.propagate = propagate
+
+
 @pytest.fixture(scope="session")
 def audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six short generated tracks in three pairs of similar timbre, plus bad files."""
