@@ -221,9 +221,7 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "index.n_trees": lambda k, v: check_int(k, v, minimum=1),
     "index.exact_below": lambda k, v: check_int(k, v, minimum=0),
     "train.listens": _texts,
-    "train.format": lambda k, v: check_choice(
-        k, v, ("auto", "taste-profile", "lastfm-csv", "lastfm-1k", "listenbrainz")
-    ),
+    "train.format": _text,  # the formats are checked by deepsim-train (deepsim.listening)
     "train.playlists": _texts,
     "train.library": _bool,
     "train.backbone": _text,
