@@ -714,7 +714,7 @@ class DeepsimPlugin(BeetsPlugin):
 
     def _report(self, summary: EmbedSummary) -> None:
         plan = summary.plan
-        rate = f", {summary.rate:.1f} tracks/s" if summary.rate is not None else ""
+        rate = f", {_rate(summary.rate)} tracks/s" if summary.rate is not None else ""
         stored = f", {summary.from_stored} from stored vectors" if summary.from_stored else ""
         ui.print_(
             f"deepsim-embed: embedded {summary.embedded}{stored}, skipped {plan.done} "
@@ -901,9 +901,12 @@ class DeepsimPlugin(BeetsPlugin):
         n = len(seeds)
         noun = "track has" if n == 1 else "tracks have"
         missing = [s for r in results for s in r.missing]
+        stale_seeds = [(s, why) for r in results for s, why in r.stale]
+        # a seed whose new audio failed to embed: its real reason, not "run deepsim-embed"
         failed = [s for s in missing if s.get(store.FAILED_FIELD)]
-        not_yet = len(missing) - len(failed)
-        stale = [why for r in results for _, why in r.stale]
+        failed += [s for s, why in stale_seeds if why == "changed" and s.get(store.FAILED_FIELD)]
+        not_yet = len(missing) - len([s for s in failed if s in missing])
+        stale = [why for s, why in stale_seeds if s not in failed]
         lines = [
             f"seed {os.fsdecode(s.path)} could not be embedded: "
             + str(s.get(store.FAILED_FIELD)).split(":", 2)[-1]
@@ -1221,7 +1224,7 @@ class DeepsimPlugin(BeetsPlugin):
         fmt = (
             opts.format
             or self.config["format"].get()
-            or ("$similarity  " + beets_config["format_item"].as_str())
+            or (f"${SIMILARITY_FIELD}  " + beets_config["format_item"].as_str())
         )
         for item in found.items:
             ui.print_(format(item, fmt))
@@ -1659,6 +1662,11 @@ def _query_ids(lib: Library, args: list[str]) -> list[int] | None:
     return sorted(int(i) for i in ids.tolist())
 
 
+def _rate(rate: float) -> str:
+    """A rate with two significant digits below 10 (``0.04``, ``3.1``), whole above."""
+    return f"{rate:.2g}" if rate < 10 else f"{rate:.0f}"
+
+
 def _plan_notes(plan: EmbedPlan) -> str:
     notes = []
     if plan.stale:
@@ -1704,7 +1712,7 @@ class _Progress:
             self.log.info("{}/{} tracks", done, total)
         else:
             eta = human_seconds_short((total - done) / rate) if rate > 0 else "?"
-            self.log.info("{}/{} tracks, {:.1f} tracks/s, ETA {}", done, total, rate, eta)
+            self.log.info("{}/{} tracks, {} tracks/s, ETA {}", done, total, _rate(rate), eta)
 
     def close(self) -> None:
         if self.bar is not None:

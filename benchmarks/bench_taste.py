@@ -220,7 +220,13 @@ def main() -> None:
     print(f"\n$ beet similar -c 5 id:{first}   ({album[first]})")
     print(
         beet(
-            workdir, "similar", "-c", "5", "-f", "$similarity  $album - $title", f"id:{first}"
+            workdir,
+            "similar",
+            "-c",
+            "5",
+            "-f",
+            "$deepsim_similarity  $album - $title",
+            f"id:{first}",
         ).rstrip()
     )
 
@@ -236,7 +242,7 @@ def main() -> None:
         "-c",
         "10",
         "-f",
-        "$similarity  $album - $title  [$id]",
+        "$deepsim_similarity  $album - $title  [$id]",
     )
     print(out.rstrip())
     ids = [int(line.rsplit("[", 1)[1].rstrip("]")) for line in out.splitlines()]

@@ -193,7 +193,7 @@ class Recommendations:
     Attributes
     ----------
     matches
-        ``(item, score)`` best first; ``item.similarity`` is set to the score.
+        ``(item, score)`` best first; ``item.deepsim_similarity`` is set to the score.
     profile
         ``"taste"`` or ``"sound"``.
     reason
@@ -316,7 +316,7 @@ def recommend(
     DeepsimError
         No vectors of the active model, or no profile could be made.
     """
-    from deepsim.similar import load_items, parse_where, where_ids
+    from deepsim.similar import DISTANCE_FIELD, SIMILARITY_FIELD, load_items, parse_where, where_ids
     from deepsim.taste import layout_of, split_parts
 
     count = check_int("count", count, minimum=1)
@@ -390,8 +390,8 @@ def recommend(
                     continue
                 per_album[album] = per_album.get(album, 0) + 1
             score = float(scores[r])
-            item["similarity"] = round(score, 4)
-            item["distance"] = round(1.0 - score, 4)
+            item[SIMILARITY_FIELD] = round(score, 4)
+            item[DISTANCE_FIELD] = round(1.0 - score, 4)
             result.matches.append((item, score))
             if folding is not None:
                 folding.keep(int(ids[r]))

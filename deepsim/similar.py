@@ -17,9 +17,9 @@ The path of one search:
    ``max_per_artist`` / ``max_per_album`` results per artist / album; the
    candidate list grows until ``count`` results survive or everything has
    been searched;
-5. the surviving items, loaded in one query, with ``similarity`` and
-   ``distance`` set on them (in memory only) for ``$similarity`` /
-   ``$distance`` in beets formats.
+5. the surviving items, loaded in one query, with ``deepsim_similarity`` and
+   ``deepsim_distance`` set on them (in memory only) for ``$deepsim_similarity`` /
+   ``$deepsim_distance`` in beets formats.
 
 :mod:`deepsim.index` owns the saved index (:func:`deepsim.index.open_index`,
 :func:`deepsim.index.refresh_index`); this module only ranks and filters.
@@ -81,7 +81,7 @@ class SimilarResult:
     ----------
     matches
         ``(item, similarity)`` pairs, best first; each item also carries
-        ``item["similarity"]`` and ``item["distance"]`` (not stored).
+        ``item["deepsim_similarity"]`` and ``item["deepsim_distance"]`` (not stored).
     seeds
         The seed items whose vectors made the query.
     missing
@@ -729,7 +729,7 @@ def find_similar_each(
     Options are those of :func:`find_similar`; ``exclude_seeds`` excludes
     every seed from every result.  A seed without a vector gets a result with
     no matches and itself in ``missing``.  Each result has its own
-    :class:`Item` objects, so ``$similarity`` is right in each.
+    :class:`Item` objects, so ``$deepsim_similarity`` is right in each.
     """
     seeds = list(seeds)
     plan = _plan(

@@ -245,3 +245,19 @@ class TestBeetsCommands(PluginTestHelper):
         assert "audio changed since embedding; run `beet deepsim-embed`" in caplog.text
         out = self.out(capsys, "deepsim-embed", "-p")
         assert "would embed 1 track(s)" in out and "1 with changed audio" in out
+
+    def test_a_failing_file_exits_1_once_and_a_seed_gets_its_reason(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from beets.exceptions import UserError
+
+        Path(os.fsdecode(self.items["Dune"].path)).write_bytes(b"not audio at all\n" * 200)
+        with pytest.raises(UserError, match=r"1 track\(s\) could not be embedded"):
+            self.run_command("deepsim-embed")
+        out = capsys.readouterr().out
+        assert "failed 1" in out and "not a readable audio file" in out
+        # the unchanged broken file is not decoded again
+        out = self.out(capsys, "deepsim-embed")
+        assert "nothing to do" in out and "1 failed before (--retry-failed)" in out
+        with pytest.raises(UserError, match="could not be embedded: not a readable audio file"):
+            self.run_command("similar", "title:Dune")

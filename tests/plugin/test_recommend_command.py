@@ -66,12 +66,15 @@ class TestRecommendCommand(PluginTestHelper):
         titles = [(c, title_of(c, k), k) for c in range(CLUSTERS) for k in range(PER_CLUSTER)]
         titles += [(2, f"Unheard {k}", PER_CLUSTER + k) for k in range(NEW)]
         for c, title, k in titles:
+            path = tmp_path / "music" / str(c) / f"{k}.mp3"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"\0" * 64)  # on disk: `similar` leaves out missing files
             item = self.add_item(
                 title=title,
                 artist=f"Band {c}",
                 album=f"Album {c}",
                 track=k + 1,
-                path=f"/music/{c}/{k}.mp3",
+                path=str(path),
             )
             self.cluster[item.id] = c
             if title.startswith("Unheard"):
@@ -120,7 +123,7 @@ class TestRecommendCommand(PluginTestHelper):
                 "-c",
                 "16",
                 "-f",
-                "$id $similarity",
+                "$id $deepsim_similarity",
             )
         ids = [int(line.split()[0]) for line in lines]
         assert len(ids) == 16 and not set(ids) & self.alice_ids
@@ -278,7 +281,7 @@ class TestRecommendCommand(PluginTestHelper):
                 "-c",
                 "6",
                 "-f",
-                "$id $similarity",
+                "$id $deepsim_similarity",
                 f"id:{seed}",
             )
             lines = capsys.readouterr().out.splitlines()
