@@ -239,7 +239,7 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "train.taste_weight": _optional(lambda k, v: check_float(k, v, low=0, high=1)),
     "taste_weight": _optional(lambda k, v: check_float(k, v, low=0, high=1)),
     "recommend.half_life": _optional(_positive),
-    "dupes.threshold": lambda k, v: check_float(k, v, low=-1, high=1),
+    "dupes.threshold": _optional(lambda k, v: check_float(k, v, low=-1, high=1)),
     "dupes.tags": _bool,
     "outliers.threshold": lambda k, v: check_float(k, v, low=0),
     "outliers.min_tracks": lambda k, v: check_int(k, v, minimum=3),
