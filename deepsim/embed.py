@@ -321,8 +321,9 @@ def plan_embedding(
 ) -> EmbedPlan:
     """Which of the items (all, or ``ids``) need a ``model_id`` vector computed.
 
-    A few SQL queries (:func:`deepsim.store.embed_states`) and a ``stat`` per
-    file; no ``Item`` objects, no torch.  An item needs work when it has no
+    SQL over ids, paths and stored identities in batches
+    (:func:`deepsim.store.embed_state_batches`: memory flat in library size)
+    and a ``stat`` per file; no ``Item`` objects, no torch.  An item needs work when it has no
     usable vector, its stored value is damaged, or its audio changed (see
     :mod:`deepsim.identity`); a retagged file keeps its vector (its new
     identity is recorded by :func:`embed_items`); a file that failed before
@@ -330,7 +331,8 @@ def plan_embedding(
     on disk is listed, never embedded.  ``force`` recomputes every present file.
     """
     plan = EmbedPlan(model_id)
-    for state in store.embed_states(lib, model_id, ids):
+    states = (state for part in store.embed_state_batches(lib, model_id, ids) for state in part)
+    for state in states:
         path = state.path
         if not path:
             plan.missing.append((state.item_id, ""))

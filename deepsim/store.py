@@ -578,6 +578,18 @@ def embed_states(lib: Library, model_id: str, ids: Iterable[int] | None = None) 
     return states
 
 
+def embed_state_batches(
+    lib: Library, model_id: str, ids: Iterable[int] | None = None, *, batch: int | None = None
+) -> Iterator[list[ItemState]]:
+    """:func:`embed_states` in batches of ``batch`` ids (default ``10 * ID_CHUNK``), so
+    that memory stays flat in library size: each batch's vectors are read, checked
+    and dropped before the next."""
+    size = batch or 10 * ID_CHUNK
+    wanted = all_item_ids(lib) if ids is None else sorted({int(i) for i in ids})
+    for start in range(0, len(wanted), size):
+        yield embed_states(lib, model_id, wanted[start : start + size])
+
+
 def model_counts(lib: Library) -> Counter[str]:
     """How many items hold a vector of each model (any slot)."""
     counts: Counter[str] = Counter()
