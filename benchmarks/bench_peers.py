@@ -100,8 +100,10 @@ def run_child(
 
 
 def bench_deepsim(paths: list[Path], model: str, work: Path) -> dict[str, float]:
+    from beets import config
     from beets.library import Item, Library
 
+    config["create_backup_before_migrations"] = False  # no migration backups in the output
     root = work / f"beets-{model}-{time.monotonic_ns()}"
     root.mkdir()
     lib = Library(str(root / "library.db"), str(root))
