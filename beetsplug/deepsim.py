@@ -882,11 +882,7 @@ class DeepsimPlugin(BeetsPlugin):
         if opts.mpd:
             self._enqueue(results[0].items)
             return
-        fmt = (
-            opts.format
-            or self.config["format"].get()
-            or (f"${SIMILARITY_FIELD}  " + beets_config["format_item"].as_str())
-        )
+        fmt = self._result_format(opts.format, album=False)
         for result in results:
             if opts.each and result.seeds:
                 seed = result.seeds[0]
@@ -978,11 +974,7 @@ class DeepsimPlugin(BeetsPlugin):
             tracks = [item for album in result.albums for item in album.items()]
             self._write_playlist(opts, tracks)
             return
-        fmt = (
-            opts.format
-            or self.config["album_format"].get()
-            or (f"${SIMILARITY_FIELD}  " + beets_config["format_album"].as_str())
-        )
+        fmt = self._result_format(opts.format, album=True)
         for album in result.albums:
             ui.print_(format(album, fmt))
 
@@ -1221,13 +1213,18 @@ class DeepsimPlugin(BeetsPlugin):
             n = len(found.items)
             ui.print_(f"recommend: wrote {n} track(s) to {written} ({found.profile} profile)")
             return
-        fmt = (
-            opts.format
-            or self.config["format"].get()
-            or (f"${SIMILARITY_FIELD}  " + beets_config["format_item"].as_str())
-        )
+        fmt = self._result_format(opts.format, album=False)
         for item in found.items:
             ui.print_(format(item, fmt))
+
+    def _result_format(self, option: str | None, *, album: bool) -> str:
+        """``-f``, else the deepsim format key, else beets' format led by the similarity."""
+        key, beets_key = ("album_format", "format_album") if album else ("format", "format_item")
+        return (
+            option
+            or self.config[key].get()
+            or f"${SIMILARITY_FIELD}  " + beets_config[beets_key].as_str()
+        )
 
     def _write_playlist(self, opts: SimilarOpts, items: Sequence[Item]) -> None:
         from deepsim.playlist import present, write_playlist
