@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,11 +29,9 @@ from beets.exceptions import UserError
 from beets.plugins import BeetsPlugin
 from beets.util.units import human_seconds_short
 
-from deepsim import dupes as _dupes
-from deepsim import outliers as _outliers
-from deepsim import store
+from deepsim import settings, store
 from deepsim.errors import DeepsimError, ParameterError
-from deepsim.util import LOGGER_NAME, check_choice, check_float, check_int
+from deepsim.util import LOGGER_NAME, check_int
 
 if TYPE_CHECKING:
     from beets.importer import ImportSession, ImportTask
@@ -110,163 +107,6 @@ def _top_tags(names: Sequence[str], probs: Any, per_group: int = 3) -> str:
     return ", ".join(best)
 
 
-# -- configuration: defaults and the check made when the plugin loads -------------------------
-
-DEFAULTS: dict[str, Any] = {
-    "auto": True,
-    "model": "auto",
-    "device": "auto",
-    "precision": "auto",
-    "workers": "auto",
-    "batch_size": 8,
-    "commit_every": 32,
-    "store_tags": True,
-    "state_dir": "deepsim",
-    # beet similar
-    "count": 20,
-    "format": None,
-    "album_format": None,
-    "max_per_artist": 0,
-    "max_per_album": 0,
-    "relative": False,
-    "index": {"n_trees": 20, "exact_below": 2000},
-    # versions, outliers, map, MPD radio
-    "dupes": {"threshold": _dupes.DEFAULT_THRESHOLD, "tags": True},
-    "outliers": {
-        "threshold": _outliers.DEFAULT_THRESHOLD,
-        "min_tracks": _outliers.DEFAULT_MIN_TRACKS,
-    },
-    "map": {"method": "opentsne", "color_by": "album", "neighbours": 10},
-    "radio": {"ahead": 3, "batch": 5, "history": 3, "avoid": 3600, "interval": 2.0},
-    # beet deepsim-train
-    "train": {
-        "listens": [],
-        "format": "auto",
-        "playlists": [],
-        "library": False,
-        "backbone": "default",
-        "min_plays": 2,
-        "min_tracks": 50,
-        "factors": 40,
-        "alpha": None,
-        "epsilon": None,
-        "regularization": None,
-        "iterations": None,
-        "heldout": 0.2,
-        "head": "auto",
-        "taste_weight": None,
-        "epochs": 200,
-        "threads": 1,
-    },
-    # beet similar --taste-weight / beet recommend
-    "taste_weight": None,
-    "recommend": {"half_life": 90.0},
-}
-
-
-def _bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ParameterError(f"{key} must be yes or no, got {value!r}")
-
-
-def _text(key: str, value: Any, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, str) or not value.strip():
-        what = "a beets format string" if "format" in key else "a non-empty string"
-        raise ParameterError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}")
-
-
-def _texts(key: str, value: Any) -> None:
-    if isinstance(value, str):
-        return
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ParameterError(f"{key} must be a file name or a list of them, got {value!r}")
-
-
-def _device(key: str, value: Any) -> None:
-    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-        raise ParameterError(f"{key} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
-
-
-def _workers(key: str, value: Any) -> None:
-    if value != "auto":
-        check_int(key, value, minimum=0)
-
-
-def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
-    return lambda key, value: None if value is None else check(key, value)
-
-
-def _positive(key: str, value: Any) -> None:
-    check_float(key, value, low=0, low_open=True)
-
-
-_RULES: dict[str, Callable[[str, Any], Any]] = {
-    "auto": _bool,
-    "model": _text,
-    "device": _device,
-    "precision": lambda k, v: check_choice(k, v, ("auto", "fp32", "bf16")),
-    "workers": _workers,
-    "batch_size": lambda k, v: check_int(k, v, minimum=1),
-    "commit_every": lambda k, v: check_int(k, v, minimum=1),
-    "store_tags": _bool,
-    "state_dir": _text,
-    "count": lambda k, v: check_int(k, v, minimum=1),
-    "format": lambda k, v: _text(k, v, optional=True),
-    "album_format": lambda k, v: _text(k, v, optional=True),
-    "max_per_artist": lambda k, v: check_int(k, v, minimum=0),
-    "max_per_album": lambda k, v: check_int(k, v, minimum=0),
-    "relative": _bool,
-    "index.n_trees": lambda k, v: check_int(k, v, minimum=1),
-    "index.exact_below": lambda k, v: check_int(k, v, minimum=0),
-    "train.listens": _texts,
-    "train.format": _text,  # the formats are checked by deepsim-train (deepsim.listening)
-    "train.playlists": _texts,
-    "train.library": _bool,
-    "train.backbone": _text,
-    "train.min_plays": lambda k, v: check_float(k, v, low=0),
-    "train.min_tracks": lambda k, v: check_int(k, v, minimum=1),
-    "train.factors": lambda k, v: check_int(k, v, minimum=1),
-    "train.alpha": _optional(_positive),
-    "train.epsilon": _optional(_positive),
-    "train.regularization": _optional(lambda k, v: check_float(k, v, low=0)),
-    "train.iterations": _optional(lambda k, v: check_int(k, v, minimum=1)),
-    "train.heldout": lambda k, v: check_float(k, v, low=0, high=1, high_open=True),
-    "train.epochs": lambda k, v: check_int(k, v, minimum=1),
-    "train.threads": _optional(lambda k, v: check_int(k, v, minimum=1)),
-    "train.head": _text,
-    "train.taste_weight": _optional(lambda k, v: check_float(k, v, low=0, high=1)),
-    "taste_weight": _optional(lambda k, v: check_float(k, v, low=0, high=1)),
-    "recommend.half_life": _optional(_positive),
-    "dupes.threshold": _optional(lambda k, v: check_float(k, v, low=-1, high=1)),
-    "dupes.tags": _bool,
-    "outliers.threshold": lambda k, v: check_float(k, v, low=0),
-    "outliers.min_tracks": lambda k, v: check_int(k, v, minimum=3),
-    "map.method": _text,
-    "map.color_by": _text,
-    "map.neighbours": lambda k, v: check_int(k, v, minimum=1, maximum=100),
-    "radio.ahead": lambda k, v: check_int(k, v, minimum=1),
-    "radio.batch": lambda k, v: check_int(k, v, minimum=1),
-    "radio.history": lambda k, v: check_int(k, v, minimum=1),
-    "radio.avoid": lambda k, v: check_float(k, v, low=0),
-    "radio.interval": lambda k, v: check_float(k, v, low=0),
-}
-
-
-def check_config(view: confuse.ConfigView) -> None:
-    """Check every key of the ``deepsim`` block; raise ParameterError naming the first bad one."""
-    for key, rule in _RULES.items():
-        node = view
-        for part in key.split("."):
-            node = node[part]
-        try:
-            value = node.get()
-        except confuse.ConfigTypeError as exc:
-            raise ParameterError(str(exc).removeprefix("deepsim.")) from None
-        rule(key, value)
-
-
 class _ToBeetsLog(logging.Handler):
     """Routes the library's ``deepsim`` logger into the plugin's beets logger."""
 
@@ -281,9 +121,9 @@ class _ToBeetsLog(logging.Handler):
 class DeepsimPlugin(BeetsPlugin):
     def __init__(self) -> None:
         super().__init__()
-        self.config.add(DEFAULTS)
+        self.config.add(settings.DEFAULTS)
         try:
-            check_config(self.config)
+            settings.check(self.config.flatten())
         except (ParameterError, confuse.ConfigError) as exc:
             # Raised here, an exception would only disable the plugin (beets logs
             # it with a traceback and goes on): one line, and stop.

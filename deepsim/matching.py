@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from deepsim import store
 from deepsim.errors import ParameterError
 from deepsim.listening import KEY_SEP, Listens, TrackKey
 
@@ -143,9 +144,9 @@ class LibraryKeys:
 
 
 def library_keys(lib: Library) -> LibraryKeys:
-    """Read (id, artist, title, mb_trackid) of every item with one SQL query."""
-    with lib.transaction() as tx:
-        rows = tx.query("SELECT id, artist, title, mb_trackid FROM items ORDER BY id")
+    """Read (id, artist, title, mb_trackid) of every item (one query, through the store)."""
+    fields = store.read_all_item_fields(lib, ("artist", "title", "mb_trackid"))
+    rows = [(item_id, *fields[item_id]) for item_id in sorted(fields)]
     ids = np.fromiter((int(r[0]) for r in rows), dtype=np.int64, count=len(rows))
     artists = [r[1] or "" for r in rows]
     titles = [r[2] or "" for r in rows]

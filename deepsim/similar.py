@@ -65,8 +65,6 @@ if TYPE_CHECKING:
 SIMILARITY_FIELD = "deepsim_similarity"
 DISTANCE_FIELD = "deepsim_distance"
 
-_ID_CHUNK = store.ID_CHUNK
-
 SearchBackend = Literal["auto", "exact"]
 
 
@@ -163,27 +161,6 @@ def parse_where(lib: Library, where: Where) -> dbquery.Query | None:
     return parsed
 
 
-@dataclass(frozen=True)
-class _WhereSQL:
-    """A fast beets query as SQL over ``items`` (joined to ``albums`` when it needs to be)."""
-
-    source: str
-    clause: str
-    subvals: tuple[Any, ...]
-
-
-def _where_sql(where: dbquery.Query) -> _WhereSQL | None:
-    from beets.library import Item
-
-    clause, subvals = where.clause()
-    if clause is None:
-        return None
-    source = "items"
-    if getattr(where, "field_names", set()) & getattr(Item, "other_db_fields", set()):
-        source += f" {Item.relation_join}"
-    return _WhereSQL(source, clause, tuple(subvals))
-
-
 def where_ids(lib: Library, where: dbquery.Query, *, limit: int | None = None) -> np.ndarray | None:
     """Ids of the items matching ``where`` (one SQL query), or None for a slow query.
 
@@ -191,19 +168,10 @@ def where_ids(lib: Library, where: dbquery.Query, *, limit: int | None = None) -
     SQL) returns None: it is evaluated on candidate items instead.  With
     ``limit``, at most that many ids are returned (the query stops there).
     """
-    sql_where = _where_sql(where)
+    sql_where = store.where_sql(where)
     if sql_where is None:
         return None
-    return _where_ids(lib, sql_where, limit)
-
-
-def _where_ids(lib: Library, where: _WhereSQL, limit: int | None) -> np.ndarray:
-    sql = f"SELECT items.id FROM {where.source} WHERE {where.clause} GROUP BY items.id"
-    if limit is not None:
-        sql += f" LIMIT {int(limit)}"
-    with lib.transaction() as tx:
-        rows = tx.query(sql, list(where.subvals))
-    return np.fromiter((row[0] for row in rows), np.int64, count=len(rows))
+    return store.where_ids(lib, sql_where, limit=limit)
 
 
 # --------------------------------------------------------------------------- filters
@@ -249,7 +217,7 @@ class _Candidates:
         lib: Library,
         *,
         model_id: str,
-        fast_where: _WhereSQL | None,
+        fast_where: store.WhereSQL | None,
         slow_where: dbquery.Query | None,
     ) -> None:
         self.lib = lib
@@ -288,23 +256,11 @@ class _Candidates:
                         item.get("album_id"),
                     )
             return
-        source, clause, subvals = "items", "1", ()
-        if self.fast_where is not None:
-            source, clause = self.fast_where.source, self.fast_where.clause
-            subvals = self.fast_where.subvals
-        for start in range(0, len(unknown), _ID_CHUNK):
-            chunk = unknown[start : start + _ID_CHUNK]
-            sql = (
-                "SELECT items.id, items.artist, items.albumartist, items.album, items.album_id, "
-                "items.path "
-                f"FROM {source} WHERE items.id IN ({','.join('?' * len(chunk))}) "
-                f"AND ({clause}) GROUP BY items.id"
-            )
-            with self.lib.transaction() as tx:
-                rows = tx.query(sql, [*chunk, *subvals])
-            for row in rows:
-                self.facts[int(row[0])] = _cap_keys(row[1], row[2], row[3], row[4])
-                self.paths[int(row[0])] = store.absolute_path(self.lib, row[5])
+        for item_id, artist, albumartist, album, album_id, path in store.cap_rows(
+            self.lib, unknown, self.fast_where
+        ):
+            self.facts[item_id] = _cap_keys(artist, albumartist, album, album_id)
+            self.paths[item_id] = path
 
 
 # --------------------------------------------------------------------------- search
@@ -516,7 +472,7 @@ def _plan(
         else:
             seed_files[item_id] = change
     parsed = parse_where(lib, where)
-    fast_where = _where_sql(parsed) if parsed is not None else None
+    fast_where = store.where_sql(parsed) if parsed is not None else None
     slow_where = parsed if parsed is not None and fast_where is None else None
     allowed: np.ndarray | None = None
     all_allowed: Callable[[], np.ndarray] | None = None
@@ -524,10 +480,10 @@ def _plan(
         # A small where-set is searched exactly; LIMIT keeps the probe cheap
         # when the set is large.
         limit = None if backend == "exact" else exact_below
-        ids = _where_ids(lib, fast_where, limit)
+        ids = store.where_ids(lib, fast_where, limit=limit)
         if limit is None or ids.size < limit:
             allowed = ids
-        all_allowed = functools.partial(_where_ids, lib, fast_where, None)
+        all_allowed = functools.partial(store.where_ids, lib, fast_where)
     searcher = _Searcher(
         lib,
         model_id,

@@ -935,3 +935,60 @@ def ids_played_since(lib: Library, since: float) -> set[int]:
             [float(since)],
         )
     return {int(row[0]) for row in rows}
+
+
+# --------------------------------------------------------------------------------------------
+# Queries moved from other modules (issue 12)
+
+
+@dataclass(frozen=True)
+class WhereSQL:
+    """A beets query SQL can evaluate, over ``items`` (joined to ``albums`` when it needs to be)."""
+
+    source: str
+    clause: str
+    subvals: tuple[Any, ...]
+
+
+def where_sql(where: dbquery.Query) -> WhereSQL | None:
+    """``where`` as SQL, or None for a query SQL cannot evaluate (flexible attributes...)."""
+    from beets.library import Item
+
+    clause, subvals = where.clause()
+    if clause is None:
+        return None
+    source = "items"
+    if getattr(where, "field_names", set()) & getattr(Item, "other_db_fields", set()):
+        source += f" {Item.relation_join}"
+    return WhereSQL(source, clause, tuple(subvals))
+
+
+def where_ids(lib: Library, where: WhereSQL, *, limit: int | None = None) -> np.ndarray:
+    """Ids (int64) of the items matching ``where``, in one query; at most ``limit`` of them."""
+    sql = f"SELECT items.id FROM {where.source} WHERE {where.clause} GROUP BY items.id"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    with lib.transaction() as tx:
+        rows = tx.query(sql, list(where.subvals))
+    return np.fromiter((row[0] for row in rows), np.int64, count=len(rows))
+
+
+def cap_rows(
+    lib: Library, ids: Sequence[int], where: WhereSQL | None = None
+) -> Iterator[tuple[int, Any, Any, Any, Any, bytes]]:
+    """``(id, artist, albumartist, album, album_id, absolute path)`` of those of ``ids``
+    that exist and match ``where`` (one query per :data:`ID_CHUNK`)."""
+    source, clause, subvals = "items", "1", ()
+    if where is not None:
+        source, clause, subvals = where.source, where.clause, where.subvals
+    resolve = path_resolver(lib)
+    for chunk in chunks(sorted({int(i) for i in ids})):
+        sql = (
+            "SELECT items.id, items.artist, items.albumartist, items.album, items.album_id, "
+            f"items.path FROM {source} WHERE items.id IN ({','.join('?' * len(chunk))}) "
+            f"AND ({clause}) GROUP BY items.id"
+        )
+        with lib.transaction() as tx:
+            rows = tx.query(sql, [*chunk, *subvals])
+        for row in rows:
+            yield int(row[0]), row[1], row[2], row[3], row[4], resolve(row[5])

@@ -1306,21 +1306,36 @@ def backbone_features(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Backbone vectors of ``item_ids``: from the store, else embedded from audio.
 
-    Items whose audio fails are left out (one log line each).  With
-    ``cache_vectors``, vectors computed here are stored for items that hold
-    no deepsim vector at all (an item holding another model's vector is not
-    touched, so an interrupted or failed run changes nothing the active
-    model relies on).
+    The missing ones go through the library's one embedding routine
+    (:func:`deepsim.embed.plan_embedding` + :func:`deepsim.embed.embed_items`),
+    which stores them in the backbone's own slot (an item holding another
+    model's vector keeps it untouched, so an interrupted or failed run changes
+    nothing the active model relies on).  Items whose file is missing or whose
+    audio fails are left out (one log line each); Ctrl-C raises
+    ``KeyboardInterrupt`` after the vectors finished so far are stored.
 
     Returns
     -------
     ids, matrix, n_embedded
         The item ids that have a vector (in the order of ``item_ids``), their
         ``(n, dim)`` vectors, and how many were embedded from audio.
+
+    Raises
+    ------
+    ParameterError
+        ``cache_vectors=False``: vectors computed from audio are always stored.
     """
     from deepsim import store
+    from deepsim.embed import embed_items, plan_embedding
+    from deepsim.models import load_model
     from deepsim.models import model_id as model_id_of
+    from deepsim.util import resolve_device
 
+    if not cache_vectors:
+        raise ParameterError(
+            "cache_vectors=False is not supported: backbone vectors computed from audio are "
+            "stored in the backbone's own slot (no other model's vector is touched)"
+        )
     wanted = np.asarray(item_ids, dtype=np.int64)
     backbone_id = model_id_of(backbone)
     ids, matrix = store.read_vectors(lib, backbone_id, ids=wanted.tolist())
@@ -1328,40 +1343,30 @@ def backbone_features(
     missing = [int(i) for i in wanted.tolist() if int(i) not in have]
     n_embedded = 0
     if missing:
-        from deepsim.embed import embed_files
-        from deepsim.models import load_model
-        from deepsim.util import resolve_device
-
-        paths = _item_paths(lib, missing)
+        say: LogFunction = log or (lambda _line: None)
+        plan = plan_embedding(lib, backbone_id, missing, retry_failed=True)
+        gone = {item_id: path for item_id, path in plan.missing}
         for item_id in missing:
-            if item_id not in paths and log is not None:
-                log(f"item {item_id}: no such item or no file; left out")
-        order = list(paths)
-        if log is not None and order:
-            log(f"embedding {len(order)} tracks with {backbone_id} (no stored vector)")
-        if order:
-            model = load_model(backbone, device=resolve_device(device))
-            to_store: list[tuple[int, np.ndarray]] = []
-            for outcome in embed_files(
-                [paths[i] for i in order], model, workers=workers, batch_size=batch_size
-            ):
-                item_id = order[outcome.index]
-                if outcome.vector is None:
-                    if log is not None:
-                        log(f"{outcome.error}; left out")
-                    continue
-                have[item_id] = outcome.vector
-                n_embedded += 1
-                if cache_vectors:
-                    to_store.append((item_id, outcome.vector))
-            if to_store:
-                # Items without any vector get it as their main vector; the
-                # others keep theirs and get it in the backbone slot.
-                bare = {int(i) for i in missing} - store.ids_with_any_vector(lib)
-                store.write_vectors(lib, [r for r in to_store if r[0] in bare], backbone_id)
-                store.write_backbone_vectors(
-                    lib, [r for r in to_store if r[0] not in bare], backbone_id
-                )
+            if item_id in gone:
+                say(f"{gone[item_id] or f'item {item_id}'}: file missing on disk; left out")
+            elif item_id not in plan.paths:
+                say(f"item {item_id}: no such item or no file; left out")
+        if plan.todo:
+            say(f"embedding {len(plan.todo)} tracks with {backbone_id} (no stored vector)")
+            summary = embed_items(
+                lib,
+                plan,
+                lambda: load_model(backbone, device=resolve_device(device)),
+                workers=workers,
+                batch_size=batch_size,
+            )
+            for _item_id, path, reason in summary.failures:
+                say(f"{path}: {reason}; left out")
+            if summary.interrupted:
+                raise KeyboardInterrupt
+            n_embedded = summary.embedded
+            ids, matrix = store.read_vectors(lib, backbone_id, ids=plan.todo)
+            have.update(zip(ids.tolist(), matrix, strict=True))
     kept = [int(i) for i in wanted.tolist() if int(i) in have]
     if not kept:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), n_embedded
@@ -1390,8 +1395,7 @@ def reembed_from_store(lib: Library, head_model: HeadModel, *, batch_size: int =
     """
     from deepsim import store
 
-    with lib.transaction() as tx:
-        all_ids = np.asarray([int(r[0]) for r in tx.query("SELECT id FROM items")], np.int64)
+    all_ids = np.asarray(store.all_item_ids(lib), np.int64)
     done = np.asarray(sorted(store.ids_with_vectors(lib, head_model.model_id)), np.int64)
     todo = np.setdiff1d(all_ids, done)
     if head_model.finetune or len(todo) == 0:
