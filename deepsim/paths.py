@@ -67,6 +67,15 @@ class PathResult:
     def items(self) -> list[Item]:
         return [step.item for step in self.steps]
 
+    def lines(self, fmt: str, *, verbose: bool = False) -> list[str]:
+        """Each track in the beets format ``fmt``; ``verbose``: led by its similarity to
+        the start and the end, under a header."""
+        out = ["start    end  track"] if verbose else []
+        for step in self.steps:
+            line = format(step.item, fmt)
+            out.append(f"{step.to_start:5.3f}  {step.to_end:5.3f}  {line}" if verbose else line)
+        return out
+
 
 def slerp(start: np.ndarray, end: np.ndarray, ts: Sequence[float]) -> np.ndarray:
     """Points at fractions ``ts`` of the great circle from ``start`` to ``end`` (unit vectors)."""

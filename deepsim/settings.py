@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from deepsim import dupes, index, outliers, recommend
+from deepsim import dupes, index, outliers
 from deepsim.errors import ParameterError
 from deepsim.util import check_choice, check_float, check_int
 
@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "train": TRAIN_DEFAULTS,
     # beet similar --taste-weight / beet recommend
     "taste_weight": None,
-    "recommend": {"half_life": recommend.HALF_LIFE_DAYS},
+    "recommend": {"half_life": 90.0},  # = deepsim.recommend.HALF_LIFE_DAYS (not imported: scipy)
 }
 
 Rule = Callable[[str, Any], Any]

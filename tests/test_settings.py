@@ -55,6 +55,12 @@ def test_train_keys_default_as_train_config_does() -> None:
             assert default == fields[key], key
 
 
+def test_defaults_written_here_are_the_library_constants() -> None:
+    from deepsim.recommend import HALF_LIFE_DAYS
+
+    assert settings.DEFAULTS["recommend"]["half_life"] == HALF_LIFE_DAYS
+
+
 def test_option_or_and_positive_int() -> None:
     assert settings.option_or(settings.DEFAULTS, None, "index.n_trees") == 20
     assert settings.option_or(settings.DEFAULTS, 0, "count") == 0  # 0 is an answer, not "unset"
