@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepsim import store
+from deepsim.errors import ParameterError
 from deepsim.util import check_float, get_logger
 
 if TYPE_CHECKING:
@@ -308,7 +309,7 @@ def measure_threshold(matrix: np.ndarray, groups: Sequence[Any]) -> ThresholdRep
     same = upper & (labels[:, None] == labels[None, :])
     other = upper & ~same
     if not same.any() or not other.any():
-        raise ValueError("measure_threshold needs at least one pair of each kind")
+        raise ParameterError("measure_threshold needs at least one pair of each kind")
     return ThresholdReport(
         same_min=float(sims[same].min()),
         same_mean=float(sims[same].mean()),

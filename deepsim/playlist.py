@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from deepsim.errors import DeepsimError
+from deepsim.errors import DeepsimError, ParameterError
 
 if TYPE_CHECKING:
     from beets.library import Item
@@ -122,7 +122,7 @@ def write_playlist(
         An unknown ``format``.
     """
     if format not in ("m3u", "extm3u"):
-        raise ValueError(f"playlist format must be 'm3u' or 'extm3u', got {format!r}")
+        raise ParameterError(f"playlist format must be 'm3u' or 'extm3u', got {format!r}")
     target = Path(os.path.abspath(_fspath(path)))
     if target.name in ("", ".", ".."):
         raise DeepsimError(f"{target}: not a file name")

@@ -41,7 +41,7 @@ import numpy as np
 from beets.dbcore import query as dbquery
 
 from deepsim import store
-from deepsim.errors import DeepsimError
+from deepsim.errors import DeepsimError, ParameterError
 from deepsim.identity import AudioIdentity, compare
 from deepsim.index import (
     EXACT_THRESHOLD,
@@ -54,6 +54,7 @@ from deepsim.index import (
 # The index lifecycle lives in deepsim.index; re-exported for existing callers.
 from deepsim.index import RefreshResult as RefreshResult
 from deepsim.index import refresh_index as refresh_index
+from deepsim.util import check_int
 
 if TYPE_CHECKING:
     from beets.library import Item, Library
@@ -145,7 +146,7 @@ def parse_where(lib: Library, where: Where) -> dbquery.Query | None:
             return None
         return parts[0] if len(parts) == 1 else dbquery.AndQuery(parts)
     if not isinstance(where, str):
-        raise ValueError(f"where must be a beets query string, got {where!r}")
+        raise ParameterError(f"where must be a beets query string, got {where!r}")
     if not where.strip():
         return None
     from beets.dbcore import InvalidQueryError
@@ -198,9 +199,7 @@ def _cap_keys(artist: Any, albumartist: Any, album: Any, album_id: Any) -> tuple
 def _check_cap(name: str, value: int | None) -> int:
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer (0: no limit), got {value!r}")
-    return value
+    return check_int(name, value, minimum=0)
 
 
 class _Candidates:
@@ -411,7 +410,7 @@ def _seed_ids(seeds: Sequence[Item]) -> list[int]:
     ids = []
     for seed in seeds:
         if getattr(seed, "id", None) is None:
-            raise ValueError(f"seed {seed!r} is not in a library (it has no id)")
+            raise ParameterError(f"seed {seed!r} is not in a library (it has no id)")
         ids.append(int(seed.id))
     return ids
 
@@ -450,14 +449,12 @@ def _plan(
     exclude_ids: Iterable[int] = (),
     fold: VersionFolder | None = None,
 ) -> _Plan:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
+    check_int("count", count, minimum=1)
     max_per_artist = _check_cap("max_per_artist", max_per_artist)
     max_per_album = _check_cap("max_per_album", max_per_album)
     if backend not in ("auto", "exact"):
-        raise ValueError(f"backend must be 'auto' or 'exact', got {backend!r}")
-    if isinstance(exact_below, bool) or not isinstance(exact_below, int) or exact_below < 0:
-        raise ValueError(f"exact_below must be a non-negative integer, got {exact_below!r}")
+        raise ParameterError(f"backend must be 'auto' or 'exact', got {backend!r}")
+    check_int("exact_below", exact_below, minimum=0)
     if not seeds:
         raise DeepsimError("no seed items: the query matched nothing")
     seed_ids = _seed_ids(seeds)
@@ -636,8 +633,8 @@ def find_similar(
     ------
     DeepsimError
         No seeds, an invalid ``where`` query, or seed vectors that cancel out.
-    ValueError
-        An invalid option value.
+    ParameterError
+        An invalid option value (a ``ValueError`` too).
     """
     seeds = list(seeds)
     plan = _plan(
@@ -774,8 +771,6 @@ def find_similar_albums(
     of the seed albums' vectors.  ``left_out`` counts result albums all of
     whose tracks' files are missing on disk (they are not returned).
     """
-    from deepsim.util import check_int
-
     count = check_int("count", count, minimum=1)
     album_ids, matrix = album_vectors(lib, model_id, where=where)
     if where is not None:

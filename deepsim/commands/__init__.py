@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from deepsim.dupes import VersionFolder
 
 
-
 @dataclass
 class Context:
     """What every command needs besides its options.
