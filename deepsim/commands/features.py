@@ -121,7 +121,6 @@ def radio(
         raise DeepsimError(f"no tracks match query {' '.join(args)!r}")
     fold = version_folder(lib, ctx, keep=opts.keep_duplicates)
     left_out = outlier_ids(lib, ctx, wanted=opts.no_outliers)
-    caps = {key: int(ctx.get(key)) for key in ("max_per_artist", "max_per_album")}
 
     def search(seed_items: Sequence[Item], count: int, exclude: set[int]) -> list[Item]:
         return find_similar(
@@ -133,7 +132,8 @@ def radio(
             where=opts.where,
             exclude_ids=exclude | left_out,
             fold=fold,
-            **caps,
+            max_per_artist=int(ctx.get("max_per_artist")),
+            max_per_album=int(ctx.get("max_per_album")),
         ).items
 
     mpd = connect()

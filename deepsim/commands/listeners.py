@@ -140,6 +140,7 @@ def train(
     if opts.no_embed:
         outcome.lines.append("deepsim-train: run `beet deepsim-embed` to embed the library with it")
         return outcome
+    assert report.model is not None  # an activated report holds its model
     todo = reembed_from_store(lib, report.model)
     outcome.vectors_changed = True
     if len(todo):
