@@ -99,3 +99,25 @@ def test_path_lines_verbose(lib) -> None:  # type: ignore[no-untyped-def]
         "1.000  0.500  Blue in Green",
         "0.500  1.000  So What",
     ]
+
+
+def test_outliers_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    base = np.array([1.0, 0, 0, 0])
+    tracks = [
+        {"title": f"t{k}", "artist": "A", "album": "Alb", "vector": base + 0.05 * rng.random(4)}
+        for k in range(6)
+    ]
+    tracks.append({"title": "intruder", "artist": "A", "album": "Alb", "vector": [0, 0, 0, 1]})
+    library, _items = make_library(tracks, model_id=MODEL)
+    from deepsim.commands.features import outliers
+
+    opts = Values({"threshold": None, "all": False, "format": "$title"})
+    lines = outliers(library, [], opts, context()).lines
+    assert lines[0] == "score    fit  track" and lines[1].endswith("  intruder")
+    assert lines[-1] == (
+        "deepsim-outliers: 1 outlier(s) (score <= -3.5) among 7 tracks of 1 album(s)"
+    )
+    with pytest.raises(DeepsimError, match="no tracks match query 'title:zzz'"):
+        outliers(library, ["title:zzz"], opts, context())
