@@ -265,27 +265,34 @@ def _parse_lastfm_date(m: re.Match[str], value: Any) -> float:
     return float(calendar.timegm(dt.timetuple()))
 
 
+HOUR_MINUTE: dict[str, float] = {
+    f" {h:02d}:{m:02d}": float(h * 3600 + m * 60) for h in range(24) for m in range(60)
+}
+"""Seconds into the day of a time of day written `` HH:MM`` (with its leading space)."""
+DAY_CACHE_MAX = 100_000
+"""Days a :class:`DayCache` keeps (it starts afresh beyond: memory stays bounded)."""
+
+
 class DayCache:
     """Unix time of ``day, month, year`` strings, cached (histories repeat days)."""
 
     def __init__(self) -> None:
         self._days: dict[tuple[str, str, str], int] = {}
-        self.prefix: dict[str, int] = {}
+        self.prefix: dict[str, float] = {}
         """Unix time of the day of ``31 Jan 2021`` (the part before `` HH:MM``)."""
 
     def lastfm(self, s: str) -> float:
         """``31 Jan 2021 20:15`` (also ``31 Jan 2021, 20:15`` and seconds) to unix seconds."""
-        if len(s) > 6 and s[-3] == ":" and s[-6] == " ":
+        hm = HOUR_MINUTE.get(s[-6:])
+        if hm is not None:
             base = self.prefix.get(s[:-6])
             if base is not None:
-                h = int(s[-5:-3])
-                m = int(s[-2:])
-                if h < 24 and m < 60:
-                    return float(base + h * 3600 + m * 60)
-            else:
-                t = self._lastfm(s)
-                self.prefix[s[:-6]] = int(t) - int(t) % 86400
-                return t
+                return base + hm
+            t = self._lastfm(s)
+            if len(self.prefix) >= DAY_CACHE_MAX:
+                self.prefix.clear()
+            self.prefix[s[:-6]] = t - hm
+            return t
         return self._lastfm(s)
 
     def _lastfm(self, s: str) -> float:
@@ -302,6 +309,8 @@ class DayCache:
                     datetime(int(year.rstrip(",")), month, int(day))
                 except ValueError:
                     return parse_time(s)
+                if len(self._days) >= DAY_CACHE_MAX:
+                    self._days.clear()
                 self._days[(day, mon, year)] = base
             hms = hm.split(":")
             try:
@@ -324,6 +333,8 @@ class DayCache:
                 datetime(y, mo, d)
             except ValueError:
                 raise ValueError(f"not a date: {date!r}") from None
+            if len(self._days) >= DAY_CACHE_MAX:
+                self._days.clear()
             base = self._days[key] = calendar.timegm((y, mo, d, 0, 0, 0))
         try:
             hms = [int(x) for x in time.strip().split(":")]
@@ -357,6 +368,8 @@ class Builder:
         self.play_time = array("d")
         self.skipped = 0
         self.duplicates = 0
+        self.raw_tracks: dict[tuple[object, object, object], int] = {}
+        """Column of ``(artist, title, MBID)`` as a reader spelled them (shared by all files)."""
 
     def track(
         self, key: str, artist: str | None = None, title: str | None = None, mbid: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 from deepsim.errors import ListeningDataError
@@ -27,6 +28,24 @@ def _text(value: Any) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Spotify
 
+
+_SPOTIFY_ROWS = jsonstream.Rows(
+    "SpotifyRow",
+    (
+        ("ts", datetime),
+        "ms_played",
+        "master_metadata_track_name",
+        "master_metadata_album_artist_name",
+        "episode_name",
+        "spotify_episode_uri",
+        "audiobook_title",
+        "audiobook_uri",
+        "reason_end",
+        "incognito_mode",
+        "username",
+    ),
+)
+"""The fields of a Spotify Extended Streaming History row the reader looks at."""
 
 _SPOTIFY_EXTENDED_NAME = re.compile(
     r"^(streaming_history_(audio|video)_.*|endsong_?\d*)\.json$", re.I
@@ -60,40 +79,51 @@ class SpotifyExtendedReader(ListenReader):
         audiobook = Skip("audiobook")
         no_track = Skip("no track (video or unavailable)")
         private = Skip("private session (incognito_mode)")
-        iso = parse_iso
-        with source.open_text() as f:
-            for line, obj in jsonstream.iter_array(f, source.name):
-                if obj.__class__ is not dict:
-                    yield Bad(NOT_OBJECT, line)
-                    continue
-                get = obj.get
-                title = get("master_metadata_track_name")
-                artist = get("master_metadata_album_artist_name")
-                if not title or not artist:
-                    if get("episode_name") or get("spotify_episode_uri"):
-                        yield episode
-                    elif get("audiobook_title") or get("audiobook_uri"):
-                        yield audiobook
-                    else:
-                        yield no_track
-                    continue
-                if get("incognito_mode") is True:
-                    yield private
-                    continue
-                ms = get("ms_played")
-                if ms.__class__ is not int and not isinstance(ms, float):
-                    yield Bad("ms_played is not a number", line)
-                    continue
-                if ms < MIN_PLAY_MS and get("reason_end") != "trackdone":
-                    yield SHORT
-                    continue
-                ts = get("ts")
+        rows = _SPOTIFY_ROWS.read(source)
+        for i, r in rows:
+            if r is None:
+                yield Bad(NOT_OBJECT, rows.line(i))
+                continue
+            title = r.master_metadata_track_name
+            artist = r.master_metadata_album_artist_name
+            if not title or not artist:
+                if r.episode_name or r.spotify_episode_uri:
+                    yield episode
+                elif r.audiobook_title or r.audiobook_uri:
+                    yield audiobook
+                else:
+                    yield no_track
+                continue
+            if r.incognito_mode is True:
+                yield private
+                continue
+            ms = r.ms_played
+            if ms.__class__ is not int and not isinstance(ms, float):
+                yield Bad("ms_played is not a number", rows.line(i))
+                continue
+            if ms < MIN_PLAY_MS and r.reason_end != "trackdone":
+                yield SHORT
+                continue
+            if (
+                title.__class__ is not str
+                or artist.__class__ is not str
+                or not title.strip()
+                or not artist.strip()
+            ):
+                yield Bad("no track name and artist (and no recording MBID)", rows.line(i))
+                continue
+            ts = r.ts
+            if ts.__class__ is datetime:  # decoded by msgspec
+                t = (ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)).timestamp()
+            else:
                 try:
-                    t = iso(ts) if ts.__class__ is str else parse_time(ts)
+                    t = parse_iso(ts) if ts.__class__ is str else parse_time(ts)
                 except (ValueError, AttributeError):
-                    yield Bad(f"ts {ts!r} is not a time", line)
+                    yield Bad(f"ts {ts!r} is not a time", rows.line(i))
                     continue
-                yield (_text(get("username")) or None, t, artist, title, None, line)
+            user = r.username
+            # the names were checked above: no line is needed for a message about them
+            yield (user if user.__class__ is str and user else None, t, artist, title, None, None)
 
 
 @register

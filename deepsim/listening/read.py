@@ -314,7 +314,7 @@ def _read_source(
     default = b.user(source.default_user)
     user_of = b.user_index.get
     add_user = b.user
-    cache: dict[tuple[object, object, object], int] = {}
+    cache = b.raw_tracks
     get_track = cache.get
     track_of = b.track_of
     p_user = b.play_user.append

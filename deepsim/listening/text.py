@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from deepsim.errors import ListeningDataError
 from deepsim.listening.base import Count, Head, ListenReader, Record, Skip, is_comment, register
-from deepsim.listening.core import Bad, DayCache, mbid_of, parse_time
+from deepsim.listening.core import HOUR_MINUTE, Bad, DayCache, mbid_of, parse_time
 from deepsim.listening.sources import Source
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -261,6 +261,7 @@ class LastfmCsvReader(ListenReader):
         days = DayCache()
         lastfm = days.lastfm
         prefix = days.prefix.get
+        hour_minute = HOUR_MINUTE.get
         cols: dict[str, int] | None = None
         first = True
         c_artist, c_track, c_time = 0, 2, 3
@@ -305,17 +306,12 @@ class LastfmCsvReader(ListenReader):
                         if cols is _HEADERLESS and len(row) == 4:
                             # lastfm-to-csv's "31 Jan 2021 20:15": the day from a cache
                             when = row[3]
-                            base = prefix(when[:-6])
-                            if base is not None and when[-3:-2] == ":":
-                                try:
-                                    h = int(when[-5:-3])
-                                    m = int(when[-2:])
-                                except ValueError:
-                                    h = 99
-                                if h < 24 and m < 60:
+                            hm = hour_minute(when[-6:])
+                            if hm is not None:
+                                base = prefix(when[:-6])
+                                if base is not None:
                                     first = False
-                                    t = float(base + h * 3600 + m * 60)
-                                    yield (None, t, row[0], row[2], None, reader.line_num)
+                                    yield (None, base + hm, row[0], row[2], None, reader.line_num)
                                     continue
                         if len(row) < width:
                             if row and any(c.strip() for c in row):
