@@ -615,9 +615,10 @@ SAMPLES = [
     ("lastfm1k-userid-timestamp-artid-artname-traid-traname.tsv", "lastfm-1k", set()),
     ("maloja_export_2021_02_01_10_00_00.json", "maloja", set()),
     ("koito_export_2021-02-01.json", "koito", set()),
-    ("pano-scrobbler-scrobbles.jsonl", "pano-scrobbler", {"not a scrobble (love, now playing...)"}),
+    ("pano-scrobbler-scrobbles.jsonl", "pano-scrobbler", {"not a scrobble (love, unlove)"}),
+    ("pano-scrobbler-scrobbles.csv", "pano-scrobbler", {"not a scrobble (love, unlove)"}),
     (".scrobbler.log", "scrobbler-log", {"skipped on the player (rating S)"}),
-    ("streaming.csv", "tidal", {"played under 30 s"}),
+    ("streaming.csv", "tidal", set()),
     ("listenbrainz_api_rj_listens.json", "listenbrainz-api", set()),
     ("listenbrainz_rj_2021_1.jsonl", "listenbrainz", set()),
 ]
@@ -703,6 +704,145 @@ def test_lastfm_recent_tracks_gz_and_page_user(tmp_path: Path) -> None:
     assert listens.n_plays == 4 and {u.split("@")[0] for u in listens.users} == {"rj"}
     # the track MBID is the key where Last.fm gives one
     assert KARMA in {t.key for t in listens.tracks}
+
+
+def test_koito_names_are_primary_aliases_and_the_listener_is_the_user() -> None:
+    listens = read_listens(FIX / "koito_export_2021-02-01.json")
+    by_title = {t.title: t for t in listens.tracks}
+    # two artists on Paranoid Android: the one marked is_primary; Björk has three aliases
+    assert by_title["Paranoid Android"].artist == "Radiohead"
+    assert by_title["Jóga"].artist == "Björk"
+    assert by_title["Karma Police"].key == KARMA  # track.mbid
+    assert {u.split("@")[0] for u in listens.users} == {"rj"}
+
+
+def test_pano_scrobbler_csv_and_jsonl_agree() -> None:
+    jsonl = read_listens(FIX / "pano-scrobbler-scrobbles.jsonl")
+    csv_ = read_listens(FIX / "pano-scrobbler-scrobbles.csv")
+    assert by_session(jsonl) == by_session(csv_) and jsonl.n_plays == 4
+
+
+def test_tidal_day_first_dates_zones_preamble_and_short_streams(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "streaming.csv"
+    path.write_text(
+        "TIDAL streaming history\n"
+        "\n"
+        "artist_name,track_title,entry_date,timezone,stream_duration_ms\n"
+        "Radiohead,Karma Police,31/01/2021 21:15,+01:00,254000\n"
+        "Radiohead,Paranoid Android,31/01/2021 20:20,UTC,254000\n"
+        "Radiohead,Airbag,31/01/2021 20:18,UTC,4200\n"
+        "Björk,Jóga,31/01/2021 20:26,Mars/Olympus_Mons,254000\n",
+        encoding="utf-8",
+    )
+    assert sniff_format(path) == "tidal"
+    with caplog.at_level("WARNING", logger="deepsim"):
+        listens = read_listens(path)
+    assert set(by_session(listens)) == {
+        ("2021-01-31T20:15:00Z", f"radiohead{KEY_SEP}karma police"),
+        ("2021-01-31T20:15:00Z", f"radiohead{KEY_SEP}paranoid android"),
+        ("2021-01-31T20:15:00Z", f"björk{KEY_SEP}jóga"),
+    }  # Airbag played 4 s
+    assert any("Mars/Olympus_Mons" in r.getMessage() for r in caplog.records)
+    oslo = tmp_path / "oslo" / "streaming.csv"
+    oslo.parent.mkdir()
+    oslo.write_text(
+        "artist_name,track_title,entry_date,timezone\n"
+        "Radiohead,Karma Police,31/01/2021 21:15,Europe/Oslo\n",
+        encoding="utf-8",
+    )
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo("Europe/Oslo")
+    except Exception:  # no time-zone database on this machine
+        pytest.skip("no IANA time-zone database")
+    assert by_session(read_listens(oslo)) == {
+        ("2021-01-31T20:15:00Z", f"radiohead{KEY_SEP}karma police"): 1.0
+    }
+
+
+def write_spotify_rows(path: Path, rows: list[object]) -> None:
+    """Rows as Spotify writes them: a JSON array, 4-space indented."""
+    path.write_text(json.dumps(rows, indent=4, ensure_ascii=False), encoding="utf-8")
+
+
+def test_spotify_fast_path_and_stdlib_path_read_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """msgspec (whole file, only the fields read) and the stdlib stream: same plays, same
+    skips, the same messages with the same line numbers."""
+    from deepsim.listening import jsonformats
+
+    pytest.importorskip("msgspec")
+    base = json.loads(
+        (
+            FIX / "Spotify Extended Streaming History" / "Streaming_History_Audio_2021_1.json"
+        ).read_text(encoding="utf-8")
+    )
+    good = next(r for r in base if r["master_metadata_track_name"] and r["ms_played"] > 30_000)
+    rows = [dict(good, ts=f"2021-02-0{d}T1{h}:00:00Z") for d in range(1, 8) for h in range(10)]
+    rows[3] = dict(good, ms_played="lots")  # line of row 3 named in the message
+    rows[5] = dict(good, master_metadata_track_name="   ")
+    rows[7] = dict(good, ts="2021-02-01T10:00:00")  # no zone: UTC
+    rows[9] = dict(good, ts="2021-02-01T11:00:00+01:00")  # an offset
+    rows[11] = dict(good, username="someone_else")
+    folder = tmp_path / "Spotify Extended Streaming History"
+    folder.mkdir()
+    write_spotify_rows(folder / "Streaming_History_Audio_2021_0.json", rows)
+    write_spotify_rows(folder / "Streaming_History_Audio_2021_1.json", base)
+
+    def read() -> tuple[dict, int, list[str]]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="deepsim"):
+            listens = read_listens(folder, max_bad_fraction=0.5)
+        return as_dict(listens), listens.skipped, [r.getMessage() for r in caplog.records]
+
+    whole_calls: list[object] = []
+    real_whole = jsonstream.Rows.whole
+
+    def spy(self: jsonstream.Rows, source: object) -> object:
+        out = real_whole(self, source)
+        whole_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(jsonstream.Rows, "whole", spy)
+    fast = read()
+    assert whole_calls == [True, True]  # both files decoded at once
+    assert fast[1] == 2
+    text = (folder / "Streaming_History_Audio_2021_0.json").read_text(encoding="utf-8")
+    starts = [n for n, line in enumerate(text.splitlines(), 1) if line == "    {"]
+    assert any(f"line {starts[3]}: ms_played is not a number" in m for m in fast[2]), fast[2]
+    assert any(f"line {starts[5]}: no track name" in m for m in fast[2])
+    assert any("2 exact duplicate" in m for m in fast[2])  # 10:00 without a zone, 11:00+01:00
+    assert any("someone_else@" in u for u, _ in fast[0])
+    monkeypatch.setattr(jsonformats._SPOTIFY_ROWS, "_decoder", None)  # as without msgspec
+    assert read() == fast
+    monkeypatch.undo()
+    monkeypatch.setattr(jsonstream, "WHOLE_FILE_MAX", 1000)  # larger files are streamed
+    assert read() == fast
+
+
+def test_spotify_odd_files_fall_back_to_the_stdlib_reader(tmp_path: Path) -> None:
+    """What msgspec refuses (an element that is not an object, NaN) is read by the stdlib
+    path, with its messages; a cp1252 file is decoded as such first."""
+    rows = json.loads((FIX / "endsong_0.json").read_text(encoding="utf-8"))
+    odd = tmp_path / "endsong_1.json"
+    text = json.dumps(rows, indent=4)
+    odd.write_text(text[:-1] + ', 17, {"ts": NaN, "ms_played": 1}\n]', encoding="utf-8")
+    listens = read_listens(odd, max_bad_fraction=0.5)
+    assert as_dict(listens) == as_dict(read_listens(FIX / "endsong_0.json"))
+    assert listens.skipped == 1  # the 17; the NaN row has no track
+    latin = tmp_path / "endsong_2.json"
+    latin.write_bytes(
+        json.dumps(rows, indent=4, ensure_ascii=False)
+        .replace("Jóga", "J\\u00f3ga")
+        .encode()
+        .replace(b"Radiohead", "Radiohead Ö".encode("cp1252"))
+    )
+    artists = {t.artist for t in read_listens(latin).tracks}
+    assert "Radiohead Ö" in artists
 
 
 # --------------------------------------------------------------------------------------------

@@ -305,8 +305,11 @@ class DayCache:
                 try:
                     if month is None:
                         raise ValueError
-                    base = calendar.timegm((int(year.rstrip(",")), month, int(day), 0, 0, 0))
-                    datetime(int(year.rstrip(",")), month, int(day))
+                    base = int(
+                        datetime(
+                            int(year.rstrip(",")), month, int(day), tzinfo=timezone.utc
+                        ).timestamp()
+                    )
                 except ValueError:
                     return parse_time(s)
                 if len(self._days) >= DAY_CACHE_MAX:

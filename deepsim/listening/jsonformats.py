@@ -1,8 +1,11 @@
 """JSON formats: Spotify (Extended Streaming History, Account Data), Last.fm
-``user.getRecentTracks``, ListenBrainz (export and API), Maloja, Koito, Pano Scrobbler."""
+``user.getRecentTracks``, ListenBrainz (export and API), Maloja, Koito, Pano Scrobbler
+(whose file log may also be CSV)."""
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -352,16 +355,34 @@ class MalojaReader(ListenReader):
                 )
 
 
+def _alias(named: Any) -> str | None:
+    """Koito's name of a track, album or artist: its primary alias (else the first)."""
+    aliases = named.get("aliases") if isinstance(named, dict) else None
+    if not isinstance(aliases, list):
+        return None
+    names = [a for a in aliases if isinstance(a, dict) and _text(a.get("alias"))]
+    primary = [a for a in names if a.get("is_primary") is True]
+    return (primary or names)[0]["alias"] if names else None
+
+
+_KOITO_USER = re.compile(r'"user"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
 @register
 class KoitoReader(ListenReader):
-    """Koito export: ``{"listens": [{"listened_at", "track": {...}, "artists": [...]}]}``.
+    """Koito export (``koito_export.json``), as Koito's ``internal/export`` writes it.
 
-    The track's ``title`` and ``mbid``, the primary (else first) artist's
-    ``name``; ``listened_at`` as ISO 8601 or unix seconds.
+    ``{"version": "1", "exported_at", "user", "listens": [...]}``; each listen
+    has ``listened_at`` (RFC 3339, UTC), ``client``, ``track`` (``mbid``,
+    ``duration``, ``aliases``), ``album`` and ``artists`` (``mbid``,
+    ``is_primary``, ``aliases``).  Names are not fields of their own: a
+    track's or artist's name is its primary alias (``aliases[].alias`` with
+    ``is_primary``), as Koito's own importer reads it.  The artist is the
+    primary artist (``is_primary``), else the first; the listener is ``user``.
     """
 
     name = "koito"
-    description = "Koito export (Settings → Export)"
+    description = "Koito export (Settings → Export, koito_export.json)"
 
     def sniff(self, head: Head) -> bool:
         t = head.text
@@ -374,6 +395,13 @@ class KoitoReader(ListenReader):
         )
 
     def read(self, source: Source) -> Iterator[Record]:
+        m = _KOITO_USER.search(source.head_text().split('"listens"', 1)[0])
+        user = None
+        if m:
+            try:
+                user = json.loads(f'"{m.group(1)}"').strip() or None
+            except json.JSONDecodeError:
+                user = None
         with source.open_text() as f:
             for line, obj in jsonstream.iter_array_at(f, source.name, "listens"):
                 if not isinstance(obj, dict):
@@ -381,38 +409,49 @@ class KoitoReader(ListenReader):
                     continue
                 track = obj.get("track")
                 track = track if isinstance(track, dict) else {}
-                artists = obj.get("artists") or track.get("artists")
+                artists = obj.get("artists")
                 artist = None
                 if isinstance(artists, list):
-                    primary = [a for a in artists if isinstance(a, dict) and a.get("is_primary")]
-                    artist = _first_artist(primary or artists)
+                    named = [a for a in artists if isinstance(a, dict) and _alias(a)]
+                    primary = [a for a in named if a.get("is_primary") is True]
+                    artist = _alias((primary or named)[0]) if named else None
                 try:
                     t = parse_time(obj.get("listened_at"))
                 except ValueError as exc:
                     yield Bad(str(exc), line)
                     continue
-                title = _text(track.get("title")) or _text(track.get("name"))
-                yield (None, t, artist, title, mbid_of(track.get("mbid")), line)
+                yield (user, t, artist, _alias(track), mbid_of(track.get("mbid")), line)
 
 
 @register
 class PanoScrobblerReader(ListenReader):
-    """Pano Scrobbler's scrobble log (``Scrobble to file``, JSON lines).
+    """Pano Scrobbler's scrobble log (Settings → *Scrobble to a file*: JSONL or CSV).
 
-    One object a line with ``timeMs`` (unix milliseconds), ``artist``,
-    ``track``, ``album``; lines whose ``event`` is not a scrobble (love,
-    now playing...) are left out.
+    Each entry, as Pano Scrobbler's ``FileScrobblable`` writes it:
+    ``timeHuman`` (a local, human date: not read), ``timeMs`` (unix
+    milliseconds), ``artist``, ``track``, ``album``, ``albumArtist``,
+    ``durationMs``, ``mediaPlayerPackage``/``Name``/``Version`` and
+    ``event`` — ``scrobble``, ``love`` or ``unlove``; only scrobbles are
+    plays.  The CSV file has the same columns, under a header.
     """
 
     name = "pano-scrobbler"
-    description = "Pano Scrobbler JSONL scrobble log"
+    description = "Pano Scrobbler scrobble log (JSONL or CSV file)"
 
     def sniff(self, head: Head) -> bool:
         t = head.text
-        return head.json_start == "{" and '"timeMs"' in t and '"track"' in t
+        if head.json_start == "{":
+            return '"timeMs"' in t and '"track"' in t
+        lines = head.data_lines
+        return bool(lines) and lines[0].startswith(_PANO_CSV_START)
 
     def read(self, source: Source) -> Iterator[Record]:
-        other = Skip("not a scrobble (love, now playing...)")
+        if source.head_text().lstrip().startswith("{"):
+            yield from self._read_jsonl(source)
+        else:
+            yield from self._read_csv(source)
+
+    def _read_jsonl(self, source: Source) -> Iterator[Record]:
         with source.open_text() as f:
             for line, obj in jsonstream.iter_lines(f):
                 if isinstance(obj, Bad):
@@ -421,13 +460,56 @@ class PanoScrobblerReader(ListenReader):
                 if not isinstance(obj, dict):
                     yield Bad(NOT_OBJECT, line)
                     continue
-                event = obj.get("event")
-                if event is not None and str(event).lower() not in ("scrobble", "scrobbled"):
-                    yield other
-                    continue
-                try:
-                    t = parse_time(obj.get("timeMs", obj.get("timestamp")))
-                except ValueError as exc:
-                    yield Bad(str(exc), line)
-                    continue
-                yield (None, t, _text(obj.get("artist")), _text(obj.get("track")), None, line)
+                yield self._entry(
+                    obj.get("event"), obj.get("timeMs"), obj.get("artist"), obj.get("track"), line
+                )
+
+    def _read_csv(self, source: Source) -> Iterator[Record]:
+        with source.open_text() as f:
+            reader = csv.reader(f)
+            cols: dict[str, int] | None = None
+            width, c_event = 3, None
+            try:
+                for row in reader:
+                    if not row or not any(c.strip() for c in row):
+                        continue
+                    if cols is None:
+                        cols = {c.strip(): i for i, c in enumerate(row)}
+                        missing = [c for c in ("timeMs", "artist", "track") if c not in cols]
+                        if missing:
+                            raise ListeningDataError(
+                                source.name,
+                                reader.line_num,
+                                f"header has no column for {', '.join(missing)}",
+                            )
+                        width = max(cols["timeMs"], cols["artist"], cols["track"]) + 1
+                        c_event = cols.get("event")
+                        continue
+                    if len(row) < width:
+                        yield Bad(
+                            f"expected at least {width} columns, got {len(row)}", reader.line_num
+                        )
+                        continue
+                    event = row[c_event] if c_event is not None and c_event < len(row) else None
+                    ms = row[cols["timeMs"]].strip()
+                    yield self._entry(
+                        event or None,
+                        int(ms) if ms.isdigit() else ms,
+                        row[cols["artist"]],
+                        row[cols["track"]],
+                        reader.line_num,
+                    )
+            except csv.Error as exc:
+                yield Bad(f"bad CSV: {exc}", reader.line_num)
+
+    _other = Skip("not a scrobble (love, unlove)")
+
+    def _entry(self, event: Any, ms: Any, artist: Any, track: Any, line: int) -> Record:
+        if event is not None and str(event).lower() != "scrobble":
+            return self._other
+        if ms.__class__ is not int:
+            return Bad(f"timeMs {ms!r} is not unix milliseconds", line)
+        return (None, ms / 1000.0, _text(artist), _text(track), None, line)
+
+
+_PANO_CSV_START = "timeHuman,timeMs,artist,track"

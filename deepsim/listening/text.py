@@ -6,11 +6,16 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from deepsim.errors import ListeningDataError
 from deepsim.listening.base import Count, Head, ListenReader, Record, Skip, is_comment, register
 from deepsim.listening.core import HOUR_MINUTE, Bad, DayCache, mbid_of, parse_time
 from deepsim.listening.sources import Source
+from deepsim.util import get_logger
+
+log = get_logger(__name__)
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIME_RE = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?$")
@@ -363,12 +368,15 @@ _TIDAL_COLUMNS = {
     "track": ("track_title", "track_name", "title", "track"),
     "time": ("entry_date", "stream_start", "timestamp", "played_at", "date"),
     "ms": ("stream_duration_ms", "duration_ms", "ms_played", "stream_duration"),
-    "isrc": ("isrc",),
+    "zone": ("timezone", "time_zone", "tz"),
 }
+_TIDAL_NAMES = frozenset({"artist_name", "track_title", "entry_date"})
+_DMY_RE = re.compile(r"^(\d{1,2})/(\d{1,2})/(\d{4})[ T](\d{1,2}):(\d{2})(?::(\d{2}))?$")
+_OFFSET_RE = re.compile(r"^(?:UTC|GMT)?\s*([+-])(\d{1,2})(?::?(\d{2}))?$", re.I)
 
 
 def _tidal_header(row: list[str]) -> dict[str, int] | None:
-    names = [c.strip().lower() for c in row]
+    names = [c.strip().strip('"').lower() for c in row]
     cols: dict[str, int] = {}
     for role, aliases in _TIDAL_COLUMNS.items():
         for alias in aliases:
@@ -378,39 +386,64 @@ def _tidal_header(row: list[str]) -> dict[str, int] | None:
     return cols if {"artist", "track", "time"} <= set(cols) else None
 
 
+def _zone(value: str) -> tzinfo | None:
+    """A time zone column's value: an IANA name or a UTC offset; ``None`` if neither."""
+    value = value.strip()
+    if not value:
+        return None
+    m = _OFFSET_RE.match(value)
+    if m:
+        sign = -1 if m.group(1) == "-" else 1
+        return timezone(sign * timedelta(hours=int(m.group(2)), minutes=int(m.group(3) or 0)))
+    if value.upper() in ("UTC", "GMT", "Z"):
+        return timezone.utc
+    try:
+        return ZoneInfo(value)
+    except (ValueError, ZoneInfoNotFoundError):
+        return None
+
+
 @register
 class TidalReader(ListenReader):
-    """TIDAL's data export ``streaming.csv`` (one row per stream, with its duration)."""
+    """TIDAL's data export ``streaming.csv`` (one row per stream).
+
+    Read by column name: ``artist_name``, ``track_title``, ``entry_date``
+    (``31/01/2021 20:15``, day first, as ListenBrainz's TIDAL importer reads
+    it; ISO 8601 too), in the zone a ``timezone`` column names (an IANA name
+    or an offset; UTC without one); lines before the header are skipped.  A
+    duration column (``stream_duration_ms``...), where there is one, leaves
+    out streams under 30 s.
+    """
 
     name = "tidal"
     description = "TIDAL data export (streaming.csv)"
     min_ms = 30_000
 
     def sniff(self, head: Head) -> bool:
-        lines = head.data_lines
-        if head.json_start or not lines:
+        if head.json_start:
             return False
-        row = next(csv.reader([lines[0]]), [])
-        names = {c.strip().lower() for c in row}
-        return _tidal_header(row) is not None and (
-            head.name.lower() == "streaming.csv" or bool({"track_title", "entry_date"} & names)
-        )
+        for line in head.data_lines[:20]:
+            row = next(csv.reader([line]), [])
+            names = {c.strip().strip('"').lower() for c in row}
+            if _tidal_header(row) is not None and (
+                head.name.lower() == "streaming.csv" or names >= _TIDAL_NAMES
+            ):
+                return True
+        return False
 
     def read(self, source: Source) -> Iterator[Record]:
         cols: dict[str, int] | None = None
         scale = 1.0
         short = Skip("played under 30 s")
+        zones: dict[str, tzinfo | None] = {}
+        warned = False
         for lineno, row in _csv_rows(source):
             if isinstance(row, Bad):
                 yield row
                 continue
-            if cols is None:
+            if cols is None:  # lines before the header are skipped
                 cols = _tidal_header(row)
-                if cols is None:
-                    raise ListeningDataError(
-                        source.name, lineno, "no header naming artist_name, track_title, entry_date"
-                    )
-                if "ms" in cols and "ms" not in row[cols["ms"]].strip().lower():
+                if cols is not None and "ms" in cols and "ms" not in row[cols["ms"]].lower():
                     scale = 1000.0  # a duration in seconds
                 continue
             if len(row) <= max(cols.values()):
@@ -425,12 +458,37 @@ class TidalReader(ListenReader):
                 if ms < self.min_ms:
                     yield short
                     continue
+            zone: tzinfo | None = None
+            if "zone" in cols:
+                name = row[cols["zone"]]
+                if name not in zones:
+                    zones[name] = _zone(name)
+                    if zones[name] is None and name.strip() and not warned:
+                        warned = True
+                        log.warning(
+                            "%s: time zone %r not understood; reading its times as UTC",
+                            source.name,
+                            name,
+                        )
+                zone = zones[name]
+            when = row[cols["time"]].strip()
             try:
-                t = parse_time(row[cols["time"]])
-            except ValueError as exc:
-                yield Bad(str(exc), lineno)
+                m = _DMY_RE.match(when)
+                if m:
+                    d, mo, y, h, mi, sec = (int(x or 0) for x in m.groups())
+                    t = datetime(y, mo, d, h, mi, sec, tzinfo=zone or timezone.utc).timestamp()
+                elif zone is not None and "T" not in when and "+" not in when:
+                    t = datetime.fromisoformat(when).replace(tzinfo=zone).timestamp()
+                else:
+                    t = parse_time(when)
+            except ValueError:
+                yield Bad(f"not a time: {when!r}", lineno)
                 continue
             yield (None, t, row[cols["artist"]], row[cols["track"]], None, lineno)
+        if cols is None:
+            raise ListeningDataError(
+                source.name, None, "no header naming artist_name, track_title, entry_date"
+            )
 
 
 @register
