@@ -5,22 +5,34 @@ Writes ``--plays`` plays (default 10 million) as
 - one Last.fm CSV export as lastfm-to-csv writes it (``artist,album,track,date``,
   newest first, no header, dates like ``31 Jan 2021 20:15``), with its first
   page of 200 rows downloaded twice (the duplicates must count once);
-- a Spotify Extended Streaming History folder of the same number of rows, in
-  files of 16,000 rows (``Streaming_History_Audio_<year>_<n>.json``, 4-space
-  indented, every field Spotify writes) — 5 % of them podcast episodes and
-  10 % plays under 30 s, which the reader leaves out;
+- a Spotify Extended Streaming History folder of the same number of rows,
+  shaped like the real export: files of 16,000 rows, about 14 MB each
+  (``Streaming_History_Audio_<years>_<n>.json``, 4-space indented, every
+  field Spotify writes, rows of a file shuffled), the read-me PDF beside
+  them — 5 % of the rows podcast episodes and 10 % plays under 30 s, which
+  the reader leaves out;
 
-then reads each with :func:`deepsim.listening.read_listens` in a fresh
-process and prints plays/s, peak RSS of that process, and — since machines
-are shared and noisy — the ratio to a baseline measured in the same run on
+then reads each with :func:`deepsim.listening.read_listens` — the code path
+of ``beet deepsim-train --listens`` — in a fresh process and prints rows/s
+(rows of the files, whether kept or left out) by wall clock and by the
+process's CPU time, and its peak RSS.  Since machines are shared and noisy,
+each figure comes with the ratio to a baseline run in the same session on
 the same files: ``csv.reader`` over the CSV (no parsing of fields) and
-``json.load`` of each Spotify file (no looking at fields).  Last, it times
-the duplicate removal and sessioning of 10 million plays alone.
+``json.load`` of each Spotify file (no looking at fields).  With
+``--compare-stdlib`` the Spotify folder is also read as without msgspec (the
+stdlib streaming path).  Last, it times the duplicate removal and
+sessioning of the same number of plays alone.
 
 Run::
 
     .venv/bin/python benchmarks/bench_listening.py                  # 10M plays each
     .venv/bin/python benchmarks/bench_listening.py --plays 1000000  # quicker
+
+On a shared machine, write the files first and hold the timing lock only
+while reading them (files already in ``--dir`` are reused)::
+
+    python benchmarks/bench_listening.py --dir /tmp/bl --write-only
+    flock /work/notes/timing.lock python benchmarks/bench_listening.py --dir /tmp/bl
 """
 
 from __future__ import annotations
@@ -170,50 +182,75 @@ def write_spotify(folder: Path, n: int) -> None:
     cat = catalogue()
     times, songs = play_times(n, 3)
     kinds = np.random.default_rng(4).random(n)
+    shuffle = random.Random(7).shuffle
     for part, lo in enumerate(range(0, n, ROWS_PER_SPOTIFY_FILE)):
         hi = min(n, lo + ROWS_PER_SPOTIFY_FILE)
         rows = [
             spotify_row(*cat[songs[i] % len(cat)], int(times[i]), float(kinds[i]))
             for i in range(lo, hi)
         ]
-        year = datetime.fromtimestamp(int(times[lo]), timezone.utc).year
-        name = folder / f"Streaming_History_Audio_{year}_{part}.json"
+        shuffle(rows)  # Spotify's files are not in time order
+        y0, y1 = (datetime.fromtimestamp(int(times[i]), timezone.utc).year for i in (lo, hi - 1))
+        years = f"{y0}" if y0 == y1 else f"{y0}-{y1}"
+        name = folder / f"Streaming_History_Audio_{years}_{part}.json"
         name.write_text("[\n" + ",\n".join(rows) + "\n]", encoding="utf-8")
+    (folder / "ReadMeFirst_ExtendedStreamingHistory.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")
 
 
-def _read(path: str, q: mp.Queue) -> None:
-    from deepsim.listening import read_listens
+def _read(path: str, stdlib: bool, q: mp.Queue) -> None:
+    from deepsim.listening import jsonformats, jsonstream, read_listens
 
-    t = time.perf_counter()
+    if stdlib:  # as without msgspec: every file through the stdlib streaming path
+        jsonformats._SPOTIFY_ROWS._decoder = None
+    t, c = time.perf_counter(), time.process_time()
     listens = read_listens(path)
-    dt = time.perf_counter() - t
-    q.put(
-        (dt, listens.n_plays, listens.n_users, listens.n_tracks, listens.duplicates, peak_rss_mib())
-    )
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    fast = jsonstream.msgspec is not None and not stdlib
+    kept = (listens.n_plays, listens.duplicates, listens.n_users, listens.n_tracks)
+    q.put((dt, dc, kept, peak_rss_mib(), fast))
 
 
-def _baseline(path: str, q: mp.Queue) -> None:
-    t = time.perf_counter()
+def _baseline(path: str, stdlib: bool, q: mp.Queue) -> None:
+    t, c = time.perf_counter(), time.process_time()
     p = Path(path)
     if p.is_dir():
-        for f in sorted(p.iterdir()):
+        for f in sorted(p.glob("*.json")):
             with open(f, encoding="utf-8") as fh:
                 json.load(fh)
     else:
         with open(p, encoding="utf-8", newline="") as fh:
             for _ in csv.reader(fh):
                 pass
-    q.put((time.perf_counter() - t, peak_rss_mib()))
+    q.put((time.perf_counter() - t, time.process_time() - c, peak_rss_mib()))
 
 
-def in_child(target, path: Path) -> tuple:
+def in_child(target, path: Path, stdlib: bool = False) -> tuple:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=target, args=(str(path), q))
+    proc = ctx.Process(target=target, args=(str(path), stdlib, q))
     proc.start()
     out = q.get()
     proc.join()
     return out
+
+
+def report(name: str, rows: int, base: tuple, read: tuple, what: str) -> None:
+    """One reading's figures, each with its ratio to the baseline of the same run."""
+    base_s, base_cpu, _ = base
+    dt, dc, (plays, duplicates, sessions, tracks), rss, fast = read
+    print(
+        f"  {name}: {dt:.1f} s wall, {dc:.1f} s CPU -> {rows / dt:,.0f} rows/s "
+        f"({rows / dc:,.0f} rows/s of CPU); peak RSS {rss:.0f} MiB"
+        + ("  [JSON by msgspec]" if fast and what == "json.load" else "")
+    )
+    print(
+        f"    kept {plays:,} plays ({duplicates:,} duplicates counted once), "
+        f"{sessions:,} sessions, {tracks:,} tracks"
+    )
+    print(
+        f"    = {base_s / dt:.2f}x the speed of {what} alone by wall clock, "
+        f"{base_cpu / dc:.2f}x by CPU time"
+    )
 
 
 def bench_build(n: int) -> None:
@@ -254,8 +291,20 @@ def bench_build(n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--plays", type=int, default=10_000_000)
-    ap.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
+    ap.add_argument(
+        "--dir",
+        default=None,
+        help="where the files go, kept and reused by later runs (default: a temp dir, removed)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument(
+        "--write-only", action="store_true", help="write the files into --dir (kept), time nothing"
+    )
+    ap.add_argument(
+        "--compare-stdlib",
+        action="store_true",
+        help="also read the Spotify folder through the stdlib path (as without msgspec)",
+    )
     ap.add_argument(
         "--only",
         choices=("lastfm-csv", "spotify-extended", "build"),
@@ -265,7 +314,14 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench_listening_"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+        f"(1 min), {os.getloadavg()[2]:.1f} (15 min); {args.plays:,} rows a format"
+    )
+    print(
+        "each reading runs in a fresh process; rows/s counts every row of the files; "
+        "'x the speed of' compares with the bare parser on the same files, same run"
+    )
     try:
         parts = args.only or ["lastfm-csv", "spotify-extended", "build"]
         for name, write in (
@@ -278,33 +334,42 @@ def main() -> None:
                 "scrobbles.csv" if name == "lastfm-csv" else "Spotify Extended Streaming History"
             )
             t = time.perf_counter()
-            write(path)
-            size = (
-                sum(f.stat().st_size for f in path.iterdir())
-                if path.is_dir()
-                else path.stat().st_size
-            )
+            done = path.parent / (path.name + f".{args.plays}.done")
+            reused = done.exists()
+            if not reused:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                write(path)
+                done.touch()
+            files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+            size = sum(f.stat().st_size for f in files)
             print(
-                f"{name}: wrote {args.plays:,} rows, {size / 2**20:,.0f} MiB "
-                f"in {time.perf_counter() - t:.0f} s"
+                f"{name}: {'reused' if reused else 'wrote'} {args.plays:,} rows in "
+                f"{len(files):,} file(s), {size / 2**20:,.0f} MiB "
+                f"({size / len(files) / 2**20:.1f} MiB a file)"
+                + ("" if reused else f" in {time.perf_counter() - t:.0f} s")
             )
-            base_s, base_rss = in_child(_baseline, path)
-            dt, plays, users, tracks, dups, rss = in_child(_read, path)
+            if args.write_only:
+                continue
             what = "csv.reader" if name == "lastfm-csv" else "json.load"
+            base = in_child(_baseline, path)
             print(
-                f"  read_listens: {dt:.1f} s, {args.plays / dt:,.0f} rows/s "
-                f"({plays:,} plays kept, {dups:,} duplicates, {users:,} sessions, "
-                f"{tracks:,} tracks); "
-                f"peak RSS {rss:.0f} MiB"
+                f"  baseline, {what} alone: {base[0]:.1f} s wall, {base[1]:.1f} s CPU -> "
+                f"{args.plays / base[0]:,.0f} rows/s; peak RSS {base[2]:.0f} MiB"
             )
-            print(
-                f"  baseline {what} alone: {base_s:.1f} s, {args.plays / base_s:,.0f} rows/s, "
-                f"peak RSS {base_rss:.0f} MiB; read_listens takes {dt / base_s:.2f}× the baseline"
-            )
-            if not args.keep:
+            report("read_listens", args.plays, base, in_child(_read, path), what)
+            if name == "spotify-extended" and args.compare_stdlib:
+                report(
+                    "read_listens, stdlib JSON (as without msgspec)",
+                    args.plays,
+                    base,
+                    in_child(_read, path, True),
+                    what,
+                )
+            if not args.keep and not args.dir:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if "build" in parts:
+        if "build" in parts and not args.write_only:
             bench_build(args.plays)
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(root, ignore_errors=True)

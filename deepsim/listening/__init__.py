@@ -24,8 +24,8 @@ Formats (``format=`` / ``beet deepsim-train --listens-format``):
 ``listenbrainz``       ListenBrainz export zip / JSON lines dumps / a JSON array
 ``listenbrainz-api``   a saved ListenBrainz API response (``payload.listens``)
 ``maloja``             Maloja export JSON
-``koito``              Koito export JSON
-``pano-scrobbler``     Pano Scrobbler JSONL scrobble log
+``koito``              Koito export JSON (``koito_export.json``)
+``pano-scrobbler``     Pano Scrobbler's file scrobble log (JSONL or CSV)
 ``scrobbler-log``      Rockbox / Audioscrobbler ``.scrobbler.log``
 ``tidal``              TIDAL data export ``streaming.csv``
 ``taste-profile``      MSD Echo Nest Taste Profile triplets (with ``song_table=``)

@@ -170,13 +170,17 @@ class Listens:
         check_float("min_user_plays", min_user_plays, low=0, low_open=True)
         check_float("min_track_plays", min_track_plays, low=0, low_open=True)
         counts = self.counts
+        # each step copies the matrix only when it drops something (memory at scale)
         keep_u = np.flatnonzero(np.asarray(counts.sum(axis=1)).ravel() >= min_user_plays)
-        counts = counts[keep_u]
+        if len(keep_u) < counts.shape[0]:
+            counts = counts[keep_u]
         track_sums = np.asarray(counts.sum(axis=0)).ravel()
         keep_t = np.flatnonzero(track_sums >= min_track_plays)
-        counts = counts[:, keep_t]
+        if len(keep_t) < counts.shape[1]:
+            counts = counts[:, keep_t]
         keep_u2 = np.flatnonzero(np.diff(counts.indptr) > 0)
-        counts = counts[keep_u2]
+        if len(keep_u2) < counts.shape[0]:
+            counts = counts[keep_u2]
         users = [self.users[i] for i in keep_u[keep_u2]]
         tracks = [self.tracks[j] for j in keep_t]
         return Listens(counts.tocsr(), users, tracks, self.skipped, self.duplicates)
@@ -353,6 +357,9 @@ class DayCache:
 # Accumulation
 
 
+_CHUNK = 1 << 20
+
+
 class Builder:
     """Gathers plays (user, track, time) and counts (user, track, n) into a :class:`Listens`."""
 
@@ -450,14 +457,16 @@ class Builder:
             new = np.ones(n, dtype=bool)
             new[1:] = ~same_user
             del same_user
-            new[1:] |= np.diff(ts) > session_gap
+            for lo in range(0, n - 1, _CHUNK):  # gaps in chunks: no float array of n
+                hi = min(n - 1, lo + _CHUNK)
+                new[lo + 1 : hi + 1] |= (ts[lo + 1 : hi + 1] - ts[lo:hi]) > session_gap
             starts = np.flatnonzero(new)
+            first_read = np.minimum.reduceat(order, starts)
+            del order
             sid = np.cumsum(new, dtype=np.int32)
             sid -= 1
             del new
             sizes = np.add.reduceat(keep.view(np.uint8), starts, dtype=np.int64)
-            first_read = np.minimum.reduceat(order, starts)
-            del order
             kept = np.flatnonzero(sizes >= min_user_plays)
             kept = kept[np.argsort(first_read[kept], kind="stable")]
             base = len(count_users)
