@@ -80,7 +80,7 @@ SEARCH_FRACTION = 0.5
 REBUILD_SHARE = 0.05
 
 #: Version of the sidecar layout; a sidecar of another version is stale.
-SIDECAR_FORMAT = 2
+SIDECAR_FORMAT = 3
 
 #: Annoy ids are signed 32-bit integers.
 MAX_ANNOY_ID = 2**31 - 1
@@ -431,6 +431,14 @@ class AnnoyIndex(VectorIndex):
         self._max_id = int(ids_arr.max()) if ids_arr.size else -1
         return self
 
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The indexed (unit) vectors of ``ids``, which must be in the index."""
+        annoy_index = self._require()
+        out = np.zeros((len(ids), self._dim), np.float32)
+        for row, item_id in enumerate(np.asarray(ids, np.int64).tolist()):
+            out[row] = annoy_index.get_item_vector(item_id)
+        return out
+
     def _require(self) -> Any:
         if self._annoy is None:
             raise AnnIndexError("the Annoy index is empty: build or load it first")
@@ -562,8 +570,9 @@ def index_paths(
 
 
 def _aux_path(directory: str | os.PathLike[str], model_id: str, kind: str) -> Path:
-    """``rows`` (the built vectors' item and row ids), ``delta`` (changes since) or ``lock``."""
-    suffix = {"rows": ".rows.npy", "delta": ".delta.npz", "lock": ".lock"}[kind]
+    """``ids`` (the built vectors' item ids, ascending), ``delta`` (changes since) or ``lock``
+    (``rows``: the file of sidecar format 2, removed with the index)."""
+    suffix = {"ids": ".ids.npy", "rows": ".rows.npy", "delta": ".delta.npz", "lock": ".lock"}[kind]
     return Path(os.fspath(directory)) / f"index-{_safe_name(model_id)}{suffix}"
 
 
@@ -577,7 +586,8 @@ class Sidecar:
     small-library threshold, so kept there.  ``delta_count``/``dropped_count``
     and ``delta_digest`` describe the delta file: vectors written since the
     build (searched exactly beside the index) and built ids no longer current.
-    ``fingerprint`` is the store's state the index *with its delta* describes.
+    ``fingerprint`` is the store's state the index *with its delta* describes
+    (:attr:`deepsim.store.ChangeState.text`: the change log's epoch and position).
     """
 
     model_id: str
@@ -729,13 +739,12 @@ def save_index(
     max_id: int | None = None,
     build_seconds: float = 0.0,
     pinned: bool = False,
-    rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    base_ids: np.ndarray | None = None,
 ) -> Path:
     """Save ``index`` and its sidecar under ``directory`` (created if missing).
 
-    ``rows`` (row ids and item ids of every stored vector row, see
-    :func:`deepsim.store.vector_rows`, and which are the indexed vectors) lets
-    :func:`refresh_index` find what changed later.  Any delta of an earlier
+    ``base_ids`` (the indexed item ids) lets :func:`refresh_index` tell later
+    which changed items the index holds.  Any delta of an earlier
     build is removed.  The index file is written first and the sidecar last,
     all atomically, so a reader sees either the old pair, or a new file with
     an old sidecar (reported ``corrupt`` by :func:`load_index`), never a
@@ -749,18 +758,19 @@ def save_index(
     except OSError as exc:
         raise AnnIndexError(f"{directory}: cannot create index directory ({exc})") from exc
     path, sidecar_path = index_paths(directory, model_id, backend=index.backend)
-    rows_path = _aux_path(directory, model_id, "rows")
+    ids_path = _aux_path(directory, model_id, "ids")
     try:
         index.save(path)
-        if rows is not None:
+        if base_ids is not None:
             buffer = io.BytesIO()
-            np.save(buffer, np.stack([np.asarray(r, np.int64) for r in rows]), allow_pickle=False)
-            _atomic_write_bytes(rows_path, buffer.getvalue())
+            np.save(buffer, np.sort(np.asarray(base_ids, np.int64)), allow_pickle=False)
+            _atomic_write_bytes(ids_path, buffer.getvalue())
         else:
             with contextlib.suppress(FileNotFoundError):
-                rows_path.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            _aux_path(directory, model_id, "delta").unlink()
+                ids_path.unlink()
+        for kind in ("delta", "rows"):
+            with contextlib.suppress(FileNotFoundError):
+                _aux_path(directory, model_id, kind).unlink()
         stat = os.stat(path)
         annoy_index = index._annoy if isinstance(index, AnnoyIndex) else None
         if max_id is None:
@@ -795,7 +805,6 @@ def _save_delta(
     *,
     fingerprint: str,
     ids: np.ndarray,
-    rowids: np.ndarray,
     matrix: np.ndarray,
     dropped: np.ndarray,
 ) -> None:
@@ -806,7 +815,6 @@ def _save_delta(
     np.savez(
         buffer,
         ids=ids.astype(np.int64),
-        rowids=rowids.astype(np.int64),
         matrix=matrix.astype(np.float32).reshape(len(ids), sidecar.dim),
         dropped=dropped.astype(np.int64),
     )
@@ -836,7 +844,7 @@ def _read_delta(directory: Path, sidecar: Sidecar) -> dict[str, np.ndarray]:
         raise AnnIndexError(f"{delta_path}: content does not match its sidecar")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            delta = {key: npz[key] for key in ("ids", "rowids", "matrix", "dropped")}
+            delta = {key: npz[key] for key in ("ids", "matrix", "dropped")}
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise AnnIndexError(f"{delta_path}: unreadable delta ({exc})") from exc
     if delta["ids"].shape != (sidecar.delta_count,) or delta["dropped"].shape != (
@@ -850,7 +858,7 @@ def remove_index(directory: str | os.PathLike[str], model_id: str) -> bool:
     """Delete ``model_id``'s saved index, sidecar and delta (any backend); True if any existed."""
     removed = False
     paths = [p for backend in BACKENDS for p in index_paths(directory, model_id, backend=backend)]
-    paths += [_aux_path(directory, model_id, kind) for kind in ("rows", "delta")]
+    paths += [_aux_path(directory, model_id, kind) for kind in ("ids", "rows", "delta")]
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -1091,23 +1099,25 @@ def refresh_index(
 
     The decision, under :func:`index_lock`:
 
-    * fresh (sidecar, file and store fingerprint agree, same ``n_trees``):
-      nothing to do;
-    * vectors added, rewritten or removed since the build, together at most
-      ``rebuild_share`` of the index: the changed vectors (found by comparing
-      the store's item/row id pairs with those recorded at the build) are
-      written to a small delta file searched exactly beside the index, and
-      the rewritten or removed ids are filtered out of it — cost in
-      proportion to the change, not the library;
-    * missing, damaged, built for another ``n_trees`` or more changes than
-      that: rebuilt from every vector;
+    * fresh (sidecar and file agree, the store's change log has not moved
+      since, same ``n_trees``): nothing to do;
+    * vectors added, rewritten or removed since, together at most
+      ``rebuild_share`` of the index: the items the store's change log lists
+      after the index's position (:func:`deepsim.store.changed_since`) are
+      read, those whose vector is not the indexed one go to a small delta
+      file searched exactly beside the index, and indexed ids rewritten or
+      removed are filtered out of it — cost in proportion to the change, not
+      the library (no full-table read);
+    * missing, damaged, built for another ``n_trees``, a log that cannot
+      say (another epoch, trimmed past the index, a read-only database) or
+      more changes than that: rebuilt from every vector;
     * fewer than ``exact_below`` vectors: no index is kept (exact search is
       as fast) and an old one is removed — unless it was built on request
       (``force``), which is then kept up to date like any other.
 
-    The fingerprint is taken before anything is read, so a vector written
-    meanwhile makes the result stale, never silently incomplete.  Every file
-    is replaced atomically, the sidecar last.
+    The log's position is taken before anything is read, so a vector written
+    meanwhile is read again next time, never missed.  Every file is replaced
+    atomically, the sidecar last; a rebuild trims the log up to its position.
 
     Parameters
     ----------
@@ -1133,12 +1143,12 @@ def refresh_index(
     """
     started = time.perf_counter()
     with index_lock(index_dir, model_id):
-        current = store.fingerprint(lib, model_id)
+        state = store.change_state(lib)
         check = load_index(index_dir, model_id=model_id, fingerprint=None)
         sidecar = check.sidecar if check.fresh else None
         if sidecar is not None and (force or sidecar.n_trees != n_trees):
             sidecar = None
-        if sidecar is not None and sidecar.fingerprint == current:
+        if sidecar is not None and sidecar.fingerprint == state.text:
             if sidecar.live_count < exact_below and not sidecar.pinned:
                 remove_index(index_dir, model_id)
                 return RefreshResult(
@@ -1150,29 +1160,18 @@ def refresh_index(
             return RefreshResult(
                 "fresh", sidecar.live_count, time.perf_counter() - started, check.reason
             )
-        if sidecar is not None:
-            updated = _update(lib, index_dir, sidecar, current, rebuild_share)
+        base = check.index.base if isinstance(check.index, UpdatedIndex) else check.index
+        if sidecar is not None and isinstance(base, AnnoyIndex):
+            updated = _update(lib, Path(os.fspath(index_dir)), sidecar, base, state, rebuild_share)
             if (
                 updated is not None
                 and updated.count > 0
                 and (updated.count >= exact_below or sidecar.pinned)
             ):
                 return dataclasses.replace(updated, seconds=time.perf_counter() - started)
-        ids, rowids = store.vector_row_ids(lib, model_id)
-        if ids.size == 0:
-            remove_index(index_dir, model_id)
-            return RefreshResult("empty", 0, time.perf_counter() - started, "no vectors")
         pinned = force or (sidecar is not None and sidecar.pinned)
-        if ids.size < exact_below and not pinned:
-            remove_index(index_dir, model_id)
-            return RefreshResult(
-                "small",
-                int(ids.size),
-                time.perf_counter() - started,
-                f"{ids.size} vectors, below {exact_below}: exact search",
-            )
         return _rebuild(
-            lib, index_dir, model_id, current, ids, rowids, n_trees, n_jobs, pinned, started
+            lib, index_dir, model_id, state, n_trees, n_jobs, pinned, exact_below, started
         )
 
 
@@ -1186,79 +1185,76 @@ def _member(values: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
 
 def _update(
     lib: Library,
-    index_dir: str | os.PathLike[str],
+    directory: Path,
     sidecar: Sidecar,
-    current: str,
+    base: AnnoyIndex,
+    state: store.ChangeState,
     rebuild_share: float,
 ) -> RefreshResult | None:
     """Record the changes since the build beside the index; None when a rebuild is due.
 
-    The rows file lists every vector row (any model) at the build with its row
-    id, and which were indexed.  A row id not listed is a vector written since
-    (read if it is of this model); an indexed row id gone is a vector
-    rewritten or an item removed.  Only the store's row ids are read in full
-    (one aggregate, no join), vectors only for what changed.
+    Only the items the change log lists after the sidecar's position are
+    read.  Each is then answered from the delta (its vector now is not the
+    one in the Annoy index: new, rewritten, or changed back), from the index
+    (the same vector, e.g. only another model's slot was written), or not at
+    all (no vector of the model any more).
     """
-    directory = Path(os.fspath(index_dir))
+    old = store.ChangeState.parse(sidecar.fingerprint)
+    if (
+        old is None
+        or not state.logged
+        or old.epoch != state.epoch
+        or not state.floor <= old.seq <= state.seq
+    ):
+        return None
     try:
-        recorded = np.load(_aux_path(directory, sidecar.model_id, "rows"), allow_pickle=False)
+        base_ids = np.load(_aux_path(directory, sidecar.model_id, "ids"), allow_pickle=False)
         has_delta = bool(sidecar.delta_count or sidecar.dropped_count)
-        old = _read_delta(directory, sidecar) if has_delta else None
+        delta = _read_delta(directory, sidecar) if has_delta else None
     except (OSError, ValueError, AnnIndexError):
         return None
-    if recorded.ndim != 2 or recorded.shape[0] != 3:
+    if base_ids.shape != (sidecar.count,):
         return None
-    rec_rows, rec_ids, rec_ours = recorded[0], recorded[1], recorded[2].astype(bool)
-    if int(rec_ours.sum()) != sidecar.count:
+    limit = int(rebuild_share * sidecar.count)
+    changed = store.changed_since(lib, old.seq, limit=limit)
+    if changed is None:
         return None
-    cur_ids, cur_rows = store.vector_rows(lib)
-    fresh_rows = ~_member(cur_rows, np.sort(rec_rows))
-    # Each entity with rows written since, and its latest such row id (its version).
-    order = np.lexsort((cur_rows[fresh_rows], cur_ids[fresh_rows]))
-    cand_ids, cand_rows = cur_ids[fresh_rows][order], cur_rows[fresh_rows][order]
-    last = np.r_[cand_ids[1:] != cand_ids[:-1], True] if cand_ids.size else np.zeros(0, bool)
-    cand_ids, cand_rows = cand_ids[last], cand_rows[last]
-    ours_rows, ours_ids = rec_rows[rec_ours], rec_ids[rec_ours]
-    dropped = np.unique(ours_ids[~_member(ours_rows, np.sort(cur_rows))])
-    if cand_ids.size + dropped.size > rebuild_share * sidecar.count:
+    if delta is None:
+        delta = {
+            "ids": np.zeros(0, np.int64),
+            "matrix": np.zeros((0, sidecar.dim), np.float32),
+            "dropped": np.zeros(0, np.int64),
+        }
+    # What the delta said of the items that did not change since still holds.
+    keep = ~_member(delta["ids"], changed)
+    d_ids, d_matrix = delta["ids"][keep], delta["matrix"][keep]
+    dropped = delta["dropped"][~_member(delta["dropped"], changed)]
+    cur_ids, cur = _read_some_vectors(lib, sidecar.model_id, changed, sidecar.dim)
+    in_base = _member(cur_ids, base_ids)
+    same = np.zeros(cur_ids.size, bool)
+    if in_base.any():
+        indexed = base.vectors(cur_ids[in_base])
+        same[in_base] = np.abs(indexed - cur[in_base]).max(axis=1) <= 1e-5
+    gone = changed[~_member(changed, cur_ids[same])]
+    dropped = np.union1d(dropped, gone[_member(gone, base_ids)])
+    d_ids = np.concatenate([d_ids, cur_ids[~same]])
+    d_matrix = np.concatenate([d_matrix, cur[~same]])
+    order = np.argsort(d_ids)
+    d_ids, d_matrix = d_ids[order], d_matrix[order]
+    if d_ids.size + dropped.size > limit:
         return None
-    matrix = np.zeros((cand_ids.size, sidecar.dim), np.float32)
-    have = np.zeros(cand_ids.size, bool)
-    if old is not None and old["ids"].size:
-        # Reuse what the last update read, where the entity has not changed since.
-        o = np.argsort(old["ids"])
-        o_ids, o_rows, o_matrix = old["ids"][o], old["rowids"][o], old["matrix"][o]
-        pos = np.minimum(np.searchsorted(o_ids, cand_ids), o_ids.size - 1)
-        have = (o_ids[pos] == cand_ids) & (o_rows[pos] == cand_rows)
-        matrix[have] = o_matrix[pos[have]]
-    got_ids, got = _read_some_vectors(lib, sidecar.model_id, cand_ids[~have], sidecar.dim)
-    keep = have.copy()
-    if got_ids.size:
-        pos = np.searchsorted(cand_ids, got_ids)
-        matrix[pos] = got
-        keep[pos] = True
-    # Entities whose new rows are of another model (or unreadable) are not searched.
-    new_ids, new_rows, matrix = cand_ids[keep], cand_rows[keep], matrix[keep]
-    # An indexed entity with a newer vector is answered from the delta only.
-    dropped = np.union1d(dropped, new_ids[_member(new_ids, np.sort(ours_ids))])
     _save_delta(
-        directory,
-        sidecar,
-        fingerprint=current,
-        ids=new_ids,
-        rowids=new_rows,
-        matrix=matrix,
-        dropped=dropped,
+        directory, sidecar, fingerprint=state.text, ids=d_ids, matrix=d_matrix, dropped=dropped
     )
     path, _ = index_paths(directory, sidecar.model_id)
     return RefreshResult(
         "updated",
-        sidecar.count - int(dropped.size) + int(new_ids.size),
+        sidecar.count - int(dropped.size) + int(d_ids.size),
         0.0,
-        f"{new_ids.size} new or rewritten and {dropped.size} dropped vectors kept beside the "
-        f"index of {sidecar.count}",
+        f"{changed.size} changed item(s) read: {d_ids.size} new or rewritten and "
+        f"{dropped.size} dropped vectors kept beside the index of {sidecar.count}",
         os.fspath(path),
-        changed=int(new_ids.size + dropped.size),
+        changed=int(d_ids.size + dropped.size),
     )
 
 
@@ -1266,44 +1262,46 @@ def _rebuild(
     lib: Library,
     index_dir: str | os.PathLike[str],
     model_id: str,
-    current: str,
-    ids: np.ndarray,
-    rowids: np.ndarray,
+    state: store.ChangeState,
     n_trees: int,
     n_jobs: int,
     pinned: bool,
+    exact_below: int,
     started: float,
 ) -> RefreshResult:
     vec_ids, matrix = store.read_vectors(lib, model_id)
+    result: RefreshResult | None = None
     if vec_ids.size == 0:
         remove_index(index_dir, model_id)
-        return RefreshResult("empty", 0, time.perf_counter() - started, "no usable vectors")
-    # Every vector row now (any model), flagged where it is the indexed vector.  A vector
-    # written in between has no known row (recorded as -id: never current), so the next
-    # update drops it from the index and reads it again.
-    pos = np.minimum(np.searchsorted(ids, vec_ids), ids.size - 1)
-    vec_rows = np.where(ids[pos] == vec_ids, rowids[pos], -vec_ids - 1)
-    all_ids, all_rows = store.vector_rows(lib)
-    extra = ~_member(vec_rows, np.sort(all_rows))
-    rec_rows = np.concatenate([all_rows, vec_rows[extra]])
-    rec_ids = np.concatenate([all_ids, vec_ids[extra]])
-    ours = _member(rec_rows, np.sort(vec_rows)) & _member(rec_ids, vec_ids)
-    build_started = time.perf_counter()
-    index = AnnoyIndex(n_trees=n_trees, n_jobs=n_jobs).build(vec_ids, matrix)
-    path = save_index(
-        index,
-        index_dir,
-        model_id=model_id,
-        fingerprint=current,
-        max_id=int(vec_ids.max()),
-        build_seconds=time.perf_counter() - build_started,
-        pinned=pinned,
-        rows=(rec_rows, rec_ids, ours),
-    )
-    return RefreshResult(
-        "built",
-        int(vec_ids.size),
-        time.perf_counter() - started,
-        f"{vec_ids.size} vectors, {n_trees} trees",
-        os.fspath(path),
-    )
+        result = RefreshResult("empty", 0, time.perf_counter() - started, "no usable vectors")
+    elif vec_ids.size < exact_below and not pinned:
+        remove_index(index_dir, model_id)
+        result = RefreshResult(
+            "small",
+            int(vec_ids.size),
+            time.perf_counter() - started,
+            f"{vec_ids.size} vectors, below {exact_below}: exact search",
+        )
+    else:
+        build_started = time.perf_counter()
+        index = AnnoyIndex(n_trees=n_trees, n_jobs=n_jobs).build(vec_ids, matrix)
+        path = save_index(
+            index,
+            index_dir,
+            model_id=model_id,
+            fingerprint=state.text,
+            max_id=int(vec_ids.max()),
+            build_seconds=time.perf_counter() - build_started,
+            pinned=pinned,
+            base_ids=vec_ids,
+        )
+        result = RefreshResult(
+            "built",
+            int(vec_ids.size),
+            time.perf_counter() - started,
+            f"{vec_ids.size} vectors, {n_trees} trees",
+            os.fspath(path),
+        )
+    if state.logged:
+        store.trim_changes(lib, state.seq)  # the log before this state is no longer needed
+    return result

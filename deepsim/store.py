@@ -37,6 +37,7 @@ import base64
 import binascii
 import hashlib
 import os
+import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from beets.dbcore import query as dbquery
 from beets.dbcore import types
+from beets.dbcore.db import DBAccessError
 
 from deepsim.errors import ParameterError
 from deepsim.util import check_int, get_logger
@@ -475,49 +477,6 @@ def ids_with_vectors(lib: Library, model_id: str) -> set[int]:
     return set(read_stored(lib, model_id, warn=False).ids.tolist())
 
 
-def _int_list(text: str | None) -> np.ndarray:
-    return np.fromstring(text, np.int64, sep=",") if text else np.zeros(0, np.int64)
-
-
-def vector_row_ids(lib: Library, model_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """Item ids (ascending) and SQLite row ids of ``model_id``'s vectors, without decoding.
-
-    beets replaces a rewritten attribute row, which gets a new row id, so
-    comparing row ids with an earlier read tells added, rewritten and removed
-    vectors apart (what :func:`deepsim.index.refresh_index` keeps up).
-    """
-    parts_ids: list[np.ndarray] = []
-    parts_rows: list[np.ndarray] = []
-    with lib.transaction() as tx:
-        for sql, params in _slot_sql(model_id):  # lowest priority first, as reads
-            _select, _, rest = sql.partition(" FROM ")
-            aggregate = "SELECT group_concat(v.entity_id), group_concat(v.id) FROM " + rest
-            for entity_text, row_text in tx.query(aggregate, params):
-                parts_ids.append(_int_list(entity_text))
-                parts_rows.append(_int_list(row_text))
-    if not parts_ids:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ids, rows = np.concatenate(parts_ids), np.concatenate(parts_rows)
-    # Where several slots hold the model (an old backbone slot), the later one wins.
-    ids, first = np.unique(ids[::-1], return_index=True)
-    return ids, rows[::-1][first]
-
-
-def vector_rows(lib: Library) -> tuple[np.ndarray, np.ndarray]:
-    """Item ids and row ids of every stored vector row, of any model and slot.
-
-    One aggregate with no join: 100k rows in about 50 ms, a quarter of
-    :func:`vector_row_ids` (which filters by model).
-    """
-    with lib.transaction() as tx:
-        (row,) = tx.query(
-            "SELECT group_concat(entity_id), group_concat(id) "
-            "FROM item_attributes WHERE key IN (?, ?) OR key LIKE ?",
-            [VECTOR_FIELD, BACKBONE_VECTOR_FIELD, f"{VECTOR_FIELD}:%"],
-        )
-    return _int_list(row[0]), _int_list(row[1])
-
-
 def ids_with_any_vector(lib: Library) -> set[int]:
     """Ids of the items whose main slot holds a vector (of any model)."""
     with lib.transaction() as tx:
@@ -609,23 +568,199 @@ def model_counts(lib: Library) -> Counter[str]:
 
 
 def fingerprint(lib: Library, model_id: str) -> str:
-    """A cheap digest of the stored vectors.
+    """What the stored vectors look like now, cheaply: :attr:`ChangeState.text`.
 
-    It changes whenever a vector is written (beets' flexible-attribute table
-    replaces a rewritten row, which gets a new row id) or an item with a vector
-    is removed (beets deletes its attributes), without reading the vectors.
-    It covers the vectors of every model, so writing another model's vectors
-    also changes it: harmless (an index rebuilt once more), and it keeps the
-    query to one aggregate.
+    It changes whenever a vector (of any model) is written or removed, by
+    deepsim or by beets itself (``beet modify``, ``beet remove``), because the
+    change log's triggers record every such write (see :func:`change_state`);
+    reading it is three indexed lookups whatever the library size.
+    ``model_id`` is accepted for symmetry with the readers; the state covers
+    every model.
+    """
+    return change_state(lib).text
+
+
+# --------------------------------------------------------------------------------------------
+# The change log: which items' vectors changed since a given point, kept by SQLite itself
+#
+# Three triggers on ``item_attributes`` append the item id to ``deepsim_changes`` in the
+# same statement as every insert, update or delete of a vector row (any model's slot, the
+# main slot's model id, an old backbone slot), whoever writes it: this module, beets'
+# ``store()``/``remove()``, ``beet modify``, another tool using SQLite.  ``seq`` (SQLite
+# AUTOINCREMENT: never reused, even after rows are trimmed) orders the changes; a crash
+# loses nothing because a log row commits or rolls back with its write.  ``deepsim_meta``
+# holds the log's ``epoch`` (a random token chosen whenever the triggers are (re)installed,
+# so changes made while they were missing can never be mistaken for none) and its
+# ``floor`` (the seq up to which rows were trimmed).
+
+CHANGES_TABLE = "deepsim_changes"
+META_TABLE = "deepsim_meta"
+_LOG_VERSION = 1
+_TRIGGERS = tuple(f"deepsim_log{_LOG_VERSION}_{op}" for op in ("insert", "delete", "update"))
+_LOGGED_KEYS = (VECTOR_FIELD, MODEL_FIELD, BACKBONE_VECTOR_FIELD, BACKBONE_MODEL_FIELD)
+
+
+def _logged(row: str) -> str:
+    keys = " OR ".join(f"{row}.key = '{key}'" for key in _LOGGED_KEYS)
+    return f"({keys} OR {row}.key GLOB '{VECTOR_FIELD}:*')"
+
+
+def _trigger_sql() -> list[str]:
+    log = f"INSERT INTO {CHANGES_TABLE} (entity_id) VALUES"
+    insert, delete, update = _TRIGGERS
+    return [
+        f"CREATE TRIGGER {insert} AFTER INSERT ON item_attributes WHEN {_logged('NEW')} "
+        f"BEGIN {log} (NEW.entity_id); END",
+        f"CREATE TRIGGER {delete} AFTER DELETE ON item_attributes WHEN {_logged('OLD')} "
+        f"BEGIN {log} (OLD.entity_id); END",
+        f"CREATE TRIGGER {update} AFTER UPDATE ON item_attributes "
+        f"WHEN {_logged('OLD')} OR {_logged('NEW')} "
+        f"BEGIN {log} (OLD.entity_id); {log} (NEW.entity_id); END",
+    ]
+
+
+@dataclass(frozen=True)
+class ChangeState:
+    """Where the change log stands: ``epoch``, the last ``seq`` written, the trimmed ``floor``.
+
+    ``text`` (``epoch:seq``) is what an index records of the store it was
+    built from; two equal texts mean no vector was written or removed in
+    between.  An epoch starting with ``scan-`` means the log could not be
+    installed (a read-only database): the text is then a digest of the vector
+    rows (a full-table aggregate) and no changes can be listed.
+    """
+
+    epoch: str
+    seq: int
+    floor: int = 0
+
+    @property
+    def text(self) -> str:
+        return f"{self.epoch}:{self.seq}"
+
+    @property
+    def logged(self) -> bool:
+        return not self.epoch.startswith("scan-")
+
+    @classmethod
+    def parse(cls, text: str) -> ChangeState | None:
+        epoch, _, seq = str(text).rpartition(":")
+        if not epoch or not seq.isdigit():
+            return None
+        return cls(epoch, int(seq))
+
+
+def _read_state(tx: Any) -> ChangeState | None:
+    """The log's state, or None when its tables or triggers are missing."""
+    names = {
+        str(row[0])
+        for row in tx.query(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'item_attributes'"
+        )
+    }
+    if not names.issuperset(_TRIGGERS):
+        return None
+    try:
+        meta = dict(tx.query(f"SELECT key, value FROM {META_TABLE}"))
+        rows = tx.query("SELECT seq FROM sqlite_sequence WHERE name = ?", [CHANGES_TABLE])
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+    if "epoch" not in meta:
+        return None
+    seq = int(rows[0][0]) if rows and rows[0][0] is not None else 0
+    return ChangeState(str(meta["epoch"]), seq, int(meta.get("floor") or 0))
+
+
+def _scan_state(tx: Any) -> ChangeState:
+    (row,) = tx.query(
+        "SELECT count(*), total(id), max(id), total(entity_id) FROM item_attributes "
+        "WHERE key IN (?, ?) OR key LIKE ?",
+        [VECTOR_FIELD, BACKBONE_VECTOR_FIELD, f"{VECTOR_FIELD}:%"],
+    )
+    text = "|".join(str(v) for v in row)
+    return ChangeState("scan-" + hashlib.sha1(text.encode()).hexdigest()[:16], 0)
+
+
+def _install_log(lib: Library) -> ChangeState:
+    """Create the log's tables and triggers (a new epoch whenever the triggers were missing)."""
+    with lib.transaction() as tx:
+        tx.mutate(f"CREATE TABLE IF NOT EXISTS {META_TABLE} (key TEXT PRIMARY KEY, value TEXT)")
+        tx.mutate(
+            f"CREATE TABLE IF NOT EXISTS {CHANGES_TABLE} "
+            "(seq INTEGER PRIMARY KEY AUTOINCREMENT, entity_id INTEGER NOT NULL)"
+        )
+        # A write first: it takes SQLite's write lock, so two processes never both install.
+        tx.mutate(f"INSERT OR IGNORE INTO {META_TABLE} (key, value) VALUES ('floor', '0')")
+        state = _read_state(tx)
+        if state is not None:
+            return state
+        for name in _TRIGGERS:
+            tx.mutate(f"DROP TRIGGER IF EXISTS {name}")
+        for sql in _trigger_sql():
+            tx.mutate(sql)
+        rows = tx.query("SELECT seq FROM sqlite_sequence WHERE name = ?", [CHANGES_TABLE])
+        seq = int(rows[0][0]) if rows and rows[0][0] is not None else 0
+        epoch = os.urandom(8).hex()
+        tx.mutate_many(
+            f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES (?, ?)",
+            [("epoch", epoch), ("floor", str(seq))],
+        )
+        log.debug("vector change log installed (epoch %s)", epoch)
+        return ChangeState(epoch, seq, seq)
+
+
+def change_state(lib: Library) -> ChangeState:
+    """Where the change log stands now, installing it first if needed.
+
+    The first call on a library (or after something dropped the triggers,
+    such as a table rebuilt by hand) creates them with a new epoch; every
+    later one is three small indexed reads.  On a database that cannot be
+    written the state is a digest of the vector rows instead (see
+    :class:`ChangeState`).
     """
     with lib.transaction() as tx:
-        (row,) = tx.query(
-            "SELECT count(*), total(id), max(id), total(entity_id) FROM item_attributes "
-            "WHERE key IN (?, ?) OR key LIKE ?",
-            [VECTOR_FIELD, BACKBONE_VECTOR_FIELD, f"{VECTOR_FIELD}:%"],
+        state = _read_state(tx)
+    if state is not None:
+        return state
+    try:
+        return _install_log(lib)
+    except (DBAccessError, sqlite3.Error) as exc:  # e.g. a read-only database
+        log.debug("vector change log not installed (%s); using a full-table digest", exc)
+        with lib.transaction() as tx:
+            return _scan_state(tx)
+
+
+def changed_since(lib: Library, seq: int, *, limit: int | None = None) -> np.ndarray | None:
+    """Ids (ascending, distinct) of the items whose vectors changed after ``seq``.
+
+    One range read of the log, in proportion to the change.  None when more
+    than ``limit`` items changed (the caller rebuilds instead of listing them).
+    """
+    sql = f"SELECT DISTINCT entity_id FROM {CHANGES_TABLE} WHERE seq > ?"
+    args: list[Any] = [int(seq)]
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(int(limit) + 1)
+    with lib.transaction() as tx:
+        ids = np.fromiter((int(row[0]) for row in tx.query(sql, args)), np.int64)
+    if limit is not None and ids.size > limit:
+        return None
+    return np.unique(ids)
+
+
+def trim_changes(lib: Library, upto: int) -> None:
+    """Forget the log up to ``upto`` (an index rebuilt from the state at ``upto`` needs none
+    of it); an index recorded before it can no longer be updated and is rebuilt instead."""
+    with lib.transaction() as tx:
+        if _read_state(tx) is None:
+            return
+        tx.mutate(f"DELETE FROM {CHANGES_TABLE} WHERE seq <= ?", [int(upto)])
+        tx.mutate(
+            f"UPDATE {META_TABLE} SET value = ? WHERE key = 'floor' AND CAST(value AS INTEGER) < ?",
+            [str(int(upto)), int(upto)],
         )
-    text = f"{model_id}|{row[0]}|{row[1]}|{row[2]}|{row[3]}"
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------

@@ -543,3 +543,109 @@ def test_one_writer_at_a_time(lib: Library, tmp_path: Path) -> None:
     assert results == ["built"]
     # the second writer finds the work done
     assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "fresh"
+
+
+def test_upkeep_reads_only_what_changed(
+    lib: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "deepsim"
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "built"
+    rng = np.random.default_rng(4)
+    reads: list[object] = []
+    original = store.read_stored
+
+    def counting(lib_: Library, model_id: str, **kwargs: object) -> store.StoredVectors:
+        reads.append(kwargs.get("ids"))
+        return original(lib_, model_id, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "read_stored", counting)
+    # written by beets itself, not through the store (beet modify, another tool)
+    item = lib.get_item(7)
+    item[store.VECTOR_FIELD] = store.encode_vector(rng.normal(size=LIB_DIM))
+    item.store()
+    lib.get_item(8).remove()
+    # another model's vector of item 9: item 9 keeps its indexed vector of this model
+    store.write_vectors(lib, [(9, rng.normal(size=LIB_DIM))], "other-model")
+    result = refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5)
+    assert result.action == "updated" and result.changed == 1 + 1 + 1  # 7 new, 7 and 8 dropped
+    assert reads and all(ids is not None and len(ids) <= 3 for ids in reads)  # type: ignore[arg-type]
+    index = open_index(lib, MODEL, directory).index
+    assert isinstance(index, UpdatedIndex) and index.delta.ids.tolist() == [7]
+    assert index.dropped.tolist() == [7, 8]
+    ids, matrix = store.read_vectors(lib, MODEL)
+    for item_id in (7, 9):
+        assert index.query(matrix[ids == item_id][0], 1)[0].tolist() == [item_id]
+    assert 8 not in index.query(matrix[0], 400)[0].tolist()
+    # nothing written since: fresh, without reading a vector
+    reads.clear()
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "fresh"
+    assert reads == []
+
+
+def test_a_writer_killed_mid_write_loses_nothing_the_index_needs(
+    lib: Library, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    directory = tmp_path / "deepsim"
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "built"
+    db = lib.path
+    lib._close()
+    # A writer that commits batches of 2 vectors, then dies (SIGKILL: no cleanup,
+    # no cli_exit) inside the third batch's transaction, its rows written.
+    child = textwrap.dedent(
+        f"""
+        import os, signal
+        import numpy as np
+        from beets.library import Library
+        from deepsim import store
+        from beets.library import Item
+        lib = Library({os.fsdecode(db)!r})
+        rng = np.random.default_rng(11)
+        new = [Item(title=f"new {{k}}", path=f"/new{{k}}.mp3".encode()) for k in range(7)]
+        for item in new:
+            lib.add(item)
+        original, calls = store._write_batch, []
+        def dying(lib_, batch):
+            calls.append(1)
+            if len(calls) < 3:
+                return original(lib_, batch)
+            with lib_.transaction():  # the third batch is written, not committed
+                original(lib_, batch)
+                os.kill(os.getpid(), signal.SIGKILL)
+        store._write_batch = dying
+        rows = [(item.id, rng.normal(size={LIB_DIM})) for item in new]
+        store.write_vectors(lib, rows, {MODEL!r}, batch_size=2)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child], check=False, timeout=120)
+    assert done.returncode == -9
+    reopened = Library(os.fsdecode(db), str(tmp_path / "music"))
+    try:
+        # batches (401, 402) and (403, 404) committed; (405, 406) were in flight and are gone
+        written = store.read_vectors(reopened, MODEL, ids=range(401, 408))[0].tolist()
+        assert written == [401, 402, 403, 404]
+        result = refresh_index(reopened, MODEL, directory, exact_below=10, n_trees=5)
+        assert result.action == "updated" and result.changed == 4  # 4 new
+        index = open_index(reopened, MODEL, directory).index
+        assert index is not None
+        ids, matrix = store.read_vectors(reopened, MODEL)
+        for item_id in written:
+            assert index.query(matrix[ids == item_id][0], 1)[0].tolist() == [item_id]
+    finally:
+        reopened._close()
+
+
+def test_a_log_trimmed_past_an_index_rebuilds_it(lib: Library, tmp_path: Path) -> None:
+    directory = tmp_path / "deepsim"
+    other = tmp_path / "other"
+    rng = np.random.default_rng(12)
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "built"
+    store.write_vectors(lib, [(k, rng.normal(size=LIB_DIM)) for k in range(1, 4)], MODEL)
+    # another index directory rebuilt meanwhile trims the log past the first one's position
+    assert refresh_index(lib, MODEL, other, exact_below=10, n_trees=5).action == "built"
+    assert refresh_index(lib, MODEL, directory, exact_below=10, n_trees=5).action == "built"
+    check = open_index(lib, MODEL, directory)
+    assert check.fresh and isinstance(check.index, AnnoyIndex)

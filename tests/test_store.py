@@ -243,3 +243,104 @@ def test_clear_vectors(lib: Library) -> None:
     store.write_vectors(lib, [(1, np.ones(8)), (2, np.ones(8))], "m")
     store.clear_vectors(lib, [1])
     assert store.ids_with_vectors(lib, "m") == {2}
+
+
+# --------------------------------------------------------------------------- the change log
+
+
+def test_change_log_lists_every_vector_write_whoever_makes_it(lib: Library) -> None:
+    rng = np.random.default_rng(5)
+    store.write_vectors(lib, [(i, unit(rng, 1, 8)[0]) for i in (1, 2, 3)], "m")
+    state = store.change_state(lib)
+    assert store.changed_since(lib, state.seq).tolist() == []
+    # writes that are not vectors are not changes
+    item = lib.get_item(1)
+    item.title = "retitled"
+    item["deepsim_audio"] = "1:2:abc"
+    item.store()
+    store.write_audio(lib, "m", {2: "3:4:def"})
+    store.record_failures(lib, [(4, "1:2:no audio")])
+    assert store.change_state(lib) == state
+    # beets' own writes of the fields are (beet modify, beet remove, another tool)
+    item = lib.get_item(2)
+    item[store.VECTOR_FIELD] = store.encode_vector(unit(rng, 1, 8)[0])
+    item.store()
+    item = lib.get_item(3)
+    del item[store.VECTOR_FIELD]
+    item.store()
+    lib.get_item(1).remove()
+    with lib.transaction() as tx:
+        tx.mutate(
+            "UPDATE item_attributes SET key = ? WHERE entity_id = 5 AND key = 'title_sort'",
+            [store.VECTOR_FIELD],
+        )
+        tx.mutate(
+            "INSERT INTO item_attributes (entity_id, key, value) VALUES (6, ?, 'x')",
+            [f"{store.VECTOR_FIELD}:other"],
+        )
+    after = store.change_state(lib)
+    assert after.epoch == state.epoch and after.seq > state.seq
+    assert store.changed_since(lib, state.seq).tolist() == [1, 2, 3, 6]
+    assert store.changed_since(lib, state.seq, limit=3) is None
+    assert store.fingerprint(lib, "m") == after.text != state.text
+
+
+def test_change_log_survives_its_triggers_being_dropped(lib: Library) -> None:
+    rng = np.random.default_rng(6)
+    state = store.change_state(lib)
+    with lib.transaction() as tx:
+        for name in store._TRIGGERS:
+            tx.mutate(f"DROP TRIGGER {name}")
+    store.write_vectors(lib, [(1, unit(rng, 1, 8)[0])], "m")  # not logged...
+    again = store.change_state(lib)
+    assert again.epoch != state.epoch  # ...so the log starts a new epoch: nothing is trusted
+    store.write_vectors(lib, [(2, unit(rng, 1, 8)[0])], "m")
+    assert store.changed_since(lib, again.seq).tolist() == [2]
+
+
+def test_change_log_commits_with_its_write(lib: Library) -> None:
+    rng = np.random.default_rng(7)
+    state = store.change_state(lib)
+
+    def rows():
+        yield 1, unit(rng, 1, 8)[0]
+        yield 2, unit(rng, 1, 8)[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.write_vectors(lib, rows(), "m", batch_size=1)
+    assert store.changed_since(lib, state.seq).tolist() == [1, 2]
+    assert store.ids_with_vectors(lib, "m") == {1, 2}
+
+
+def test_trimmed_log_raises_its_floor(lib: Library) -> None:
+    rng = np.random.default_rng(8)
+    start = store.change_state(lib)
+    store.write_vectors(lib, [(i, unit(rng, 1, 8)[0]) for i in (1, 2)], "m")
+    middle = store.change_state(lib)
+    store.write_vectors(lib, [(3, unit(rng, 1, 8)[0])], "m")
+    store.trim_changes(lib, middle.seq)
+    now = store.change_state(lib)
+    assert now.floor == middle.seq > start.seq and now.seq > middle.seq
+    assert store.changed_since(lib, middle.seq).tolist() == [3]
+    store.trim_changes(lib, now.seq)
+    assert store.changed_since(lib, now.seq).tolist() == []
+    # seq numbers are never reused after a trim
+    store.write_vectors(lib, [(4, unit(rng, 1, 8)[0])], "m")
+    assert store.change_state(lib).seq > now.seq
+
+
+def test_without_a_writable_log_the_state_is_a_digest(
+    lib: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    def refuse(_lib: Library) -> store.ChangeState:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(store, "_install_log", refuse)
+    rng = np.random.default_rng(9)
+    first = store.change_state(lib)
+    assert not first.logged and store.change_state(lib) == first
+    store.write_vectors(lib, [(1, unit(rng, 1, 8)[0])], "m")
+    assert store.change_state(lib) != first
