@@ -10,17 +10,22 @@ never changed), prints:
 * after ``--changes`` vectors added (new items) and as many items removed:
   the upkeep at the end of the command (``refresh_index``: changes kept beside
   the index), then what the next ``beet similar`` pays for the index
-  (``open_index``: fingerprint, sidecar, mmap, delta) and per query;
+  (``open_index``: change-log position, sidecar, mmap, delta) and per query;
 * recall@10 of the updated index against exact search over the current
   vectors (queries: new items, random items, means of 3 items of a cluster);
+* recall@10 and query time for other ``--search-fractions`` (Annoy's ``search_k`` as a share
+  of the index), on the same index;
 * the same change handled by a full rebuild, the baseline of the same run;
+* the change log's cost on writes: ``store.write_vectors`` of ``--write-items`` vectors with
+  the log's triggers and without them (dropped on the copy), interleaved, best of 3;
 * ``beet similar id:N -c 20`` against ``beet ls id:N`` in fresh processes
   (``--beet-runs``; 0 skips).
 
 Run::
 
     .venv/bin/python benchmarks/bench_index.py                  # 100k
-    .venv/bin/python benchmarks/bench_index.py --items 1000000  # 1M (≈ 3 GB of disk, minutes)
+    .venv/bin/python benchmarks/bench_index.py --items 1000000 --beet-runs 1 --queries 100
+    # 1M: ≈ 4 GB of disk, minutes
 
 Timings are printed, never asserted.
 """
@@ -44,7 +49,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_similar import MODEL_ID, cached_library, open_library
 
 from deepsim import store
-from deepsim.index import DEFAULT_N_TREES, ExactIndex, open_index, refresh_index
+from deepsim.index import (
+    DEFAULT_N_TREES,
+    SEARCH_FRACTION,
+    ExactIndex,
+    load_index,
+    open_index,
+    refresh_index,
+)
 
 BUILD_CHILD = """
 import resource, sys, time, json
@@ -133,6 +145,52 @@ def recall(lib, index, added: list[int], rng: np.random.Generator, queries: int)
     return float(np.mean(hits))
 
 
+def write_cost(lib, items: int, rng: np.random.Generator) -> str:
+    """``write_vectors`` of ``items`` rewritten vectors with the change log and without it."""
+    ids = list(range(1, items + 1))
+    dim = store.read_vectors(lib, MODEL_ID, ids=[1])[1].shape[1]
+
+    def write() -> float:
+        rows = [(i, rng.normal(size=dim)) for i in ids]
+        started = time.perf_counter()
+        store.write_vectors(lib, rows, MODEL_ID, batch_size=64)
+        return time.perf_counter() - started
+
+    def without_log() -> float:
+        with lib.transaction() as tx:
+            for name in store._TRIGGERS:
+                tx.mutate(f"DROP TRIGGER IF EXISTS {name}")
+        try:
+            return write()
+        finally:
+            store.change_state(lib)  # reinstalls the triggers (a new epoch)
+
+    logged, bare = [], []
+    for _ in range(3):
+        logged.append(write())
+        bare.append(without_log())
+    return (
+        f"write_vectors of {items} vectors (batches of 64): {min(logged) * 1000:.0f} ms with the "
+        f"change log, {min(bare) * 1000:.0f} ms without (best of 3, interleaved): "
+        f"{min(logged) / min(bare):.2f}x"
+    )
+
+
+def give_files(lib, index, seed_id: int, music: Path, count: int = 1000) -> None:
+    """Real (tiny) files for the seed and its ``count`` nearest neighbours: ``beet similar``
+    leaves out results whose file is missing, and 1M files would not fit the benchmark."""
+    vector = store.read_vectors(lib, MODEL_ID, ids=[seed_id])[1][0]
+    ids = [seed_id, *index.query(vector, count)[0].tolist()]
+    music.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item_id in ids:
+        path = music / f"{item_id}.mp3"
+        path.write_bytes(b"\xff\xfb")
+        rows.append((os.fsencode(path), int(item_id)))
+    with lib.transaction() as tx:
+        tx.mutate_many("UPDATE items SET path = ? WHERE id = ?", rows)
+
+
 def beet_similar(db: Path, config_dir: Path, seed_id: int, runs: int) -> None:
     beet = shutil.which("beet", path=os.path.dirname(sys.executable)) or shutil.which("beet")
     if beet is None:
@@ -169,6 +227,13 @@ def main() -> None:
     parser.add_argument("--n-trees", type=int, default=DEFAULT_N_TREES)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--beet-runs", type=int, default=3)
+    parser.add_argument(
+        "--search-fractions",
+        type=float,
+        nargs="*",
+        default=[SEARCH_FRACTION / 5, SEARCH_FRACTION / 25],
+    )
+    parser.add_argument("--write-items", type=int, default=2000)
     args = parser.parse_args()
 
     print(f"load average at start: {loadavg()} ({os.cpu_count()} cores)")
@@ -204,13 +269,32 @@ def main() -> None:
         vector = store.read_vectors(lib, MODEL_ID, ids=[added[0]])[1][0]
         query_s, _ = best(lambda: index.query(vector, 80), repeat=5)
         print(
-            f"next beet similar: open_index {open_s * 1000:.0f} ms (fingerprint, sidecar, mmap, "
+            f"next beet similar: open_index {open_s * 1000:.0f} ms (change log, sidecar, mmap, "
             f"delta), one query of 80 {query_s * 1000:.1f} ms; command total on the index "
             f"{(upkeep_s + open_s + query_s) * 1000:.0f} ms; files: {file_sizes(index_dir)}"
         )
-        score = recall(lib, index, added, rng, args.queries)
-        print(f"recall@10 of the updated index vs exact search: {score:.4f}")
+        score = recall(lib, index, added, np.random.default_rng(2), args.queries)
+        print(
+            f"recall@10 of the updated index vs exact search: {score:.4f} "
+            f"(search_k {SEARCH_FRACTION} x index)"
+        )
+        for fraction in args.search_fractions:
+            other = load_index(
+                index_dir,
+                model_id=MODEL_ID,
+                fingerprint=store.fingerprint(lib, MODEL_ID),
+                search_fraction=fraction,
+            ).index
+            assert other is not None
+            q_s, _ = best(lambda other=other: other.query(vector, 80), repeat=5)
+            score = recall(lib, other, added, np.random.default_rng(2), args.queries)
+            print(
+                f"search_k {fraction} x index: recall@10 {score:.4f}, one query of 80 "
+                f"{q_s * 1000:.1f} ms"
+            )
         if args.beet_runs:
+            give_files(lib, index, 1000, work / "music")
+            refresh_index(lib, MODEL_ID, index_dir, n_trees=args.n_trees)  # paths are no change
             beet_similar(db, config_dir, 1000, args.beet_runs)
         started = time.perf_counter()
         rebuilt = refresh_index(lib, MODEL_ID, index_dir, n_trees=args.n_trees, force=True)
@@ -219,6 +303,8 @@ def main() -> None:
             f"baseline, the same change by a full rebuild: {rebuild_s:.2f} s ({rebuilt.action}); "
             f"upkeep is {rebuild_s / upkeep_s:.0f}x cheaper"
         )
+        if args.write_items:
+            print(write_cost(lib, args.write_items, rng))
         lib._close()
         print(f"load average at end: {loadavg()}")
     finally:

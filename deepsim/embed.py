@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -266,7 +267,6 @@ class EmbedPlan:
     paths: dict[int, bytes] = field(default_factory=dict)
     done: int = 0  # a vector of the model for the same audio
     stale: int = 0  # in ``todo``: the audio changed since its vector was computed
-    repaired: int = 0  # in ``todo``: the stored value is damaged
     failed_before: int = 0  # the unchanged file failed before (``retry_failed`` retries)
     missing: list[tuple[int, str]] = field(default_factory=list)  # (id, path) not on disk
     retagged: dict[int, str] = field(default_factory=dict)  # new identities to record
@@ -302,13 +302,9 @@ def _failure_text(path: bytes | str, reason: str) -> str:
     return f"{ident.size}:{ident.mtime_ns}:{reason}" if ident else f"::{reason}"
 
 
-def _failed_unchanged(failed: str | None, path: bytes) -> bool:
-    if not failed:
-        return False
-    size, _, rest = failed.partition(":")
-    mtime, _, _reason = rest.partition(":")
-    ident = stat_identity(path)
-    return ident is not None and f"{ident.size}:{ident.mtime_ns}" == f"{size}:{mtime}"
+def _failed_unchanged(failed: str | None, ident: AudioIdentity) -> bool:
+    """Whether the recorded failure ``size:mtime_ns:reason`` is of the file as it is now."""
+    return bool(failed) and str(failed).startswith(f"{ident.size}:{ident.mtime_ns}:")
 
 
 def plan_embedding(
@@ -321,49 +317,63 @@ def plan_embedding(
 ) -> EmbedPlan:
     """Which of the items (all, or ``ids``) need a ``model_id`` vector computed.
 
-    SQL over ids, paths and stored identities in batches
-    (:func:`deepsim.store.embed_state_batches`: memory flat in library size)
-    and a ``stat`` per file; no ``Item`` objects, no torch.  An item needs work when it has no
-    usable vector, its stored value is damaged, or its audio changed (see
-    :mod:`deepsim.identity`); a retagged file keeps its vector (its new
-    identity is recorded by :func:`embed_items`); a file that failed before
-    and has not changed is left alone unless ``retry_failed``; a file missing
-    on disk is listed, never embedded.  ``force`` recomputes every present file.
+    The store answers from SQL over ids, paths and the recorded identities, in
+    batches (:func:`deepsim.store.embed_state_batches`: memory flat in library
+    size, no vector value read, no ``Item`` objects, no torch), then one
+    ``stat`` per file.  An item needs work when it has no vector of the model
+    or its audio changed (see :mod:`deepsim.identity`: the packet digest is
+    taken only for a file whose size or mtime moved); a retagged file keeps
+    its vector (its new identity is recorded by :func:`embed_items`); a file
+    that failed before and has not changed is left alone unless
+    ``retry_failed``; a file missing on disk is listed, never embedded.
+    ``force`` recomputes every present file (and so repairs a damaged value,
+    which the readers name: see :func:`deepsim.store.read_stored`).
     """
     plan = EmbedPlan(model_id)
-    states = (state for part in store.embed_state_batches(lib, model_id, ids) for state in part)
-    for state in states:
-        path = state.path
-        if not path:
-            plan.missing.append((state.item_id, ""))
-            continue
-        if state.vector:
-            change, current = compare(AudioIdentity.parse(state.audio), path)
+    for part in store.embed_state_batches(lib, model_id, ids):
+        for state in part:
+            _plan_one(plan, state, force=force, retry_failed=retry_failed)
+    return plan
+
+
+def _plan_one(plan: EmbedPlan, state: store.ItemState, *, force: bool, retry_failed: bool) -> None:
+    path = state.path
+    if not path:
+        plan.missing.append((state.item_id, ""))
+        return
+    try:  # stat_identity, inlined: this runs once per track of the library
+        st = os.stat(path)
+    except (OSError, ValueError):
+        st = None
+    if st is None or not S_ISREG(st.st_mode):
+        plan.missing.append((state.item_id, os.fsdecode(path)))
+        return
+    current = AudioIdentity(st.st_size, st.st_mtime_ns)
+    if state.vector:
+        audio = state.audio
+        if audio is not None and audio.startswith(f"{st.st_size}:{st.st_mtime_ns}:"):
+            change = "same"  # the common case: one stat, no parsing
+        else:
+            change, now = compare(AudioIdentity.parse(audio), path)
             if change == "missing":
                 plan.missing.append((state.item_id, os.fsdecode(path)))
-                continue
-            if change == "changed":
-                if not (force or retry_failed) and _failed_unchanged(state.failed, path):
-                    plan.failed_before += 1  # the new audio failed: not every run again
-                    continue
-                plan.stale += 1
-            elif not force:
-                plan.done += 1
-                if current is not None and current.text != state.audio:
-                    plan.retagged[state.item_id] = current.text
-                continue
-        else:
-            if stat_identity(path) is None:
-                plan.missing.append((state.item_id, os.fsdecode(path)))
-                continue
-            if state.corrupt is not None:
-                plan.repaired += 1
-            elif not (force or retry_failed) and _failed_unchanged(state.failed, path):
-                plan.failed_before += 1
-                continue
-        plan.todo.append(state.item_id)
-        plan.paths[state.item_id] = path
-    return plan
+                return
+            if now is not None and now.text != audio and change != "changed":
+                plan.retagged[state.item_id] = now.text
+        if change == "changed":
+            if not (force or retry_failed) and _failed_unchanged(state.failed, current):
+                plan.failed_before += 1  # the new audio failed: not every run again
+                return
+            plan.stale += 1
+        elif not force:
+            plan.done += 1
+            return
+        plan.retagged.pop(state.item_id, None)
+    elif not (force or retry_failed) and _failed_unchanged(state.failed, current):
+        plan.failed_before += 1
+        return
+    plan.todo.append(state.item_id)
+    plan.paths[state.item_id] = path
 
 
 def _head_of(model: Model) -> Any:

@@ -41,7 +41,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 from beets.dbcore import query as dbquery
@@ -388,7 +388,7 @@ def _warn_corrupt(lib: Library, model_id: str, bad: dict[int, str]) -> None:
         path = os.fsdecode(paths.get(item_id) or b"?")
         log.warning(
             f"item {item_id}: {path}: damaged {model_id} vector ({why}); treated as missing, "
-            "`beet deepsim-embed` recomputes it"
+            f"`beet deepsim-embed -f id:{item_id}` recomputes it"
         )
 
 
@@ -484,69 +484,111 @@ def ids_with_any_vector(lib: Library) -> set[int]:
     return {int(row[0]) for row in rows}
 
 
-@dataclass(frozen=True)
-class ItemState:
+class ItemState(NamedTuple):
     """What :func:`embed_states` knows of one item without loading it."""
 
     item_id: int
     path: bytes
-    vector: bool  # a usable vector of the model
+    vector: bool  # a vector of the model is stored (not decoded: see embed_states)
     audio: str | None  # its recorded audio identity
     failed: str | None  # the recorded failure (``size:mtime_ns:reason``)
-    corrupt: str | None = None  # why its stored value is unusable
+
+
+def _pair_index(tx: Any) -> str:
+    """``INDEXED BY`` the ``(entity_id, key)`` index beets' UNIQUE constraint creates, when
+    it exists: SQLite's planner otherwise prefers beets' ``(entity_id)`` index, which makes
+    it read every attribute row (vectors included) to check its key."""
+    rows = tx.query(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'item_attributes' "
+        "AND name = 'sqlite_autoindex_item_attributes_1'"
+    )
+    return " INDEXED BY sqlite_autoindex_item_attributes_1" if rows else ""
+
+
+def _states(
+    tx: Any, resolve: Callable[[Any], bytes], model_id: str, where: str, args: list[Any]
+) -> list[ItemState]:
+    """:class:`ItemState` of the items ``where`` selects (an ``id`` condition), in id order.
+
+    Three queries: which items hold a vector slot (the index alone: no vector
+    value is read), the short fields (model ids, identities, failures), the
+    paths.  The slot rule: the main slot when it holds the model, else the
+    model's own slot, else an old backbone slot of the model (no identity).
+    """
+    vec_key, audio_key, _ = slot_keys(model_id)
+    vector_keys = [VECTOR_FIELD, vec_key, BACKBONE_VECTOR_FIELD]
+    value_keys = [MODEL_FIELD, AUDIO_FIELD, audio_key, BACKBONE_MODEL_FIELD, FAILED_FIELD]
+    table = "item_attributes" + _pair_index(tx)
+    attr_where = where.replace("id", "entity_id")
+    slots: dict[str, set[int]] = {key: set() for key in vector_keys}
+    for entity_id, key in tx.query(
+        f"SELECT entity_id, key FROM {table} WHERE {attr_where} AND key IN (?, ?, ?)",
+        [*args, *vector_keys],
+    ):
+        slots[key].add(entity_id)
+    values: dict[str, dict[int, Any]] = {key: {} for key in value_keys}
+    for entity_id, key, value in tx.query(
+        f"SELECT entity_id, key, value FROM {table} WHERE {attr_where} AND key IN (?, ?, ?, ?, ?)",
+        [*args, *value_keys],
+    ):
+        values[key][entity_id] = value
+    main, own, legacy = (slots[key] for key in vector_keys)
+    models, audios, own_audios, backbones, failures = (values[key] for key in value_keys)
+    states: list[ItemState] = []
+    for item_id, raw in tx.query(f"SELECT id, path FROM items WHERE {where} ORDER BY id", args):
+        path = raw if type(raw) is bytes and raw[:1] == b"/" else resolve(raw)
+        if item_id in main and models.get(item_id) == model_id:
+            state = ItemState(item_id, path, True, audios.get(item_id), failures.get(item_id))
+        elif item_id in own:
+            state = ItemState(item_id, path, True, own_audios.get(item_id), failures.get(item_id))
+        else:
+            old = item_id in legacy and backbones.get(item_id) == model_id
+            state = ItemState(item_id, path, old, None, failures.get(item_id))
+        states.append(state)
+    return states
 
 
 def embed_states(lib: Library, model_id: str, ids: Iterable[int] | None = None) -> list[ItemState]:
-    """For each item (all, or ``ids``): path, has a usable vector, audio identity, failure.
+    """For each item (all, or ``ids``): path, whether a vector is stored, audio identity, failure.
 
-    A few SQL queries in all, whatever the library size; no ``Item`` objects.
+    Two SQL queries per :data:`ID_CHUNK` ids (one for all items), no ``Item``
+    objects, and no vector value read or decoded: a damaged value is found by
+    the readers (:func:`read_stored` names it), not here, so deciding costs
+    the same whatever the vectors' size.
     """
-    stored = read_stored(lib, model_id, ids=ids)
-    have = dict(zip(stored.ids.tolist(), stored.audio, strict=True))
-    wanted = None if ids is None else sorted({int(i) for i in ids})
-    sql = (
-        "SELECT i.id, i.path, f.value FROM items AS i "
-        "LEFT JOIN item_attributes AS f ON f.entity_id = i.id AND f.key = ?"
-    )
-    states: list[ItemState] = []
     resolve = path_resolver(lib)
     with lib.transaction() as tx:
-        parts = [None] if wanted is None or len(wanted) > 20 * ID_CHUNK else list(chunks(wanted))
-        keep = None if wanted is None else set(wanted)
-        for chunk in parts:
-            args: list[Any] = [FAILED_FIELD]
-            where = ""
-            if chunk is not None:
-                where = f" WHERE i.id IN ({','.join('?' * len(chunk))})"
-                args.extend(chunk)
-            for row in tx.query(sql + where + " ORDER BY i.id", args):
-                item_id = int(row[0])
-                if keep is not None and item_id not in keep:
-                    continue
-                path = resolve(row[1])
-                states.append(
-                    ItemState(
-                        item_id,
-                        path,
-                        item_id in have,
-                        have.get(item_id),
-                        row[2],
-                        stored.corrupt.get(item_id),
-                    )
-                )
-    return states
+        if ids is None:
+            return _states(tx, resolve, model_id, "id IS NOT NULL", [])
+        states: list[ItemState] = []
+        for chunk in chunks(sorted({int(i) for i in ids})):
+            states.extend(
+                _states(tx, resolve, model_id, f"id IN ({','.join('?' * len(chunk))})", chunk)
+            )
+        return states
 
 
 def embed_state_batches(
     lib: Library, model_id: str, ids: Iterable[int] | None = None, *, batch: int | None = None
 ) -> Iterator[list[ItemState]]:
     """:func:`embed_states` in batches of ``batch`` ids (default ``10 * ID_CHUNK``), so
-    that memory stays flat in library size: each batch's vectors are read, checked
-    and dropped before the next."""
+    that memory stays flat in library size: each batch is read, decided and dropped
+    before the next.  The whole library goes by ranges of ids (no id list is built)."""
     size = batch or 10 * ID_CHUNK
-    wanted = all_item_ids(lib) if ids is None else sorted({int(i) for i in ids})
-    for start in range(0, len(wanted), size):
-        yield embed_states(lib, model_id, wanted[start : start + size])
+    if ids is not None:
+        wanted = sorted({int(i) for i in ids})
+        for start in range(0, len(wanted), size):
+            yield embed_states(lib, model_id, wanted[start : start + size])
+        return
+    with lib.transaction() as tx:
+        (row,) = tx.query("SELECT min(id), max(id) FROM items")
+    if row[0] is None:
+        return
+    resolve = path_resolver(lib)
+    for low in range(int(row[0]), int(row[1]) + 1, size):
+        with lib.transaction() as tx:
+            states = _states(tx, resolve, model_id, "id BETWEEN ? AND ?", [low, low + size - 1])
+        yield states
 
 
 def model_counts(lib: Library) -> Counter[str]:

@@ -87,8 +87,6 @@ def plan_notes(plan: EmbedPlan) -> str:
     notes = []
     if plan.stale:
         notes.append(f"{plan.stale} with changed audio")
-    if plan.repaired:
-        notes.append(f"{plan.repaired} damaged")
     if plan.missing:
         notes.append(f"{len(plan.missing)} missing on disk")
     if plan.failed_before:

@@ -1,0 +1,166 @@
+"""What a ``beet deepsim-embed`` with nothing to do costs at library scale.
+
+Builds a synthetic beets library of ``--items`` tracks that are all embedded
+already (the vectors of ``bench_similar.py``'s cached library, ``--dir``; the
+library is copied first) and whose files exist: one tiny file per track,
+with the audio identity (size and mtime) of each recorded beside its vector,
+as ``beet deepsim-embed`` records it.  Then runs, as a user does, in fresh
+processes, interleaved, ``--runs`` times each:
+
+* ``beet version`` — the start-up floor (Python, beets, config, plugins);
+* ``beet ls -f '$id'`` (output discarded) — what loading every item costs;
+* ``beet deepsim-embed`` — must answer "nothing to do";
+
+and prints the median wall time and the peak RSS of each (``wait4``), and the
+embed run over the floor.  ``--stats`` also prints a ``cProfile`` summary of
+one in-process plan (``deepsim.embed.plan_embedding``).
+
+Run::
+
+    .venv/bin/python benchmarks/bench_noop.py                 # 100k tracks
+    .venv/bin/python benchmarks/bench_noop.py --items 30000
+
+Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_similar import MODEL_ID, cached_library, open_library
+
+from deepsim import store
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def prepare(db: Path, music: Path) -> int:
+    """Give every item of ``db`` a real tiny file and its recorded audio identity."""
+    music.mkdir(parents=True, exist_ok=True)
+    lib = open_library(db)
+    ids = store.all_item_ids(lib)
+    paths, audio = [], []
+    for item_id in ids:
+        path = music / f"{item_id}.mp3"
+        path.write_bytes(b"\xff\xfb" + item_id.to_bytes(4, "little"))
+        st = os.stat(path)
+        paths.append((os.fsencode(path), item_id))
+        audio.append(
+            (item_id, store.AUDIO_FIELD, f"{st.st_size}:{st.st_mtime_ns}:0123456789abcdef")
+        )
+    with lib.transaction() as tx:
+        tx.mutate_many("UPDATE items SET path = ? WHERE id = ?", paths)
+        tx.mutate_many(
+            "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)", audio
+        )
+    lib._close()
+    return len(ids)
+
+
+def timed_runs(beet: str, env: dict[str, str], runs: int) -> dict[str, list[tuple[float, float]]]:
+    commands = {
+        "beet version": ["version"],
+        "beet ls -f '$id'": ["ls", "-f", "$id"],
+        "beet deepsim-embed": ["deepsim-embed"],
+    }
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    for _ in range(runs):
+        for name, args in commands.items():
+            wall, rss, out = run_rusage(beet, args, env)
+            if name == "beet deepsim-embed" and b"nothing to do" not in out:
+                raise SystemExit(f"deepsim-embed had work to do: {out.decode()[-400:]}")
+            results[name].append((wall, rss))
+    return results
+
+
+def run_rusage(beet: str, args: list[str], env: dict[str, str]) -> tuple[float, float, bytes]:
+    """Wall seconds, peak RSS (MB, the child's own) and stdout of one ``beet`` process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([beet, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"beet {' '.join(args)} failed ({proc.returncode}): {err.decode()[-400:]}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def profile_plan(db: Path) -> None:
+    import cProfile
+    import pstats
+
+    from deepsim.embed import plan_embedding
+
+    lib = open_library(db)
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    plan = plan_embedding(lib, MODEL_ID)
+    profiler.disable()
+    print(
+        f"plan_embedding in process: {time.perf_counter() - started:.3f} s "
+        f"(done {plan.done}, todo {len(plan.todo)}, missing {len(plan.missing)})"
+    )
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(12)
+    lib._close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dir", type=Path, default=Path.home() / ".cache" / "deepsim-bench" / "similar"
+    )
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--stats", action="store_true", help="profile one in-process plan")
+    args = parser.parse_args()
+
+    beet = shutil.which("beet", path=os.path.dirname(sys.executable)) or shutil.which("beet")
+    if beet is None:
+        raise SystemExit("no `beet` executable next to this Python")
+    print(f"load average at start: {loadavg()} ({os.cpu_count()} cores)")
+    cached, _ = cached_library(args.dir, items=args.items, dim=400, clusters=300, seed=0)
+    work = Path(tempfile.mkdtemp(prefix="deepsim-bench-noop-", dir=args.dir))
+    try:
+        db = work / "library.db"
+        shutil.copyfile(cached, db)
+        started = time.perf_counter()
+        count = prepare(db, work / "music")
+        print(f"{count} tracks, files and identities in {time.perf_counter() - started:.1f} s")
+        config = work / "config"
+        config.mkdir()
+        (config / "config.yaml").write_text(
+            f"library: {db}\ndirectory: {work / 'music'}\nplugins: deepsim\n"
+        )
+        env = {**os.environ, "BEETSDIR": os.fspath(config)}
+        if args.stats:
+            profile_plan(db)
+        results = timed_runs(beet, env, args.runs)
+        floor = statistics.median(w for w, _ in results["beet version"])
+        for name, values in results.items():
+            wall = statistics.median(w for w, _ in values)
+            rss = max(r for _, r in values)
+            over = f" (floor + {wall - floor:.2f} s)" if name != "beet version" else ""
+            print(f"{name}: {wall:.2f} s{over}, peak RSS {rss:.0f} MB, median of {args.runs}")
+        print(f"load average at end: {loadavg()}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
