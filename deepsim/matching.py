@@ -58,8 +58,15 @@ _NONWORD_RE = re.compile(r"[\W_]+")
 _THE_RE = re.compile(r"^the\s+|,\s*the$")
 
 
+# A title of plain words the rules below leave as they are, only case-folded.
+_PLAIN_RE = re.compile(r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*")
+_FEAT_WORD_RE = re.compile(r"\b(?:feat|ft|featuring)\b", re.IGNORECASE)
+
+
 def _fold(s: str) -> str:
     """NFKD, drop combining marks, case-fold."""
+    if s.isascii():  # NFKD leaves ASCII as it is and it has no combining marks
+        return s.casefold()
     s = unicodedata.normalize("NFKD", s)
     s = "".join(c for c in s if not unicodedata.combining(c))
     return s.casefold()
@@ -113,6 +120,8 @@ def normalise_title(s: str | None) -> str:
     """
     if not s:
         return ""
+    if _PLAIN_RE.fullmatch(s) and not _FEAT_WORD_RE.search(s):
+        return s.casefold()  # the common case, without the rules' eight regular expressions
     raw = _fold(s).strip()
     s = _FEAT_RE.sub("", raw)
     s = _strip_version(s)
@@ -153,12 +162,17 @@ def library_keys(lib: Library) -> LibraryKeys:
     mbids = [(r[3] or "").strip().lower() for r in rows]
     by_mbid: dict[str, int] = {}
     by_name: dict[tuple[str, str], int] = {}
+    artist_names: dict[str, str] = {}  # an artist has many tracks: normalised once
     for item_id, artist, title, mbid in zip(ids.tolist(), artists, titles, mbids, strict=True):
         if mbid and _UUID_RE.match(mbid):
             by_mbid.setdefault(mbid, item_id)
-        name = (normalise_artist(artist), normalise_title(title))
-        if name[0] and name[1]:
-            by_name.setdefault(name, item_id)
+        artist_name = artist_names.get(artist)
+        if artist_name is None:
+            artist_name = artist_names[artist] = normalise_artist(artist)
+        if artist_name:
+            title_name = normalise_title(title)
+            if title_name:
+                by_name.setdefault((artist_name, title_name), item_id)
     return LibraryKeys(ids, artists, titles, mbids, by_mbid, by_name)
 
 
