@@ -524,6 +524,140 @@ def profile_scores(
     )
 
 
+#: Co-listening rule of :func:`co_listening`: played together by at least this many
+#: users, and at least this many times as often as chance.
+CO_MIN_USERS = 2
+CO_MIN_LIFT = 2.0
+#: Cut-off of the item-to-item precision (what ``beet similar -c 5`` shows).
+NEIGHBOUR_K = 5
+
+
+def co_listening(
+    query_plays: sp.spmatrix | np.ndarray,
+    candidate_plays: sp.spmatrix | np.ndarray,
+    *,
+    min_users: int = CO_MIN_USERS,
+    min_lift: float = CO_MIN_LIFT,
+) -> sp.csr_matrix:
+    """Which candidate tracks each query track's listeners also played: ``(n_query, n_cand)``.
+
+    Both arguments are ``users × tracks`` play counts over the same users.
+    Candidate ``j`` is relevant to query ``q`` when at least ``min_users``
+    users played both, and at least ``min_lift`` times as many as chance
+    would give (``n_q · n_j / n_users``, ``n`` the tracks' listener counts),
+    so that tracks everybody plays are not relevant to everything.
+    """
+    check_int("min_users", min_users, minimum=1)
+    q = _as_relevance(query_plays)
+    c = _as_relevance(candidate_plays)
+    if q.shape[0] != c.shape[0]:
+        raise ParameterError(
+            f"query and candidate plays must have the same users, got {q.shape} and {c.shape}"
+        )
+    together = sp.csr_matrix(q.T @ c)
+    n_q = np.asarray(q.sum(axis=0)).ravel()
+    n_c = np.asarray(c.sum(axis=0)).ravel()
+    rows = np.repeat(np.arange(together.shape[0]), np.diff(together.indptr))
+    expected = n_q[rows] * n_c[together.indices] / max(1, q.shape[0])
+    keep = (together.data >= min_users) & (together.data >= min_lift * expected)
+    return sp.csr_matrix(
+        (np.ones(int(keep.sum()), np.float32), (rows[keep], together.indices[keep])),
+        shape=together.shape,
+    )
+
+
+@dataclass(frozen=True)
+class NeighbourScores:
+    """Item-to-item ranking quality: what ``beet similar`` would return for query tracks.
+
+    Attributes
+    ----------
+    p_at_k
+        Mean precision of the first ``k`` candidates over the queries that
+        have a relevant candidate (``nan`` when none has).
+    map_at_k
+        Mean average precision truncated at :data:`MAP_K` over the same queries.
+    k
+        The precision cut-off.
+    n_queries
+        Queries the means are over.
+    p_per_query, ap_per_query
+        One value per query (``nan`` for queries without a relevant candidate).
+    """
+
+    p_at_k: float
+    map_at_k: float
+    k: int
+    n_queries: int
+    p_per_query: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    ap_per_query: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+
+def neighbour_scores(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    relevance: sp.spmatrix | np.ndarray,
+    *,
+    exclude: np.ndarray | None = None,
+    k: int = NEIGHBOUR_K,
+    chunk_size: int = 1024,
+) -> NeighbourScores:
+    """Rank ``candidates`` for each query vector by cosine; P@k and mAP against ``relevance``.
+
+    Parameters
+    ----------
+    queries, candidates
+        ``(n_query, d)`` and ``(n_cand, d)`` track vectors (any norm).
+    relevance
+        ``(n_query, n_cand)``; positive entries are relevant (e.g.
+        :func:`co_listening`).
+    exclude
+        Per query, the index of a candidate to leave out (the query itself),
+        or ``-1``; it is neither ranked nor relevant.
+    k
+        Precision cut-off.
+    chunk_size
+        Queries ranked at a time.
+    """
+    k = check_int("k", k, minimum=1)
+    q = _unit_rows(np.asarray(queries, np.float64))
+    c = _unit_rows(np.asarray(candidates, np.float64))
+    rel = _as_relevance(relevance)
+    if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1] or rel.shape != (len(q), len(c)):
+        raise ParameterError(
+            f"queries {q.shape}, candidates {c.shape} and relevance {rel.shape} do not agree"
+        )
+    skip = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+    p_per = np.full(len(q), np.nan)
+    ap_per = np.full(len(q), np.nan)
+    kk = min(MAP_K, len(c))
+    for start in range(0, len(q), chunk_size):
+        rows = np.arange(start, min(start + chunk_size, len(q)))
+        scores = q[rows] @ c.T
+        mine = skip[rows] >= 0
+        scores[rows[mine] - start, skip[rows[mine]]] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")
+        relevant = rel[rows].toarray() > 0
+        relevant[rows[mine] - start, skip[rows[mine]]] = False
+        hits = np.take_along_axis(relevant, order, axis=1)
+        n_pos = hits.sum(axis=1)
+        ok = n_pos > 0
+        top = hits[:, :kk].astype(np.float64)
+        precision = np.cumsum(top, axis=1) / np.arange(1, kk + 1)
+        ap = np.sum(precision * top, axis=1) / np.maximum(1, np.minimum(n_pos, kk))
+        p_per[rows[ok]] = hits[ok, :k].sum(axis=1) / k
+        ap_per[rows[ok]] = ap[ok]
+    n = int(np.sum(np.isfinite(ap_per)))
+    return NeighbourScores(
+        p_at_k=float(np.nanmean(p_per)) if n else float("nan"),
+        map_at_k=float(np.nanmean(ap_per)) if n else float("nan"),
+        k=k,
+        n_queries=n,
+        p_per_query=p_per,
+        ap_per_query=ap_per,
+    )
+
+
 def evaluate_heldout(
     user_factors: np.ndarray,
     plays: sp.spmatrix | np.ndarray,

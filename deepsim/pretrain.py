@@ -82,7 +82,13 @@ from deepsim.matching import (
     normalise_title,
 )
 from deepsim.melcache import MelCache, build_cache, loader_context
-from deepsim.metrics import PREDICTED_ROW, HeldoutMetrics, MetricRow, evaluate_heldout
+from deepsim.metrics import (
+    PREDICTED_ROW,
+    HeldoutMetrics,
+    MetricRow,
+    evaluate_heldout,
+    profile_scores,
+)
 from deepsim.models.checkpoint import read_metadata
 from deepsim.models.dieleman import (
     DEFAULT_CONFIG,
@@ -305,6 +311,10 @@ class Targets:
     heldout_plays
         ``(n_users, n_heldout)`` play counts on the held-out tracks, columns in
         the order of ``np.flatnonzero(heldout)``.
+    train_plays
+        ``(n_users, n_train)`` play counts on the training tracks, columns in
+        the order of ``np.flatnonzero(~heldout)`` (the listeners' profiles of
+        the content-based baseline).
     info
         Provenance (counts, WMF parameters).
     """
@@ -314,6 +324,7 @@ class Targets:
     heldout: np.ndarray
     user_factors: np.ndarray
     heldout_plays: sp.csr_matrix
+    train_plays: sp.csr_matrix
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -334,6 +345,7 @@ def save_targets(path: str | os.PathLike[str], targets: Targets) -> None:
     path = Path(path)
     blob, offsets = _pack_strings(targets.paths)
     plays = sp.csr_matrix(targets.heldout_plays, dtype=np.float32)
+    train = sp.csr_matrix(targets.train_plays, dtype=np.float32)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(
         tmp,
@@ -346,6 +358,10 @@ def save_targets(path: str | os.PathLike[str], targets: Targets) -> None:
         plays_indices=plays.indices,
         plays_indptr=plays.indptr,
         plays_shape=np.asarray(plays.shape, dtype=np.int64),
+        train_data=train.data,
+        train_indices=train.indices,
+        train_indptr=train.indptr,
+        train_shape=np.asarray(train.shape, dtype=np.int64),
         info=np.frombuffer(json.dumps(targets.info).encode(), dtype=np.uint8),
     )
     os.replace(tmp, path)
@@ -356,6 +372,7 @@ def load_targets(path: str | os.PathLike[str]) -> Targets:
     try:
         with np.load(path, allow_pickle=False) as data:
             shape = tuple(int(v) for v in data["plays_shape"])
+            train_shape = tuple(int(v) for v in data["train_shape"])
             return Targets(
                 paths=_unpack_strings(data["paths_blob"], data["paths_offsets"]),
                 factors=data["factors"],
@@ -363,6 +380,10 @@ def load_targets(path: str | os.PathLike[str]) -> Targets:
                 user_factors=data["user_factors"],
                 heldout_plays=sp.csr_matrix(
                     (data["plays_data"], data["plays_indices"], data["plays_indptr"]), shape=shape
+                ),
+                train_plays=sp.csr_matrix(
+                    (data["train_data"], data["train_indices"], data["train_indptr"]),
+                    shape=train_shape,
                 ),
                 info=json.loads(data["info"].tobytes().decode()),
             )
@@ -428,6 +449,7 @@ def make_targets(
         heldout,
         split.user_factors,
         counts[:, held].tocsr(),
+        counts[:, train].tocsr(),
         info,
     )
 
@@ -736,18 +758,29 @@ class Validation:
                 auc_random=m.random.auc,
                 map_random=m.random.map_at_k,
                 n_users=m.n_users,
+                rows={
+                    r.name: {"auc": r.scores.auc, "map": r.scores.map_at_k, "cosine": r.cosine}
+                    for r in m.rows
+                },
             )
         return data
 
 
-def _with_untrained(val: Validation, untrained: Validation | None) -> Validation:
-    """``val`` with the untrained network's ranking as an extra row (when known)."""
-    if val.metrics is None or untrained is None or untrained.metrics is None:
+def _with_untrained(
+    val: Validation, untrained: Validation | None, profile: MetricRow | None = None
+) -> Validation:
+    """``val`` with the untrained network's rows (when known): its ranking, its content profile."""
+    if val.metrics is None:
         return val
-    row = MetricRow(
-        "untrained network (step 0)", untrained.metrics.predicted, untrained.metrics.cosine
-    )
-    return Validation(val.loss, val.metrics.with_row(row, after=PREDICTED_ROW), val.n_tracks)
+    metrics = val.metrics
+    if untrained is not None and untrained.metrics is not None:
+        row = MetricRow(UNTRAINED_ROW, untrained.metrics.predicted, untrained.metrics.cosine)
+        metrics = metrics.with_row(row, after=PREDICTED_ROW)
+    if profile is not None:
+        names = [r.name for r in metrics.rows]
+        after = UNTRAINED_ROW if UNTRAINED_ROW in names else PREDICTED_ROW
+        metrics = metrics.with_row(profile, after=after)
+    return Validation(val.loss, metrics, val.n_tracks)
 
 
 def validate(
@@ -766,6 +799,32 @@ def validate(
     """
     if len(loader.dataset) == 0:  # type: ignore[arg-type]
         return None
+    by_track = _predict(model, loader, runtime=runtime, amp=amp)
+    if by_track is None:
+        return None
+    held_cols = np.flatnonzero(targets.heldout)
+    present = np.array([t in by_track for t in held_cols.tolist()], dtype=bool)
+    if not np.any(present):
+        return Validation(float("nan"), None, 0)
+    cols = held_cols[present]
+    predicted = np.stack([by_track[t] for t in cols.tolist()]).astype(np.float32)
+    true = targets.factors[cols]
+    loss = float(np.mean((predicted - true) ** 2))
+    plays = targets.heldout_plays[:, np.flatnonzero(present)]
+    user_factors = targets.user_factors
+    if users is not None:
+        plays, user_factors = plays[users], user_factors[users]
+    metrics = evaluate_heldout(user_factors, plays, predicted, true)
+    return Validation(loss, metrics, len(cols))
+
+
+def _predict(
+    model: DielemanModel, loader: DataLoader, *, runtime: Runtime, amp: bool
+) -> dict[int, np.ndarray] | None:
+    """The network's outputs for the tracks of ``loader`` (split over the ranks), on rank 0.
+
+    Tracks whose audio failed are missing; other ranks get ``None``.
+    """
     was_training = model.training
     model.eval()
     if runtime.distributed:
@@ -794,20 +853,54 @@ def validate(
     for idx, pred in gathered:
         for i, p in zip(idx.tolist(), pred, strict=True):
             by_track[i] = p
+    return by_track
+
+
+#: The baseline rows of the pretraining table: the network before any step, ranking by
+#: ``x_u · output``, and as a content-based recommender.
+UNTRAINED_ROW = "untrained network (step 0)"
+UNTRAINED_PROFILE_ROW = "untrained network: content profile"
+
+
+def untrained_profile(
+    model: DielemanModel,
+    loader: DataLoader,
+    targets: Targets,
+    *,
+    runtime: Runtime,
+    amp: bool,
+    users: np.ndarray | None = None,
+) -> MetricRow | None:
+    """The network's outputs as a content-based recommender (rank 0; others ``None``).
+
+    ``loader`` serves centred crops of the held-out tracks and of the
+    training tracks the evaluated ``users`` played.  A user's profile is the
+    play-weighted mean of the (unit) outputs of their training tracks; the
+    held-out tracks are ranked by cosine to it (:func:`deepsim.metrics.profile_scores`),
+    as ``beet deepsim-train``'s ``untrained: sound profile`` row.  Measured
+    once, before the first step: the honest "no training" baseline.
+    """
+    by_track = _predict(model, loader, runtime=runtime, amp=amp)
+    if by_track is None:
+        return None
     held_cols = np.flatnonzero(targets.heldout)
-    present = np.array([t in by_track for t in held_cols.tolist()], dtype=bool)
-    if not np.any(present):
-        return Validation(float("nan"), None, 0)
-    cols = held_cols[present]
-    predicted = np.stack([by_track[t] for t in cols.tolist()]).astype(np.float32)
-    true = targets.factors[cols]
-    loss = float(np.mean((predicted - true) ** 2))
-    plays = targets.heldout_plays[:, np.flatnonzero(present)]
-    user_factors = targets.user_factors
-    if users is not None:
-        plays, user_factors = plays[users], user_factors[users]
-    metrics = evaluate_heldout(user_factors, plays, predicted, true)
-    return Validation(loss, metrics, len(cols))
+    train_cols = np.flatnonzero(~targets.heldout)
+    held_ok = np.asarray([t in by_track for t in held_cols.tolist()], bool)
+    train_ok = np.asarray([t in by_track for t in train_cols.tolist()], bool)
+    if not held_ok.any() or not train_ok.any():
+        return None
+    rows = np.arange(len(targets.user_factors)) if users is None else np.asarray(users)
+    train_plays, held_plays = targets.train_plays[rows], targets.heldout_plays[rows]
+    # the users of the other rows: with a factor (so with training plays)
+    has = (np.diff(train_plays.indptr) > 0) & np.any(targets.user_factors[rows] != 0, axis=1)
+    train_plays, held_plays = train_plays[has], held_plays[has]
+    scores = profile_scores(
+        train_plays[:, np.flatnonzero(train_ok)],
+        np.stack([by_track[t] for t in train_cols[train_ok].tolist()]),
+        held_plays[:, np.flatnonzero(held_ok)],
+        np.stack([by_track[t] for t in held_cols[held_ok].tolist()]),
+    )
+    return MetricRow(UNTRAINED_PROFILE_ROW, scores)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -1281,6 +1374,7 @@ class Trainer:
         }
         self.train_set = ClipDataset(np.flatnonzero(~targets.heldout & ok), train=True, **common)
         self.held_set = ClipDataset(np.flatnonzero(targets.heldout & ok), train=False, **common)
+        self._common, self._ok, self._mp_context = common, ok, mp_context
 
         model.to(runtime.device)
         self.ddp: torch.nn.Module = model
@@ -1419,6 +1513,33 @@ class Trainer:
             f"{self.samples_per_second():.1f} samples/s"
         )
 
+    def _profile_loader(self) -> DataLoader:
+        """Centred crops of the held-out tracks and of the training tracks the evaluated
+        users played (for :func:`untrained_profile`), split over the ranks."""
+        targets = self.targets
+        train_cols = np.flatnonzero(~targets.heldout)
+        plays = (
+            targets.train_plays if self.eval_users is None else targets.train_plays[self.eval_users]
+        )
+        played = train_cols[np.diff(plays.tocsc().indptr) > 0]
+        tracks = np.union1d(np.flatnonzero(targets.heldout), played)
+        dataset = ClipDataset(tracks[self._ok[tracks]], train=False, **self._common)
+        workers = self.args.workers
+        return DataLoader(
+            dataset,
+            batch_size=self.args.batch_size,
+            sampler=DistributedSampler(
+                dataset,
+                num_replicas=self.runtime.world,
+                rank=self.runtime.rank,
+                shuffle=False,
+                drop_last=False,
+            ),
+            num_workers=min(workers, 1),
+            worker_init_fn=_worker_init if workers else None,
+            multiprocessing_context=self._mp_context,
+        )
+
     def checkpoint(self) -> None:
         """Save model and training state (rank 0)."""
         if self.runtime.main:
@@ -1438,11 +1559,21 @@ class Trainer:
         last_val: Validation | None = None
         losses: list[float] = []
         untrained: Validation | None = None
+        profile: MetricRow | None = None
         if self.step == 0:
-            # The honest baseline: the same network before any training step.
+            # The honest baselines: the same network before any training step, ranking by
+            # x_u · output and as a content-based recommender.
             untrained = validate(
                 self.model,
                 self.held_loader,
+                self.targets,
+                runtime=self.runtime,
+                amp=self.amp,
+                users=self.eval_users,
+            )
+            profile = untrained_profile(
+                self.model,
+                self._profile_loader(),
                 self.targets,
                 runtime=self.runtime,
                 amp=self.amp,
@@ -1483,7 +1614,7 @@ class Trainer:
                     users=self.eval_users,
                 )
                 if val is not None:
-                    val = _with_untrained(val, untrained)
+                    val = _with_untrained(val, untrained, profile)
                     last_val = val
                     self.say(val.line(epoch_number))
         return last_val

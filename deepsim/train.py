@@ -32,6 +32,7 @@ so an interruption (Ctrl-C) at any point leaves the previous model active.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -51,8 +52,11 @@ from deepsim.metrics import (
     Comparison,
     HeldoutMetrics,
     MetricRow,
+    NeighbourScores,
+    co_listening,
     compare,
     evaluate_heldout,
+    neighbour_scores,
     profile_scores,
 )
 from deepsim.util import check_choice, check_float, check_int, get_logger, loop_to_length
@@ -69,6 +73,7 @@ __all__ = [
     "TrainReport",
     "activation_decision",
     "choose_head",
+    "choose_taste_weight",
     "evaluate_split",
     "finetune_head",
     "fit_ridge",
@@ -90,6 +95,8 @@ COMBINED_ROW = "trained: sound+taste profile"
 #: Taste weights tried for the combined vector.  The ends are left out so that
 #: both parts are always stored and any weight can be used at query time.
 TASTE_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: Smallest lower bound of the AP gain over sound alone that counts as a gain.
+MIN_GAIN = 1e-3
 #: Ridge penalties tried, as multiples of the number of training tracks.
 RIDGE_LAMBDAS = tuple(float(x) for x in np.logspace(-3, 2, 11))
 
@@ -1001,6 +1008,104 @@ def finetune_head(
 
 
 @dataclass
+class WeightChoice:
+    """The taste weight and the item-to-item evidence behind it (:func:`choose_taste_weight`).
+
+    Attributes
+    ----------
+    weight
+        The weight of the combined vector.
+    scan
+        ``{w: NeighbourScores}`` for ``w = 0`` (sound only: the untrained
+        vectors), every weight tried, and ``1`` (taste only).
+    gain
+        ``{w: (mean, standard error)}`` of the per-query AP gain over ``w = 0``
+        for the weights tried.
+    rule
+        One line: what was chosen and why.
+    """
+
+    weight: float
+    scan: dict[float, NeighbourScores]
+    gain: dict[float, tuple[float, float]]
+    rule: str
+
+
+def choose_taste_weight(
+    sound: np.ndarray,
+    taste: np.ndarray,
+    queries: np.ndarray,
+    relevance: sp.csr_matrix,
+    *,
+    weights: Sequence[float] = TASTE_WEIGHTS,
+    fixed: float | None = None,
+) -> WeightChoice:
+    """Choose the taste weight the way ``beet similar`` uses it: item to item, cold start.
+
+    Every track (row of ``sound`` and ``taste``) is a candidate; the
+    ``queries`` (row indices: the held-out tracks, which neither the
+    factorisation nor the head has seen, so their taste vector comes from
+    their audio alone) are each ranked against all other tracks by the cosine
+    of the combined vectors at weight ``w``, and scored by AP against
+    ``relevance`` (``(n_queries, n_tracks)``: the tracks the query's listeners
+    also played, :func:`deepsim.metrics.co_listening`).
+
+    The rule (noise-aware): for each weight, the per-query gain in AP over
+    sound alone (``w = 0``, the untrained vectors); the weight whose mean gain
+    minus one standard error is largest (the smaller weight on a tie).  When
+    no weight's lower bound is above :data:`MIN_GAIN`, the smallest weight is kept (the
+    taste part does not surely help, so keep it small); without any query
+    that has a relevant track, ``0.5``.  ``fixed`` skips the choice (the scan
+    is still computed, for the report).
+    """
+    from deepsim.taste import combine
+
+    queries = np.asarray(queries, np.int64)
+    scan: dict[float, NeighbourScores] = {}
+    for w in (0.0, *weights, 1.0):
+        v = combine(sound, taste, w)
+        scan[w] = neighbour_scores(v[queries], v, relevance, exclude=queries)
+    base = scan[0.0].ap_per_query
+    gain: dict[float, tuple[float, float]] = {}
+    for w in weights:
+        d = scan[w].ap_per_query - base
+        d = d[np.isfinite(d)]
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+        gain[w] = (float(d.mean()) if len(d) else float("nan"), se)
+    n = scan[0.0].n_queries
+    what = f"`similar` on {n} held-out track(s)"
+    if fixed is not None:
+        return WeightChoice(float(fixed), scan, gain, f"taste weight {fixed:g}: as given")
+    if n == 0:
+        return WeightChoice(
+            0.5,
+            scan,
+            gain,
+            "taste weight 0.5: no held-out track has co-listened tracks to judge by",
+        )
+    lower = {w: m - se for w, (m, se) in gain.items()}
+    best = max(weights, key=lambda w: (lower[w], -w))
+    if not lower[best] > MIN_GAIN:
+        w = min(weights)
+        m, se = gain[w]
+        return WeightChoice(
+            w,
+            scan,
+            gain,
+            f"taste weight {w:g}: no weight surely improves {what} "
+            f"(best lower bound {lower[best]:+.3f} at {best:g}); the smallest kept",
+        )
+    m, se = gain[best]
+    return WeightChoice(
+        best,
+        scan,
+        gain,
+        f"taste weight {best:g}: the surest gain in mAP of {what} over sound alone "
+        f"({m:+.3f} ± {se:.3f}, P@{scan[best].k} {scan[0.0].p_at_k:.3f} → {scan[best].p_at_k:.3f})",
+    )
+
+
+@dataclass
 class Evaluation:
     """The held-out table and what was decided from it.
 
@@ -1009,19 +1114,24 @@ class Evaluation:
     metrics
         Every row (:mod:`deepsim.metrics`), including :data:`UNTRAINED_ROW` and
         :data:`COMBINED_ROW`.
-    taste_weight
-        The weight of the combined vector.
+    weight
+        The taste weight and its item-to-item evidence.
     taste_scan
-        ``{w: (AUC, mAP)}`` of the combined profile for each weight tried.
+        ``{w: (AUC, mAP)}`` of the combined *profile* for each weight tried (a
+        report only: it rewards taste, it does not choose).
     comparison
         The sound+taste profile against the untrained sound profile, per
-        listener, over the listeners that did not choose the weight.
+        listener (the activation rule).
     """
 
     metrics: HeldoutMetrics
-    taste_weight: float
+    weight: WeightChoice
     taste_scan: dict[float, tuple[float, float]]
     comparison: Comparison
+
+    @property
+    def taste_weight(self) -> float:
+        return self.weight.weight
 
 
 def evaluate_split(
@@ -1037,70 +1147,50 @@ def evaluate_split(
     taste_weight: float | None = None,
     seed: int = 0,
 ) -> Evaluation:
-    """Score the held-out tracks every way the table shows.
+    """Score the held-out tracks every way the table shows; choose the taste weight.
 
-    Only users with at least one training play take part (the others have no
-    factor and no profile), so every row ranks for the same users and rows can
-    be compared user by user.  ``taste_weight=None`` tries
-    :data:`TASTE_WEIGHTS` and keeps the smallest one whose combined profile's
-    mAP is within one standard error of the best (:func:`_pick_weight`), for a
-    seeded half of the users; the comparison with the untrained model uses the
-    other half.
+    The weight is chosen item to item (:func:`choose_taste_weight`): each
+    held-out track against every kept track, relevance from co-listening in
+    the held-out plays.  The table's rows are per user: only users with at
+    least one training play take part (the others have no factor and no
+    profile), so every row ranks for the same users and rows can be compared
+    user by user.
     """
     from deepsim.taste import combine
 
-    keep = np.flatnonzero(
-        (np.diff(sp.csr_matrix(train_plays).indptr) > 0) & np.any(user_factors != 0, axis=1)
-    )
-    train_plays = sp.csr_matrix(train_plays)[keep]
-    heldout_plays = sp.csr_matrix(heldout_plays)[keep]
+    train_plays = sp.csr_matrix(train_plays)
+    heldout_plays = sp.csr_matrix(heldout_plays)
+    n_train = train_plays.shape[1]
+    sound = np.concatenate([features_train, features_heldout])
+    taste = np.concatenate([predicted_train, predicted_heldout])
+    queries = n_train + np.arange(heldout_plays.shape[1])
+    relevance = co_listening(heldout_plays, sp.hstack([train_plays, heldout_plays]).tocsr())
+    choice = choose_taste_weight(sound, taste, queries, relevance, fixed=taste_weight)
+
+    keep = np.flatnonzero((np.diff(train_plays.indptr) > 0) & np.any(user_factors != 0, axis=1))
+    train_plays, heldout_plays = train_plays[keep], heldout_plays[keep]
     metrics = evaluate_heldout(
         user_factors[keep], heldout_plays, predicted_heldout, heldout_factors, seed=seed
     )
     untrained = profile_scores(train_plays, features_train, heldout_plays, features_heldout)
-    # Half the listeners choose the weight, the other half judge the model, so that the
-    # choice does not flatter the comparison.
-    chooser = np.random.default_rng(seed + 1).random(len(keep)) < 0.5
-    weights = TASTE_WEIGHTS if taste_weight is None else (float(taste_weight),)
     scan: dict[float, tuple[float, float]] = {}
-    tried: dict[float, Any] = {}
-    for w in weights:
-        tried[w] = profile_scores(
+    chosen_scores = None
+    for w in sorted({*choice.scan, choice.weight}):
+        scores = profile_scores(
             train_plays,
             combine(features_train, predicted_train, w),
             heldout_plays,
             combine(features_heldout, predicted_heldout, w),
         )
-        scan[w] = (tried[w].auc, tried[w].map_at_k)
-    chosen = _pick_weight(tried, chooser)
-    best_scores = tried[chosen]
+        scan[w] = (scores.auc, scores.map_at_k)
+        if w == choice.weight:
+            chosen_scores = scores
+    assert chosen_scores is not None
     metrics = metrics.with_row(
-        MetricRow(f"{COMBINED_ROW} (w={chosen:g})", best_scores), after=PREDICTED_ROW
+        MetricRow(f"{COMBINED_ROW} (w={choice.weight:g})", chosen_scores), after=PREDICTED_ROW
     )
     metrics = metrics.with_row(MetricRow(UNTRAINED_ROW, untrained), after=metrics.rows[2].name)
-    judges = ~chooser if taste_weight is None else np.ones(len(keep), bool)
-    return Evaluation(metrics, chosen, scan, compare(best_scores, untrained, users=judges))
-
-
-def _pick_weight(tried: dict[float, Any], users: np.ndarray) -> float:
-    """The smallest taste weight whose mAP is within one standard error of the best.
-
-    Over ``users`` (the choosing half), paired per user.  Preferring the
-    smaller weight when the difference is within noise keeps more of the
-    sound, which is all a never-played track's vector is sure of.
-    """
-    if len(tried) == 1:
-        return next(iter(tried))
-    ap = {w: s.ap_per_user[users] for w, s in tried.items()}
-    means = {w: float(np.nanmean(a)) if np.isfinite(a).any() else -1.0 for w, a in ap.items()}
-    top = max(means, key=lambda w: (means[w], -w))
-    for w in sorted(tried):
-        d = ap[w] - ap[top]
-        d = d[np.isfinite(d)]
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-        if means[w] >= means[top] - se:
-            return w
-    return top
+    return Evaluation(metrics, choice, scan, compare(chosen_scores, untrained))
 
 
 def activation_decision(evaluation: Evaluation | None, *, force: bool | None) -> tuple[bool, str]:
@@ -1110,8 +1200,9 @@ def activation_decision(evaluation: Evaluation | None, *, force: bool | None) ->
     must beat the untrained backbone's vectors (:data:`UNTRAINED_ROW`) as a
     content-based recommender of the held-out tracks, on AUC *and* mAP@500,
     each by a paired per-listener difference at least 1.645 standard errors
-    above zero (one-sided 95 %), over the half of the listeners that did not
-    choose the taste weight.  ``force=True``/``False`` overrides.
+    above zero (one-sided 95 %), over every listener of the table (the taste
+    weight was chosen item to item, not on these rankings).
+    ``force=True``/``False`` overrides.
     """
     if evaluation is None:
         if force:
@@ -1230,6 +1321,13 @@ class TrainReport:
             "wmf": self.wmf_params,
         }
         if self.evaluation is not None:
+            choice = self.evaluation.weight
+            out["taste_weight_rule"] = choice.rule
+            out["similar_heldout"] = {
+                f"{w:g}": {"p_at_k": round(s.p_at_k, 4), "map": round(s.map_at_k, 4)}
+                for w, s in choice.scan.items()
+                if s.n_queries
+            }
             out["heldout"] = {
                 row.name: {
                     "auc": round(row.scores.auc, 4),
@@ -1275,10 +1373,36 @@ class TrainReport:
                 f"{m.n_plays} plays on them"
             )
             lines.append(m.format_table())
-            scan = "  ".join(f"{w:g}: {mp:.3f}" for w, (_, mp) in ev.taste_scan.items())
-            lines.append(f"taste weight (mAP of the sound+taste profile): {scan}")
+            lines.extend(_weight_table(ev))
         lines.append(self.activation)
         return "\n".join(lines)
+
+
+def _weight_table(ev: Evaluation) -> list[str]:
+    """The taste-weight scan: item-to-item P@k and mAP, and the profile's mAP, per weight."""
+    choice = ev.weight
+    scan = choice.scan
+    if not scan:
+        return [choice.rule]
+    weights = sorted(scan)
+    k = scan[weights[0]].k
+    n = scan[weights[0]].n_queries
+    cells = [f"{w:g}" + ("*" if w == choice.weight else "") for w in weights]
+    width = max(6, *(len(c) for c in cells))
+
+    def row(name: str, values: list[str]) -> str:
+        return f"  {name:<26}" + "".join(f"{v:>{width + 1}}" for v in values)
+
+    profile = [f"{ev.taste_scan[w][1]:.3f}" if w in ev.taste_scan else "-" for w in weights]
+    return [
+        f"taste weight (0 = the untrained sound vectors; * = chosen), `similar` item to item "
+        f"on {n} held-out tracks:",
+        row("weight", cells),
+        row(f"similar: P@{k}", [f"{scan[w].p_at_k:.3f}" for w in weights]),
+        row("similar: mAP", [f"{scan[w].map_at_k:.3f}" for w in weights]),
+        row(f"profile: mAP@{MAP_K}", profile),
+        choice.rule,
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1455,12 +1579,12 @@ def run_training(
     config: TrainConfig | None = None,
     *,
     state_dir: str | os.PathLike[str],
-    log: LogFunction | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> TrainReport:
     """Train a head on the library's listening data; activate it if it earns it.
 
-    See the module docstring for the steps.
+    See the module docstring for the steps.  Progress lines go to the
+    ``deepsim.train`` logger (INFO); the result is the returned report.
 
     Parameters
     ----------
@@ -1473,8 +1597,6 @@ def run_training(
         What to do (:class:`TrainConfig`; default: its defaults).
     state_dir
         deepsim's state directory; the model goes to ``<state_dir>/models``.
-    log
-        Receives progress lines.
     on_epoch
         Called after each training epoch (``KeyboardInterrupt`` raised there,
         or anywhere, leaves the previous model active and no new file).
@@ -1495,7 +1617,7 @@ def run_training(
     from deepsim.util import resolve_device
 
     cfg = config or TrainConfig()
-    say: LogFunction = log or (lambda _line: None)
+    say = functools.partial(log.info, "%s")  # progress goes to the `deepsim` logger
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     state = Path(state_dir)

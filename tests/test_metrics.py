@@ -13,10 +13,12 @@ from deepsim.metrics import (
     PREDICTED_ROW,
     RANDOM_ROW,
     WMF_ROW,
+    co_listening,
     compare,
     evaluate_heldout,
     listener_profiles,
     mean_cosine,
+    neighbour_scores,
     popularity_scores,
     profile_scores,
     random_vectors,
@@ -210,3 +212,47 @@ def test_profile_scores_follow_the_content() -> None:
     assert not compare(good, good).beats  # no difference is no evidence
     profiles = listener_profiles(plays[:, train], vectors[train])
     assert np.allclose(np.linalg.norm(profiles, axis=1), 1.0, atol=1e-5)
+
+
+def test_co_listening_needs_two_listeners_and_more_than_chance() -> None:
+    # 6 users; query track q0 is played by users 0-2, q1 by everyone
+    q = np.zeros((6, 2), np.float32)
+    q[:3, 0] = 1
+    q[:, 1] = 5
+    # candidates: c0 by users 0-2 (with q0), c1 by user 0 only, c2 by everyone, c3 by 3-5
+    c = np.zeros((6, 4), np.float32)
+    c[:3, 0] = 2
+    c[0, 1] = 1
+    c[:, 2] = 1
+    c[3:, 3] = 1
+    rel = co_listening(q, c).toarray()
+    # q0-c0: 3 together, chance 3*3/6 = 1.5, lift 2: relevant; q0-c1: 1 listener; q0-c2: 3
+    # together but chance 3 (everybody plays it); q0-c3: nobody in common
+    assert rel[0].tolist() == [1, 0, 0, 0]
+    # q1 is played by everyone: nothing is played with it more than by chance
+    assert rel[1].tolist() == [0, 0, 0, 0]
+    assert co_listening(q, c, min_users=1, min_lift=1.0).toarray()[0].tolist() == [1, 1, 1, 0]
+    with pytest.raises(ValueError, match="same users"):
+        co_listening(q, c[:5])
+
+
+def test_neighbour_scores_by_hand_and_the_query_itself_left_out() -> None:
+    # four tracks on a line; the query is track 0 and is among the candidates
+    vectors = np.asarray([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.5, 0.5]], np.float32)
+    rel = sp.csr_matrix(np.asarray([[1, 0, 1, 0]], np.float32))  # itself and track 2
+    s = neighbour_scores(vectors[:1], vectors, rel, exclude=np.asarray([0]), k=2)
+    # ranking without the query: 1, 3, 2 -> the only relevant one (2) comes third
+    assert s.n_queries == 1
+    assert s.p_at_k == pytest.approx(0.0)
+    assert s.map_at_k == pytest.approx(1 / 3)
+    s1 = neighbour_scores(vectors[:1], vectors, rel, exclude=np.asarray([0]), k=3)
+    assert s1.p_at_k == pytest.approx(1 / 3)
+    # without excluding it, the query ranks itself first
+    s2 = neighbour_scores(vectors[:1], vectors, rel, k=1)
+    assert s2.p_at_k == pytest.approx(1.0)
+    # a query without relevant candidates is left out of the means
+    none = neighbour_scores(vectors[:2], vectors, sp.csr_matrix((2, 4)), k=2)
+    assert none.n_queries == 0 and math.isnan(none.p_at_k)
+    assert np.isnan(none.ap_per_query).all()
+    with pytest.raises(ValueError, match="do not agree"):
+        neighbour_scores(vectors[:1], vectors, sp.csr_matrix((1, 3)))

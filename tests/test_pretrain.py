@@ -159,6 +159,21 @@ def test_training_learns_the_planted_structure_and_skips_a_corrupt_file(
     assert val["n_tracks"] >= 2
     assert val["auc"] > 0.8 and val["cosine"] > 0.4
     assert summary["samples_per_second"] > 0
+    # the table has the baselines (deepsim-train's formatter): the untrained network both
+    # ways, popularity, random, the WMF upper bound (here the timbre clusters are the taste
+    # groups, so the untrained network's content profile is already a good recommender)
+    rows = val["rows"]
+    for name in (
+        "wmf (upper bound)",
+        pretrain.UNTRAINED_ROW,
+        pretrain.UNTRAINED_PROFILE_ROW,
+        "popularity (others' plays)",
+        "random",
+    ):
+        assert name in rows and name in captured.out
+    assert "mAP@500" in captured.out
+    assert 0.0 <= rows[pretrain.UNTRAINED_PROFILE_ROW]["auc"] <= 1.0
+    assert val["auc"] > rows[pretrain.UNTRAINED_ROW]["auc"]
 
 
 def test_checkpoint_and_resume(data: dict[str, object], tmp_path: Path, capsys) -> None:
@@ -288,6 +303,8 @@ def test_targets_hold_out_tracks_from_wmf_and_round_trip(tmp_path: Path) -> None
     np.testing.assert_array_equal(loaded.factors, targets.factors)
     np.testing.assert_array_equal(loaded.heldout, targets.heldout)
     assert (loaded.heldout_plays != targets.heldout_plays).nnz == 0
+    np.testing.assert_array_equal(targets.train_plays.toarray(), counts[:, train])
+    assert (loaded.train_plays != targets.train_plays).nnz == 0
     assert loaded.info == targets.info
 
 

@@ -3,6 +3,8 @@ held-out protocol, and run_training end to end on a small beets library."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from deepsim.train import (
     UNTRAINED_ROW,
     TrainConfig,
     choose_head,
+    choose_taste_weight,
     finetune_head,
     fit_ridge,
     reembed_from_store,
@@ -285,21 +288,31 @@ class World:
         n_audio: int = 3,
         broken: bool = True,
         shuffle: bool = False,
+        never_played: int = 0,
+        noise: float = 0.6,
     ) -> None:
         torch.manual_seed(0)
         self.backbone_path = DielemanModel(TINY).save(tmp_path / "backbone.safetensors")
         self.backbone = str(self.backbone_path)
         self.backbone_id = model_id_of(self.backbone)
         self.state = tmp_path / "state"
-        counts, features, _ = planted(
-            n_tracks=n_tracks, n_users=160, dim=32, noise=0.6, nuisance=3.0, shuffle=shuffle
+        # the last `never_played` tracks are in the library but in nobody's listening
+        counts, features, self.cluster = planted(
+            n_tracks=n_tracks + never_played,
+            n_users=160,
+            dim=32,
+            noise=noise,
+            nuisance=3.0,
+            shuffle=shuffle,
         )
+        counts = counts[:, :n_tracks]
         self.features = features
         self.lib = Library(str(tmp_path / "library.db"))
         self.ids: list[int] = []
-        for j in range(n_tracks):
+        for j in range(n_tracks + never_played):
             item = Item(artist=f"Artist {j % 7}", title=f"Song {j}", path=f"/m/{j}.mp3".encode())
             self.ids.append(self.lib.add(item))
+        self.never_ids = self.ids[n_tracks:]
         # a few tracks have audio and no stored vector: they are embedded from audio
         audio_dir = tmp_path / "audio"
         audio_dir.mkdir()
@@ -335,7 +348,7 @@ class World:
             sp.hstack([counts, extra]).tocsr(), [f"u{u}" for u in range(counts.shape[0])], tracks
         )
 
-    def train(self, *, listens: Listens | None = None, log=None, on_epoch=None, **kwargs):  # type: ignore[no-untyped-def]
+    def train(self, *, listens: Listens | None = None, on_epoch=None, **kwargs):  # type: ignore[no-untyped-def]
         options = {
             "backbone": self.backbone,
             "factors": 16,
@@ -351,7 +364,6 @@ class World:
             self.listens if listens is None else listens,
             TrainConfig(**options),
             state_dir=self.state,
-            log=log,
             on_epoch=on_epoch,
         )
 
@@ -361,9 +373,27 @@ def world(tmp_path: Path) -> World:
     return World(tmp_path)
 
 
-def test_run_training_end_to_end(world: World) -> None:
+@pytest.fixture
+def progress() -> Iterator[list[str]]:
+    """The lines logged by deepsim.train (the plugin routes that logger into beets' log)."""
     lines: list[str] = []
-    report = world.train(log=lines.append)
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("deepsim.train")
+    handler, level = Collect(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_run_training_end_to_end(world: World, progress: list[str]) -> None:
+    lines = progress
+    report = world.train()
     assert report.n_listened_tracks == 210 and report.n_matched == 200
     assert report.match_rate == pytest.approx(200 / 210)
     assert report.n_embedded == 3 and report.n_failed == 1
@@ -419,6 +449,65 @@ def test_run_training_end_to_end(world: World) -> None:
     assert float(sound[0] @ base[0]) > 0.999  # the sound part is the backbone vector
     again = reembed_from_store(world.lib, model)  # nothing left but the two without vectors
     assert sorted(again.tolist()) == sorted(missing.tolist())
+
+
+def _same_group_p_at_5(world: World, model_id: str, queries: list[int]) -> float:
+    """Same-cluster P@5 of the 5 nearest stored vectors by cosine (what `similar -c 5` ranks)."""
+    ids, matrix = store.read_vectors(world.lib, model_id)
+    assert len(ids) == len(world.ids)
+    group = dict(zip(world.ids, world.cluster.tolist(), strict=True))
+    groups = np.asarray([group[int(i)] for i in ids.tolist()])
+    unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    rows = np.flatnonzero(np.isin(ids, queries))
+    sim = unit[rows] @ unit.T
+    sim[np.arange(len(rows)), rows] = -np.inf  # the query itself
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :5]
+    return float(np.mean(groups[top] == groups[rows, None]))
+
+
+def test_trained_vectors_beat_untrained_on_never_played_tracks(tmp_path: Path) -> None:
+    """Item 7: at its chosen taste weight the trained model's `similar` beats the untrained
+    backbone for tracks nobody played (their place comes from their audio alone)."""
+    # noisy sound: the backbone's nearest neighbours are often of another taste group
+    world = World(tmp_path, n_tracks=160, n_audio=0, broken=False, never_played=40, noise=1.5)
+    report = world.train()
+    assert report.activated and report.model is not None
+    ev = report.evaluation
+    assert ev is not None and 0.1 <= report.taste_weight <= 0.9
+    assert report.taste_weight == ev.weight.weight
+    # the weight was chosen item to item on the held-out tracks, with a surer gain than 0
+    mean, se = ev.weight.gain[report.taste_weight]
+    assert mean - se > 0 and "surest gain" in ev.weight.rule
+    assert ev.weight.scan[report.taste_weight].p_at_k > ev.weight.scan[0.0].p_at_k
+    assert reembed_from_store(world.lib, report.model).tolist() == []
+    never = _same_group_p_at_5(world, world.backbone_id, world.never_ids)
+    never_trained = _same_group_p_at_5(world, report.model_id, world.never_ids)
+    assert never_trained > never + 0.1, (never, never_trained)
+    everyone = _same_group_p_at_5(world, world.backbone_id, world.ids)
+    everyone_trained = _same_group_p_at_5(world, report.model_id, world.ids)
+    assert everyone_trained > everyone + 0.1, (everyone, everyone_trained)
+
+
+def test_choose_taste_weight_keeps_sound_when_taste_does_not_help() -> None:
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(4), 15)
+    sound = rng.standard_normal((4, 8))[group] + 0.5 * rng.standard_normal((60, 8))
+    queries = np.arange(0, 60, 3)
+    relevance = sp.csr_matrix(group[queries][:, None] == group[None, :], dtype=np.float32)
+    noise = rng.standard_normal((60, 6))
+    useless = choose_taste_weight(sound, noise, queries, relevance)
+    assert useless.weight == 0.1 and "no weight surely improves" in useless.rule
+    # a taste part that knows the groups better than the sound does is given weight
+    taste = rng.standard_normal((4, 6))[group] + 0.1 * rng.standard_normal((60, 6))
+    blurred = rng.standard_normal((4, 8))[group] + 1.5 * rng.standard_normal((60, 8))
+    useful = choose_taste_weight(blurred, taste, queries, relevance)
+    assert useful.weight > 0.1 and useful.scan[useful.weight].map_at_k > useful.scan[0.0].map_at_k
+    mean, se = useful.gain[useful.weight]
+    assert mean - se == max(m - s for m, s in useful.gain.values())
+    fixed = choose_taste_weight(blurred, taste, queries, relevance, fixed=0.4)
+    assert fixed.weight == 0.4 and set(fixed.scan) == {0.0, *useful.gain, 1.0}
+    empty = choose_taste_weight(sound, noise, queries, sp.csr_matrix(relevance.shape))
+    assert empty.weight == 0.5 and "no held-out track" in empty.rule
 
 
 def test_training_errors(world: World) -> None:

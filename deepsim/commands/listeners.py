@@ -119,9 +119,7 @@ def train(
     )
     config = train_config(opts, ctx)
     try:
-        report = run_training(
-            lib, listens, config, state_dir=ctx.state_dir, log=lambda line: log.info("%s", line)
-        )
+        report = run_training(lib, listens, config, state_dir=ctx.state_dir)
     except KeyboardInterrupt:
         raise DeepsimError(
             "interrupted; nothing was saved and the previous model stays active"
