@@ -286,7 +286,7 @@ def beet_times(directory: Path, db: Path, seed_id: int, runs: int, n_trees: int)
             print(f"skipped: `beet similar --help` failed ({tail[0]})")
             return
         # The plugin's index lives in <config dir>/deepsim; build it as the plugin would.
-        from deepsim.similar import refresh_index
+        from deepsim.index import refresh_index
 
         lib = open_library(db)
         refreshed = refresh_index(lib, MODEL_ID, config_dir / "deepsim", n_trees=n_trees)
@@ -365,7 +365,8 @@ def index_dir_for(args: argparse.Namespace, n_trees: int) -> Path:
 
 def bench_find(lib: Library, args: argparse.Namespace, seed_id: int) -> None:
     """find_similar end to end, in process, with several filters."""
-    from deepsim.similar import find_similar, refresh_index
+    from deepsim.index import refresh_index
+    from deepsim.similar import find_similar
 
     directory = index_dir_for(args, args.n_trees[0])
     refreshed = refresh_index(lib, MODEL_ID, directory, n_trees=args.n_trees[0])

@@ -50,10 +50,6 @@ from deepsim.index import (
     SearchIndex,
     open_index,
 )
-
-# The index lifecycle lives in deepsim.index; re-exported for existing callers.
-from deepsim.index import RefreshResult as RefreshResult
-from deepsim.index import refresh_index as refresh_index
 from deepsim.util import check_int
 
 if TYPE_CHECKING:
@@ -594,7 +590,7 @@ def find_similar(
     model_id
         The active model's id; only its vectors are used.
     index_dir
-        Where :func:`refresh_index` saves the index (``<config dir>/deepsim``);
+        Where :func:`deepsim.index.refresh_index` saves the index (``<config dir>/deepsim``);
         None: always search exactly.
     count
         How many items to return at most.

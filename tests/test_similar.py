@@ -14,14 +14,8 @@ from beets.library import Item, Library
 
 from deepsim import store
 from deepsim.errors import DeepsimError
-from deepsim.index import AnnoyIndex, index_paths, load_index, save_index
-from deepsim.similar import (
-    find_similar,
-    find_similar_each,
-    load_items,
-    refresh_index,
-    where_ids,
-)
+from deepsim.index import AnnoyIndex, index_paths, load_index, refresh_index, save_index
+from deepsim.similar import find_similar, find_similar_each, load_items, where_ids
 
 MODEL = "test-model-1"
 DIM = 16

@@ -30,8 +30,7 @@ from beets.test.helper import PluginTestHelper
 from beets.util.m3u import M3UFile
 
 from deepsim import store
-from deepsim.index import index_paths
-from deepsim.similar import refresh_index
+from deepsim.index import index_paths, refresh_index
 
 MODEL_ID = "musicnn-msd-mtt-1"  # the default model's id
 OTHER_ID = "musicnn-msd-1"
