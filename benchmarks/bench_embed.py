@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import beets  # noqa: E402
 from audiogen import write_audio  # noqa: E402
 
-from deepsim.embed import _decoded, default_workers  # noqa: E402
+from deepsim.decoders import decoded  # noqa: E402
+from deepsim.embed import default_workers  # noqa: E402
 
 beets.config["create_backup_before_migrations"] = False
 
@@ -72,9 +73,11 @@ def make_tracks(cache: Path, count: int) -> list[Path]:
 
 def bench_decode(paths: list[Path], workers: int) -> float:
     started = time.perf_counter()
-    results = list(_decoded(paths, sample_rate=16000, seconds=30.0, workers=workers, window=16))
+    results = [
+        r for r, _ in decoded(paths, sample_rate=16000, seconds=30.0, workers=workers, window=16)
+    ]
     elapsed = time.perf_counter() - started
-    failed = sum(isinstance(r, Exception) for r in results)
+    failed = sum(isinstance(r[0], Exception) for r in results)
     if failed:
         print(f"  warning: {failed} decode failures")
     return len(paths) / elapsed

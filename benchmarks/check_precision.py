@@ -37,7 +37,7 @@ import torch
 
 from deepsim.audio import decode_middle
 from deepsim.errors import DeepsimError
-from deepsim.models.musicnn import FRONTEND, load_builtin, timbral_output_max
+from deepsim.models.musicnn import FRONTEND, conv_output_max, load_builtin
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "excerpts"
 
@@ -91,8 +91,11 @@ def main() -> int:
         model = load_builtin("default")
         patches, _ = model.patchify(model.compute_logmels(waves))
         for net in (model.msd, model.mtt):
-            tops = timbral_output_max(net.net, patches)
-            print(f"{net.model_id}: timbral output max {tops[0]:.4f}, {tops[1]:.4f}")
+            tops = conv_output_max(net.net, patches)
+            print(
+                f"{net.model_id}: output max, timbral then temporal: "
+                + ", ".join(f"{top:.4f}" for top in tops)
+            )
         return 0
     reference = load_builtin("default", precision="fp32")
     embed(reference, waves[:2])  # warm-up

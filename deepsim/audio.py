@@ -1,9 +1,10 @@
 """Decode the middle of an audio file to mono float32 samples with PyAV.
 
 Only the analysis window is decoded: the decoder seeks to the start of the
-window, so an 8-hour file costs about as much as a 3-minute one.  Resampling
-goes through FFmpeg's resampler (``av.AudioResampler``); channels are then
-averaged to mono, as librosa does.
+window, so an 8-hour file costs about as much as a 3-minute one, and stops
+once the window is decoded.  Channels are averaged to mono, as librosa does,
+and resampled once to the model's rate by FFmpeg's resampler
+(``av.AudioResampler``), mono first where that is exact (mono and stereo).
 
 Every failure is an :class:`~deepsim.errors.AudioError` naming the file and the
 reason; nothing else escapes.
@@ -21,6 +22,11 @@ import numpy as np
 from deepsim.errors import AudioError
 
 PathLike = str | bytes | os.PathLike[str]
+
+#: Samples per frame out of the resampler (fewer, larger frames: less per-frame overhead).
+RESAMPLE_FRAME = 4096
+
+_SQRT1_2 = 0.7071067811865476
 
 #: A file whose duration cannot be read is decoded from its start, up to this
 #: many seconds, and the middle of what was decoded is used.
@@ -138,32 +144,43 @@ def _decode(
             except av.error.FFmpegError:
                 container.seek(0)
                 # Fall back to decoding from the start and skipping.
-        # Resample keeping the channels, then average them: the plain mean is
-        # what librosa (and so musicnn's training pipeline) does; FFmpeg's own
-        # downmix would be about 3 dB louder.
-        resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
+        # Mono is the plain mean of the channels, as librosa (and so musicnn's training
+        # pipeline) does.  For mono and stereo FFmpeg's resampler mixes down first, then
+        # resamples one channel: stereo comes out as (L + R) / sqrt(2), so a scale by
+        # 1 / sqrt(2) gives the mean (equal to averaging after resampling within 1.2e-7).
+        # Other layouts (whose FFmpeg downmix weighs the channels) are resampled whole
+        # and averaged here.
+        name = stream.layout.name
+        downmix = name in ("mono", "stereo")
+        channels = 1 if downmix else max(1, stream.channels or 1)
+        resampler = av.AudioResampler(
+            format="flt",
+            layout="mono" if downmix else None,
+            rate=sample_rate,
+            frame_size=RESAMPLE_FRAME,
+        )
         want = round(span * sample_rate)
+        need = want
         chunks: list[np.ndarray] = []
         have = 0
         first_time: float | None = None
         try:
             for frame in container.decode(stream):
-                if frame.pts is not None and frame.time_base is not None:
-                    frame_time = float(frame.pts * frame.time_base)
-                    frame_end = frame_time + frame.samples / max(frame.sample_rate, 1)
-                    if frame_end <= start:
-                        continue
-                    if first_time is None:
-                        first_time = frame_time
-                elif first_time is None:
-                    first_time = start
+                if first_time is None:
+                    frame_time = frame.time
+                    if frame_time is not None:
+                        frame_end = frame_time + frame.samples / max(frame.sample_rate, 1)
+                        if frame_end <= start:
+                            continue  # before the window (the seek lands on a packet before it)
+                    first_time = start if frame_time is None else frame_time
+                    need = want + max(0, round((start - first_time) * sample_rate))
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))
+                    chunks.append(out.to_ndarray())
                     have += out.samples
-                if have >= want + int((start - (first_time or start)) * sample_rate) + sample_rate:
+                if have >= need:
                     break
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))
+                chunks.append(out.to_ndarray())
         except av.error.FFmpegError as exc:
             if not chunks:
                 raise AudioError(path, f"cannot decode audio ({_reason(exc)})") from None
@@ -172,7 +189,12 @@ def _decode(
             raise AudioError(path, f"cannot decode audio ({exc})") from None
     if not chunks:
         raise AudioError(path, "no decodable audio at the analysis window")
-    samples = np.concatenate(chunks).astype(np.float32, copy=False)
+    samples = np.concatenate(chunks, axis=1).reshape(-1)
+    if channels > 1:
+        samples = samples[: len(samples) // channels * channels]
+        samples = samples.reshape(-1, channels).mean(axis=1, dtype=np.float32)
+    elif name == "stereo":
+        samples *= np.float32(_SQRT1_2)
     skip = max(0, round((start - (first_time if first_time is not None else start)) * sample_rate))
     if skip >= len(samples):
         # Seeking overshot (a stream shorter than its header claims): use the end.

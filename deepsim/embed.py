@@ -16,12 +16,9 @@ remembered, a summary.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
@@ -29,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepsim import store, threads
-from deepsim.audio import PathLike, decode_middle
+from deepsim.audio import PathLike
+from deepsim.decoders import decoded as decoded_files
 from deepsim.errors import AudioError
-from deepsim.identity import AudioIdentity, compare, identify, stat_identity
+from deepsim.identity import AudioIdentity, compare, stat_identity
 from deepsim.util import get_logger
 
 if TYPE_CHECKING:
@@ -83,70 +81,6 @@ def default_workers() -> int:
     return threads.plan(None)[0]
 
 
-Decoded = tuple[np.ndarray | AudioError, str | None]
-
-
-def _decode_job(path: PathLike, sample_rate: int, seconds: float) -> Decoded:
-    """The decoded window (or the error) and the file's audio identity."""
-    ident = identify(path)
-    audio = None if ident is None else ident.text
-    try:
-        return decode_middle(path, sample_rate=sample_rate, seconds=seconds), audio
-    except AudioError as exc:
-        return exc, audio
-    except Exception as exc:  # a decoder bug must not take the run down
-        reason = f"unexpected decoding failure ({type(exc).__name__}: {exc})"
-        return AudioError(path, reason), audio
-
-
-def _worker_init() -> None:
-    # Decoding workers must not compete with the inference threads for cores.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    except (ImportError, ValueError):
-        pass
-
-
-def _decoded(
-    paths: Sequence[PathLike], *, sample_rate: int, seconds: float, workers: int, window: int
-) -> Iterator[Decoded]:
-    """Decoded audio and audio identity per path, in order, at most ``window`` in flight."""
-    if workers <= 0:
-        for path in paths:
-            yield _decode_job(path, sample_rate, seconds)
-        return
-    context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
-    pending: deque[tuple[int, Future[Decoded]]] = deque()
-    submitted = 0
-
-    def submit_next() -> None:
-        nonlocal submitted
-        if submitted < len(paths):
-            path = paths[submitted]
-            pending.append((submitted, pool.submit(_decode_job, path, sample_rate, seconds)))
-            submitted += 1
-
-    try:
-        while submitted < min(window, len(paths)):
-            submit_next()
-        while pending:
-            index, future = pending.popleft()
-            try:
-                result = future.result()
-            except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
-                result = (AudioError(paths[index], f"decoder process failed ({exc})"), None)
-            submit_next()
-            yield result
-    finally:
-        for _, future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def embed_files(
     paths: Sequence[PathLike],
     model: Model,
@@ -168,7 +102,9 @@ def embed_files(
         (:func:`deepsim.threads.plan`); ``0`` decodes in this process.  The
         inference threads get the remaining cores.
     batch_size
-        Tracks per inference batch.
+        Most tracks per inference batch.  A batch runs as soon as it is full
+        or the next file is not decoded yet, so inference never waits for
+        decoding while it has something to do.
     on_decoded
         Called with the index of each file as soon as it is decoded (for
         progress reporting).
@@ -222,7 +158,7 @@ def embed_files(
             )
         batch.clear()
 
-    decoded = _decoded(
+    decoded = decoded_files(
         paths,
         sample_rate=params.sample_rate,
         seconds=params.clip_seconds,
@@ -230,7 +166,7 @@ def embed_files(
         window=window,
     )
     next_index = 0
-    for index, (wave, ident) in enumerate(decoded):
+    for index, ((wave, ident), next_ready) in enumerate(decoded):
         if on_decoded is not None:
             on_decoded(index)
         if isinstance(wave, AudioError):
@@ -238,7 +174,7 @@ def embed_files(
         else:
             audio[index] = ident
             batch.append((index, wave))
-            if len(batch) >= batch_size:
+            if len(batch) >= batch_size or not next_ready:
                 run_batch()
         # Emit, in order, everything that is complete.
         ready.sort(key=lambda o: o.index)

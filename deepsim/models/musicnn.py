@@ -110,13 +110,14 @@ BUILTIN_FILES: dict[str, tuple[str, ...]] = {
 #: Numeric precisions of the convolutions; see :class:`MusicnnNetwork`.
 PRECISIONS = ("fp32", "bf16", "int8")
 
-#: Output range of each timbral convolution (after bias and ReLU) of the shipped
+#: Output range of each front-end convolution (after bias and ReLU; the two
+#: timbral ones, then the temporal ones of 128, 64 and 32 frames) of the shipped
 #: networks, for int8: the largest value over the 56 corpus excerpts times 1.5
 #: (``python benchmarks/check_precision.py --calibrate`` prints the maxima).
 #: Larger values saturate at the top of the range.
-INT8_RANGES: dict[str, tuple[float, float]] = {
-    "musicnn-msd-1": (1.5 * 7.5819, 1.5 * 9.0310),
-    "musicnn-mtt-1": (1.5 * 3.4898, 1.5 * 4.5406),
+INT8_RANGES: dict[str, tuple[float, ...]] = {
+    "musicnn-msd-1": tuple(1.5 * top for top in (7.5819, 9.0310, 2.5266, 2.1280, 2.0784)),
+    "musicnn-mtt-1": tuple(1.5 * top for top in (3.4898, 4.5406, 2.1301, 1.7994, 1.9814)),
 }
 
 #: Patches convolved at a time on a CPU (on other devices: all at once).  One
@@ -166,6 +167,16 @@ def cpu_has_vnni() -> bool:
     return re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", text) is not None
 
 
+_NATIVE_BF16: list[bool] = []
+
+
+def _native_bf16() -> bool:
+    """:func:`cpu_has_native_bf16`, read once."""
+    if not _NATIVE_BF16:
+        _NATIVE_BF16.append(cpu_has_native_bf16())
+    return _NATIVE_BF16[0]
+
+
 def resolve_precision(precision: str, device: str = "cpu") -> str:
     """Turn ``"auto"`` into the fastest precision within the accuracy contract here.
 
@@ -188,22 +199,22 @@ def _check_precision(precision: str) -> str:
     return precision
 
 
-class _Int8Timbral:
-    """The two timbral convolutions as oneDNN int8 convolutions, max-pooled in int8.
+class _Int8Convs:
+    """The front end's five convolutions as oneDNN int8 convolutions, max-pooled in int8.
 
     Weights per filter (symmetric int8), the input per call (one scale for the
-    batch, asymmetric uint8), the output on the calibrated range
-    (:data:`INT8_RANGES`, uint8).  By the argument in the module docstring a
-    filter with a positive batch-norm scale needs ``max_f relu(z_f + b)``: an
-    int8 convolution with fused bias + ReLU, then an int8 max-pool over all
-    frequencies.  One with a negative scale needs ``relu(min_f (z_f + b))`` =
-    ``relu(-max_f (-(z_f + b)))``: the convolution of the negated filter and
-    bias, quantized on ``[-top, 0]`` (values above 0 clip to 0, which is where
-    the ReLU gives 0 anyway), max-pooled likewise.  Only the pooled
-    ``(P, 204, T)`` result is turned back into float32.
+    batch, asymmetric uint8: zero padding stays exact), the output on the
+    calibrated range (:data:`INT8_RANGES`, uint8).  By the argument in the
+    module docstring a filter with a positive batch-norm scale needs
+    ``max_f relu(z_f + b)``: an int8 convolution with fused bias + ReLU, then
+    an int8 max-pool over all frequencies.  One with a negative scale needs
+    ``relu(min_f (z_f + b))`` = ``relu(-max_f (-(z_f + b)))``: the convolution
+    of the negated filter and bias, quantized on ``[-top, 0]`` (values above 0
+    clip to 0, which is where the ReLU gives 0 anyway), max-pooled likewise.
+    Only the pooled ``(P, C, T)`` results are turned back into float32.
     """
 
-    def __init__(self, net: MusicnnNetwork, ranges: tuple[float, float]) -> None:
+    def __init__(self, net: MusicnnNetwork, ranges: Sequence[float]) -> None:
         import warnings
 
         from torch.ao.nn.intrinsic.quantized import ConvReLU2d
@@ -211,9 +222,14 @@ class _Int8Timbral:
 
         torch.backends.quantized.engine = "x86"
         self.convs = []
+        pads = [(3, 3)] * len(net.timbral) + [
+            ((k - 1) // 2, k - 1 - (k - 1) // 2) for k in net.temporal_lengths
+        ]
+        layers = list(zip(net.timbral, net.timbral_norm, strict=True))
+        layers += list(zip(net.temporal, net.temporal_norm, strict=True))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the quantized-tensor API is marked deprecated
-            for conv, norm, top in zip(net.timbral, net.timbral_norm, ranges, strict=True):
+            for (conv, norm), top, pad in zip(layers, ranges, pads, strict=True):
                 scale, shift = norm.scale_shift()
                 negative = scale < 0
                 parts = []
@@ -237,22 +253,22 @@ class _Int8Timbral:
                     module.scale = float(top) / 255.0
                     module.zero_point = 0 if sign > 0 else 255
                     parts.append((module, index, sign))
-                self.convs.append((parts, scale, shift))
+                self.convs.append((parts, scale, shift, pad))
 
-    def __call__(self, padded: torch.Tensor) -> list[torch.Tensor]:
-        """``(P, T + 6, 96)`` padded, normalised patches -> two ``(P, T, 204)`` features."""
+    def __call__(self, chunk: torch.Tensor) -> list[torch.Tensor]:
+        """``(P, T, 96)`` normalised patches -> five ``(P, T, C)`` features."""
         import warnings
 
-        x = padded.unsqueeze(1).contiguous()
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = min(float(chunk.min()), 0.0), max(float(chunk.max()), 0.0)
         step = max(hi - lo, 1e-8) / 255.0
         zero = round(min(max(-lo / step, 0.0), 255.0))
         out = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            qx = torch.quantize_per_tensor(x, step, zero, torch.quint8)
-            for parts, scale, shift in self.convs:
-                peak = torch.empty(x.shape[0], scale.numel(), x.shape[2] - 6)
+            for parts, scale, shift, (before, after) in self.convs:
+                x = F.pad(chunk, (0, 0, before, after)).unsqueeze(1)
+                qx = torch.quantize_per_tensor(x, step, zero, torch.quint8)
+                peak = torch.empty(x.shape[0], scale.numel(), chunk.shape[1])
                 for module, index, sign in parts:
                     maps = module(qx)  # (P, n, T, F)
                     pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()
@@ -319,14 +335,14 @@ class MusicnnNetwork(torch.nn.Module):
         *,
         n_tags: int = 50,
         precision: str = "fp32",
-        int8_ranges: tuple[float, float] | None = None,
+        int8_ranges: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.precision = _check_precision(precision)
         if self.precision == "int8" and int8_ranges is None:
             raise ModelError("precision int8 needs the output ranges of these weights")
         self.int8_ranges = int8_ranges
-        self._int8: tuple[Any, _Int8Timbral] | None = None
+        self._int8: tuple[Any, _Int8Convs] | None = None
         self.input_norm = FrozenBatchNorm(1)
         self.timbral = torch.nn.ModuleList(
             torch.nn.Conv2d(1, self.timbral_filters, (7, w)) for w in self.timbral_widths
@@ -377,12 +393,13 @@ class MusicnnNetwork(torch.nn.Module):
         """Bias, ReLU and batch norm of the (sign-folded) frequency maxima ``(P, T, C)``."""
         return torch.relu((peak.float() + bias) * sign) * scale + shift
 
-    def _int8_timbral(self) -> _Int8Timbral:
-        """The int8 timbral convolutions, rebuilt whenever the weights change."""
-        key = tuple((c.weight.data_ptr(), c.weight._version) for c in self.timbral)
+    def _int8_convs(self) -> _Int8Convs:
+        """The int8 front-end convolutions, rebuilt whenever the weights change."""
+        layers = [*self.timbral, *self.temporal]
+        key = tuple((c.weight.data_ptr(), c.weight._version) for c in layers)
         if self._int8 is None or self._int8[0] != key:
             assert self.int8_ranges is not None
-            self._int8 = (key, _Int8Timbral(self, self.int8_ranges))
+            self._int8 = (key, _Int8Convs(self, self.int8_ranges))
         return self._int8[1]
 
     def front_end(self, patches: torch.Tensor) -> torch.Tensor:
@@ -409,11 +426,12 @@ class MusicnnNetwork(torch.nn.Module):
             chunk_size = INT8_CHUNK_PATCHES
         for chunk in x.split(chunk_size):
             features = []
+            if int8:
+                outputs.append(torch.cat(self._int8_convs()(chunk), dim=2))
+                continue
             padded = F.pad(chunk, (0, 0, 3, 3))
             low = padded.to(torch.bfloat16) if bf16 else padded
-            if int8:
-                features.extend(self._int8_timbral()(padded))
-            for (taps, width), weight, rest in [] if int8 else timbral:
+            for (taps, width), weight, rest in timbral:
                 if bf16:
                     # A one-channel convolution gains nothing from bfloat16 dot
                     # products (they pair input channels), a matrix product over
@@ -454,8 +472,17 @@ class MusicnnNetwork(torch.nn.Module):
         front = self.front_end(patches)
         layers = [front]
         h = front
+        # int8 on a CPU with bfloat16 matrix units: the first (561-channel) mid-end
+        # convolution in bfloat16 (fp32 accumulation), about 6x as fast as fp32.
+        low = self.precision == "int8" and h.device.type == "cpu" and _native_bf16()
         for i, (conv, norm) in enumerate(zip(self.midend, self.midend_norm, strict=True)):
-            out = norm(torch.relu(F.conv1d(F.pad(h, (3, 3)), conv.weight, conv.bias)))
+            x = F.pad(h, (3, 3))
+            if low and i == 0:
+                z = F.conv1d(x.to(torch.bfloat16), conv.weight.to(torch.bfloat16)).float()
+                z = z + conv.bias.view(1, -1, 1)
+            else:
+                z = F.conv1d(x, conv.weight, conv.bias)
+            out = norm(torch.relu(z))
             h = out if i == 0 else out + h
             layers.append(h)
         features = torch.cat(layers, dim=1)  # (P, 753, frames)
@@ -466,21 +493,24 @@ class MusicnnNetwork(torch.nn.Module):
 
 
 @torch.inference_mode()
-def timbral_output_max(net: MusicnnNetwork, patches: torch.Tensor) -> tuple[float, float]:
-    """The largest output (after bias and ReLU) of each timbral convolution on ``patches``.
+def conv_output_max(net: MusicnnNetwork, patches: torch.Tensor) -> tuple[float, ...]:
+    """The largest output (after bias and ReLU) of each front-end convolution on ``patches``.
 
-    What :data:`INT8_RANGES` is calibrated from (``(P, 187, 96)`` log-mel
-    patches of real music, in float32).
+    The two timbral convolutions, then the three temporal ones: what
+    :data:`INT8_RANGES` is calibrated from (``(P, 187, 96)`` log-mel patches
+    of real music, in float32).
     """
     scale, shift = net.input_norm.scale_shift()
+    pads = [(3, 3)] * len(net.timbral)
+    pads += [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in net.temporal_lengths]
     tops = []
-    for conv in net.timbral:
+    for conv, (before, after) in zip([*net.timbral, *net.temporal], pads, strict=True):
         top = 0.0
         for chunk in patches.split(4):
-            x = F.pad(chunk.float() * scale + shift, (0, 0, 3, 3)).unsqueeze(1)
+            x = F.pad(chunk.float() * scale + shift, (0, 0, before, after)).unsqueeze(1)
             top = max(top, float(torch.relu(F.conv2d(x, conv.weight, conv.bias)).max()))
         tops.append(top)
-    return tops[0], tops[1]
+    return tuple(tops)
 
 
 class MusicnnModel(Model):
