@@ -173,7 +173,19 @@ def report(
         )
 
 
-def main() -> None:
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracks", type=int, default=24, help="generated 4-minute mp3 files")
     parser.add_argument("--models", nargs="+", default=["default", "msd-musicnn"])
@@ -186,6 +198,9 @@ def main() -> None:
         "--cache", type=Path, default=Path.home() / ".cache" / "deepsim-bench" / "mp3"
     )
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not cuda_available():
+        print(f"--device {args.device}: CUDA is not available here (torch {torch_version()})")
+        return 1
     db_growth()
     extra = {} if args.batch_size is None else {"batch_size": str(args.batch_size)}
     extra["device"] = args.device
@@ -210,7 +225,8 @@ def main() -> None:
             report("../shared/corpus/full (real songs)", copies, args.models, args.workers, extra)
     else:
         print("\n../shared/corpus/full not present: real-song figures skipped")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -213,3 +213,52 @@ def test_real_corpus_excerpts(corpus: Path) -> None:
         samples = decode_middle(path, sample_rate=SR)
         assert len(samples) == 30 * SR
         assert 0.05 < float(np.abs(samples).max()) < 2.0
+
+
+def _write_planar(path: Path, wave: np.ndarray, *, rate: int, layout: str) -> Path:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("flac", rate=rate)
+        stream.layout = layout
+        stream.format = "s16"
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(wave, np.float32), format="fltp", layout=layout
+        )
+        frame.sample_rate = rate
+        resampler = av.AudioResampler(format="s16", layout=layout, rate=rate)
+        for packet in [
+            *(p for f in resampler.resample(frame) for p in stream.encode(f)),
+            *stream.encode(None),
+        ]:
+            out.mux(packet)
+    return path
+
+
+def _mean_then_reference(path: Path) -> np.ndarray:
+    """Every channel resampled on its own, then their plain mean (the definition)."""
+    with av.open(str(path)) as container:
+        resampler = av.AudioResampler(format="fltp", layout=None, rate=SR)
+        chunks = [
+            out.to_ndarray().mean(axis=0)
+            for frame in container.decode(audio=0)
+            for out in [*resampler.resample(frame)]
+        ]
+        chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)]
+    return np.concatenate(chunks).astype(np.float32)
+
+
+@pytest.mark.parametrize(("layout", "channels"), [("stereo", 2), ("quad", 4)])
+def test_mono_is_the_plain_mean_of_the_channels(
+    tmp_path: Path, layout: str, channels: int
+) -> None:
+    # Channels that differ (one in anti-phase): FFmpeg's own downmix would weigh them;
+    # deepsim's mono is their plain mean, whether it mixes down first (stereo) or not.
+    rate = 44100
+    t = np.arange(12 * rate) / rate
+    base = 0.4 * np.sin(2 * np.pi * 440 * t)
+    rows = [base, -0.5 * base + 0.3 * np.sin(2 * np.pi * 1000 * t)]
+    rows += [0.2 * np.sin(2 * np.pi * (200 + 300 * k) * t) for k in range(channels - 2)]
+    path = _write_planar(tmp_path / f"{layout}.flac", np.stack(rows), rate=rate, layout=layout)
+    samples = decode_middle(path, sample_rate=SR, seconds=30.0)  # shorter: the whole track
+    reference = _mean_then_reference(path)
+    assert len(samples) == len(reference) == 12 * SR
+    np.testing.assert_allclose(samples, reference, atol=2e-6)

@@ -98,6 +98,28 @@ def test_batches_cover_several_tracks(files) -> None:
     assert model.calls == [25]
 
 
+def test_a_batch_runs_when_the_next_file_is_not_decoded_yet(files, monkeypatch) -> None:
+    # Inference never waits for decoding while it has tracks: a batch runs when it
+    # is full or when the decoders say the next file is not ready yet.
+    import deepsim.embed
+    from deepsim.decoders import decoded
+
+    ready_after = {0: False, 1: True, 3: False}  # index -> is the next one ready
+
+    def scripted(paths, **kwargs):
+        for index, (result, _) in enumerate(decoded(paths, **kwargs)):
+            yield result, ready_after.get(index, True)
+
+    monkeypatch.setattr(deepsim.embed, "decoded_files", scripted)
+    good = [f for f in files if f.suffix == ".flac"]
+    model = SpectralModel()
+    outcomes = list(embed_files(good, model, workers=0, batch_size=8))
+    assert [o.index for o in outcomes] == list(range(len(good)))
+    assert all(o.error is None for o in outcomes)
+    # 5 patches a clip: [clip 0] (next not ready), [clips 1-3] (next not ready), [clip 4]
+    assert model.calls == [5, 15, 5]
+
+
 def test_short_clip_is_tiled_to_one_patch(tmp_path) -> None:
     path = write_audio(tmp_path / "short.wav", tone(0.3, rate=8000), rate=8000)
     (outcome,) = embed_files([path], SpectralModel(), workers=0)

@@ -306,7 +306,7 @@ def test_real_excerpt_tags(corpus: Path, ensemble: MusicnnEnsemble) -> None:
     assert not set(msd_top[:5]) & {"metal", "Hip-Hop", "punk", "hard rock", "heavy metal"}
 
 
-# -- int8 (the timbral convolutions on oneDNN's quantized kernels) ---------------------
+# -- int8 (the five front-end convolutions on oneDNN's quantized kernels) -------------
 
 
 needs_x86_int8 = pytest.mark.skipif(
@@ -317,8 +317,15 @@ needs_x86_int8 = pytest.mark.skipif(
 
 @needs_x86_int8
 @pytest.mark.parametrize("network", ["msd", "mtt"])
-def test_int8_keeps_the_accuracy_contract(golden: dict[str, np.ndarray], network: str) -> None:
-    # the golden patches are real music through the TensorFlow front end
+@pytest.mark.parametrize("bf16_midend", [True, False])
+def test_int8_keeps_the_accuracy_contract(
+    golden: dict[str, np.ndarray], network: str, bf16_midend: bool, monkeypatch
+) -> None:
+    # the golden patches are real music through the TensorFlow front end; the first
+    # mid-end convolution runs in bfloat16 only on CPUs with native bfloat16
+    from deepsim.models import musicnn
+
+    monkeypatch.setattr(musicnn, "_NATIVE_BF16", [bf16_midend])
     model = load_builtin(f"{network}-musicnn", precision="int8")
     assert model.precision == "int8"
     with torch.inference_mode():
@@ -359,6 +366,20 @@ def test_precision_auto_picks_by_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert musicnn.resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="int4"):
         musicnn.resolve_precision("int4", "cpu")
+
+
+def test_int8_ranges_cover_the_golden_patches(golden: dict[str, np.ndarray]) -> None:
+    # The calibrated output ranges (1.5x the corpus maxima) hold real music the
+    # calibration never saw, with room to spare.
+    from deepsim.models.musicnn import INT8_RANGES, conv_output_max
+
+    patches = torch.from_numpy(golden["patches"])
+    for network in ("msd", "mtt"):
+        model = load_builtin(f"{network}-musicnn")
+        tops = conv_output_max(model.net, patches)
+        ranges = INT8_RANGES[model.model_id]
+        assert len(tops) == len(ranges) == 5
+        assert all(0 < top <= limit for top, limit in zip(tops, ranges, strict=True))
 
 
 def test_int8_needs_calibrated_weights() -> None:
