@@ -247,9 +247,7 @@ def _mean_then_reference(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("layout", "channels"), [("stereo", 2), ("quad", 4)])
-def test_mono_is_the_plain_mean_of_the_channels(
-    tmp_path: Path, layout: str, channels: int
-) -> None:
+def test_mono_is_the_plain_mean_of_the_channels(tmp_path: Path, layout: str, channels: int) -> None:
     # Channels that differ (one in anti-phase): FFmpeg's own downmix would weigh them;
     # deepsim's mono is their plain mean, whether it mixes down first (stereo) or not.
     rate = 44100
