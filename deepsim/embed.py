@@ -166,7 +166,19 @@ def embed_files(
         window=window,
     )
     next_index = 0
+    # Where the time goes (logged at the end, ``beet -v``): waiting for decoded
+    # audio, inference, and the caller's work between outcomes (storing them).
+    spent = {"waiting for audio": 0.0, "inference": 0.0, "storing": 0.0}
+    started = mark = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        spent[stage] += now - mark
+        mark = now
+
     for index, ((wave, ident), next_ready) in enumerate(decoded):
+        lap("waiting for audio")
         if on_decoded is not None:
             on_decoded(index)
         if isinstance(wave, AudioError):
@@ -176,14 +188,25 @@ def embed_files(
             batch.append((index, wave))
             if len(batch) >= batch_size or not next_ready:
                 run_batch()
+                lap("inference")
         # Emit, in order, everything that is complete.
         ready.sort(key=lambda o: o.index)
         while ready and ready[0].index == next_index and not _in_batch(batch, next_index):
             yield ready.pop(0)
             next_index += 1
+        lap("storing")
     run_batch()
+    lap("inference")
     ready.sort(key=lambda o: o.index)
     yield from ready
+    lap("storing")
+    total = time.perf_counter() - started
+    log.debug(
+        "%d tracks in %.1f s: %s",
+        len(paths),
+        total,
+        ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in spent.items()),
+    )
 
 
 def _in_batch(batch: list[tuple[int, np.ndarray]], index: int) -> bool:

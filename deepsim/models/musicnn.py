@@ -222,6 +222,7 @@ class _Int8Convs:
 
         torch.backends.quantized.engine = "x86"
         self.convs = []
+        self.channels = 0
         pads = [(3, 3)] * len(net.timbral) + [
             ((k - 1) // 2, k - 1 - (k - 1) // 2) for k in net.temporal_lengths
         ]
@@ -252,28 +253,30 @@ class _Int8Convs:
                     module.set_weight_bias(q_weight, bias)
                     module.scale = float(top) / 255.0
                     module.zero_point = 0 if sign > 0 else 255
-                    parts.append((module, index, sign))
-                self.convs.append((parts, scale, shift, pad))
+                    # pooled * (sign * s) + t: the sign back, then the batch norm
+                    a = (sign * scale[index]).view(1, -1, 1).contiguous()
+                    b = shift[index].view(1, -1, 1).contiguous()
+                    parts.append((module, index + self.channels, a, b))
+                self.convs.append((parts, pad))
+                self.channels += scale.numel()
 
-    def __call__(self, chunk: torch.Tensor) -> list[torch.Tensor]:
-        """``(P, T, 96)`` normalised patches -> five ``(P, T, C)`` features."""
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        """``(P, T, 96)`` normalised patches -> ``(P, 561, T)`` front-end features."""
         import warnings
 
         lo, hi = min(float(chunk.min()), 0.0), max(float(chunk.max()), 0.0)
         step = max(hi - lo, 1e-8) / 255.0
         zero = round(min(max(-lo / step, 0.0), 255.0))
-        out = []
+        out = torch.empty(chunk.shape[0], self.channels, chunk.shape[1])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for parts, scale, shift, (before, after) in self.convs:
+            for parts, (before, after) in self.convs:
                 x = F.pad(chunk, (0, 0, before, after)).unsqueeze(1)
                 qx = torch.quantize_per_tensor(x, step, zero, torch.quint8)
-                peak = torch.empty(x.shape[0], scale.numel(), chunk.shape[1])
-                for module, index, sign in parts:
+                for module, index, a, b in parts:
                     maps = module(qx)  # (P, n, T, F)
-                    pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()
-                    peak[:, index] = pooled[..., 0] * sign
-                out.append(peak.transpose(1, 2) * scale + shift)
+                    pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()[..., 0]
+                    out.index_copy_(1, index, torch.addcmul(b, pooled, a))
         return out
 
 
@@ -427,7 +430,7 @@ class MusicnnNetwork(torch.nn.Module):
         for chunk in x.split(chunk_size):
             features = []
             if int8:
-                outputs.append(torch.cat(self._int8_convs()(chunk), dim=2))
+                outputs.append(self._int8_convs()(chunk))  # (P, 561, T) already
                 continue
             padded = F.pad(chunk, (0, 0, 3, 3))
             low = padded.to(torch.bfloat16) if bf16 else padded
@@ -447,8 +450,8 @@ class MusicnnNetwork(torch.nn.Module):
                 shifted = F.pad(chunk, (0, 0, before, k - 1 - before)).unsqueeze(1)
                 peak = F.conv2d(shifted, weight).amax(dim=3).transpose(1, 2)
                 features.append(self._finish(peak, *rest))
-            outputs.append(torch.cat(features, dim=2))
-        return torch.cat(outputs).transpose(1, 2)
+            outputs.append(torch.cat(features, dim=2).transpose(1, 2))
+        return torch.cat(outputs)
 
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the network.
