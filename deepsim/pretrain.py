@@ -971,7 +971,7 @@ class PretrainConfig:
     eval_users: int = 20000
 
     @classmethod
-    def from_args(cls, args: PretrainConfig | PretrainConfig) -> PretrainConfig:
+    def from_args(cls, args: PretrainConfig | argparse.Namespace) -> PretrainConfig:
         """The config of parsed command-line ``args`` (a config passes through)."""
         if isinstance(args, PretrainConfig):
             return args

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from beets.library import Library
 
     from deepsim.listening import Listens
-    from deepsim.models.head import HeadModel
+    from deepsim.models.head import HeadModel, Standardise
 
 __all__ = [
     "TrainConfig",
@@ -488,7 +488,7 @@ def train_head(
     with torch.random.fork_rng(devices=[]), _torch_threads(threads):
         torch.manual_seed(seed)
         head = make_head(x.shape[1], y.shape[1], hidden=hidden, dropout=dropout)
-        head[0].fit(xt)  # the standardising layer
+        cast("Standardise", head[0]).fit(xt)  # the standardising layer
         head = head.to(device)
         xt_t = torch.from_numpy(xt).to(device)
         yt_t = torch.from_numpy(yt).to(device)
@@ -582,11 +582,12 @@ class RidgeFit:
         from deepsim.models.head import make_head
 
         head = make_head(len(self.mean), self.weight.shape[1], hidden=0)
+        scaling, linear = head[0], cast("torch.nn.Linear", head[1])
         with torch.no_grad():
-            head[0].mean.copy_(torch.from_numpy(self.mean).float())
-            head[0].scale.copy_(torch.from_numpy(self.scale).float())
-            head[1].weight.copy_(torch.from_numpy(self.weight.T).float())
-            head[1].bias.copy_(torch.from_numpy(self.bias).float())
+            scaling.get_buffer("mean").copy_(torch.from_numpy(self.mean).float())
+            scaling.get_buffer("scale").copy_(torch.from_numpy(self.scale).float())
+            linear.weight.copy_(torch.from_numpy(self.weight.T).float())
+            linear.bias.copy_(torch.from_numpy(self.bias).float())
         return head.eval()
 
 
@@ -731,7 +732,7 @@ def choose_head(
     x, y = _check_pairs(features, targets)
     folds = min(config.folds, len(x))
     ridge = fit_ridge(x, y, folds=folds, seed=config.seed)
-    mlp_options = {
+    mlp_options: dict[str, Any] = {
         "hidden": config.hidden,
         "dropout": config.dropout,
         "lr": config.lr,
@@ -1144,6 +1145,8 @@ def evaluate_split(
     predicted_train: np.ndarray,
     predicted_heldout: np.ndarray,
     heldout_factors: np.ndarray,
+    untrained_train: np.ndarray | None = None,
+    untrained_heldout: np.ndarray | None = None,
     taste_weight: float | None = None,
     seed: int = 0,
 ) -> Evaluation:
@@ -1154,7 +1157,9 @@ def evaluate_split(
     the held-out plays.  The table's rows are per user: only users with at
     least one training play take part (the others have no factor and no
     profile), so every row ranks for the same users and rows can be compared
-    user by user.
+    user by user.  ``untrained_train``/``untrained_heldout`` are the original
+    backbone's vectors for :data:`UNTRAINED_ROW` when they differ from the
+    sound part (a fine-tuned backbone); by default the ``features_*``.
     """
     from deepsim.taste import combine
 
@@ -1172,7 +1177,12 @@ def evaluate_split(
     metrics = evaluate_heldout(
         user_factors[keep], heldout_plays, predicted_heldout, heldout_factors, seed=seed
     )
-    untrained = profile_scores(train_plays, features_train, heldout_plays, features_heldout)
+    untrained = profile_scores(
+        train_plays,
+        features_train if untrained_train is None else untrained_train,
+        heldout_plays,
+        features_heldout if untrained_heldout is None else untrained_heldout,
+    )
     scan: dict[float, tuple[float, float]] = {}
     chosen_scores = None
     for w in sorted({*choice.scan, choice.weight}):
@@ -1778,6 +1788,8 @@ def run_training(
             predicted_train=taste[train_idx[keep_t]],
             predicted_heldout=taste[held_idx[keep_h]],
             heldout_factors=split.heldout_factors[keep_h],
+            untrained_train=features[train_idx[keep_t]],
+            untrained_heldout=features[held_idx[keep_h]],
             taste_weight=cfg.taste_weight,
             seed=cfg.seed,
         )
