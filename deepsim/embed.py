@@ -289,21 +289,41 @@ def plan_embedding(
     which the readers name: see :func:`deepsim.store.read_stored`).
     """
     plan = EmbedPlan(model_id)
+    stat = os.stat
     for part in store.embed_state_batches(lib, model_id, ids):
         for state in part:
-            _plan_one(plan, state, force=force, retry_failed=retry_failed)
+            try:  # stat_identity, inlined: this runs once per track of the library
+                st = stat(state.path) if state.path else None
+            except (OSError, ValueError):
+                st = None
+            audio = state.audio
+            if (
+                st is not None
+                and state.vector
+                and not force
+                and audio is not None
+                and audio.startswith(f"{st.st_size}:{st.st_mtime_ns}:")
+                and S_ISREG(st.st_mode)
+            ):
+                plan.done += 1  # the common case: a vector of the same file, one stat
+                continue
+            _plan_one(plan, state, st, force=force, retry_failed=retry_failed)
     return plan
 
 
-def _plan_one(plan: EmbedPlan, state: store.ItemState, *, force: bool, retry_failed: bool) -> None:
+def _plan_one(
+    plan: EmbedPlan,
+    state: store.ItemState,
+    st: os.stat_result | None,
+    *,
+    force: bool,
+    retry_failed: bool,
+) -> None:
+    """Every case but the common one (see :func:`plan_embedding`), given the file's ``stat``."""
     path = state.path
     if not path:
         plan.missing.append((state.item_id, ""))
         return
-    try:  # stat_identity, inlined: this runs once per track of the library
-        st = os.stat(path)
-    except (OSError, ValueError):
-        st = None
     if st is None or not S_ISREG(st.st_mode):
         plan.missing.append((state.item_id, os.fsdecode(path)))
         return
@@ -311,7 +331,7 @@ def _plan_one(plan: EmbedPlan, state: store.ItemState, *, force: bool, retry_fai
     if state.vector:
         audio = state.audio
         if audio is not None and audio.startswith(f"{st.st_size}:{st.st_mtime_ns}:"):
-            change = "same"  # the common case: one stat, no parsing
+            change = "same"
         else:
             change, now = compare(AudioIdentity.parse(audio), path)
             if change == "missing":

@@ -535,16 +535,17 @@ def _states(
     main, own, legacy = (slots[key] for key in vector_keys)
     models, audios, own_audios, backbones, failures = (values[key] for key in value_keys)
     states: list[ItemState] = []
+    new = tuple.__new__  # what ItemState._make calls, without a Python-level call per item
     for item_id, raw in tx.query(f"SELECT id, path FROM items WHERE {where} ORDER BY id", args):
         path = raw if type(raw) is bytes and raw[:1] == b"/" else resolve(raw)
         if item_id in main and models.get(item_id) == model_id:
-            state = ItemState(item_id, path, True, audios.get(item_id), failures.get(item_id))
+            state = (item_id, path, True, audios.get(item_id), failures.get(item_id))
         elif item_id in own:
-            state = ItemState(item_id, path, True, own_audios.get(item_id), failures.get(item_id))
+            state = (item_id, path, True, own_audios.get(item_id), failures.get(item_id))
         else:
             old = item_id in legacy and backbones.get(item_id) == model_id
-            state = ItemState(item_id, path, old, None, failures.get(item_id))
-        states.append(state)
+            state = (item_id, path, old, None, failures.get(item_id))
+        states.append(new(ItemState, state))
     return states
 
 

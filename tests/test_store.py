@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -346,3 +347,45 @@ def test_without_a_writable_log_the_state_is_a_digest(
     assert not first.logged and store.change_state(lib) == first
     store.write_vectors(lib, [(1, unit(rng, 1, 8)[0])], "m")
     assert store.change_state(lib) != first
+
+
+def test_embed_states_follow_the_slot_rule_without_reading_vectors(lib: Library) -> None:
+    rng = np.random.default_rng(13)
+    store.write_records(
+        lib,
+        [
+            store.VectorRecord(1, "a", unit(rng, 1, 8)[0], audio="1:2:x"),  # main slot: a
+            store.VectorRecord(1, "b", unit(rng, 1, 8)[0], audio="3:4:y"),  # own slot of b
+            store.VectorRecord(2, "b", unit(rng, 1, 8)[0]),  # main slot: b, no identity
+        ],
+    )
+    with lib.transaction() as tx:
+        tx.mutate_many(
+            "INSERT INTO item_attributes (entity_id, key, value) VALUES (?, ?, ?)",
+            [
+                (3, store.BACKBONE_VECTOR_FIELD, "not even base64"),
+                (3, store.BACKBONE_MODEL_FIELD, "a"),
+                (4, store.FAILED_FIELD, "5:6:no audio"),
+            ],
+        )
+        tx.mutate("UPDATE items SET path = ? WHERE id = 5", [b"relative/5.mp3"])
+    states = {s.item_id: s for s in store.embed_states(lib, "a")}
+    assert [(s.vector, s.audio) for s in states.values()] == [
+        (True, "1:2:x"),
+        (False, None),
+        (True, None),  # a legacy backbone slot of a (its value is not read, damaged or not)
+        (False, None),
+        (False, None),
+        (False, None),
+    ]
+    assert states[4].failed == "5:6:no audio" and states[1].failed is None
+    assert states[5].path == os.path.join(os.fsencode(lib.directory), b"relative", b"5.mp3")
+    b_states = {s.item_id: s for s in store.embed_states(lib, "b", ids=[1, 2, 3])}
+    assert [(s.vector, s.audio) for s in b_states.values()] == [
+        (True, "3:4:y"),
+        (True, None),
+        (False, None),
+    ]
+    batches = list(store.embed_state_batches(lib, "a", batch=4))
+    assert [[s.item_id for s in part] for part in batches] == [[1, 2, 3, 4], [5, 6]]
+    assert [s for part in batches for s in part] == list(states.values())
