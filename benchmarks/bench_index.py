@@ -147,8 +147,8 @@ def recall(lib, index, added: list[int], rng: np.random.Generator, queries: int)
 
 def write_cost(lib, items: int, rng: np.random.Generator) -> str:
     """``write_vectors`` of ``items`` rewritten vectors with the change log and without it."""
-    ids = list(range(1, items + 1))
-    dim = store.read_vectors(lib, MODEL_ID, ids=[1])[1].shape[1]
+    found, matrix = store.read_vectors(lib, MODEL_ID, ids=range(1, 2 * items + 100))
+    ids, dim = found[:items].tolist(), matrix.shape[1]
 
     def write() -> float:
         rows = [(i, rng.normal(size=dim)) for i in ids]
