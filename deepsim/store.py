@@ -357,7 +357,8 @@ def _slot_rows(
     with lib.transaction() as tx:
         for sql, params in _slot_sql(model_id):
             for chunk in id_lists:
-                extra = " AND v.entity_id IN (SELECT id FROM items)"
+                # EXISTS, not IN (SELECT id FROM items): SQLite would loop over every item
+                extra = " AND EXISTS (SELECT 1 FROM items WHERE items.id = v.entity_id)"
                 args = list(params)
                 if chunk is not None:
                     extra += f" AND v.entity_id IN ({','.join('?' * len(chunk))})"
