@@ -12,8 +12,11 @@ processes, interleaved, ``--runs`` times each:
 * ``beet deepsim-embed`` — must answer "nothing to do";
 
 and prints the median wall time and the peak RSS of each (``wait4``), and the
-embed run over the floor.  ``--stats`` also prints a ``cProfile`` summary of
-one in-process plan (``deepsim.embed.plan_embedding``).
+embed run over the floor.  Then, in this process, what ``deepsim-train``'s
+matching reads of the library (``deepsim.matching.library_keys``) against its
+own SQL read (``store.read_all_item_fields``), best of 3.  ``--stats`` also
+prints a ``cProfile`` summary of one in-process plan
+(``deepsim.embed.plan_embedding``).
 
 Run::
 
@@ -122,6 +125,26 @@ def profile_plan(db: Path) -> None:
     lib._close()
 
 
+def matching_cost(db: Path) -> str:
+    from deepsim.matching import library_keys
+
+    lib = open_library(db)
+    fields = ("artist", "title", "mb_trackid")
+    sql = min(_timed(lambda: store.read_all_item_fields(lib, fields)) for _ in range(3))
+    keys = min(_timed(lambda: library_keys(lib)) for _ in range(3))
+    lib._close()
+    return (
+        f"deepsim-train matching, library_keys: {keys:.2f} s, of which its SQL read "
+        f"{sql:.2f} s (best of 3, in process)"
+    )
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -159,6 +182,7 @@ def main() -> None:
             rss = max(r for _, r in values)
             over = f" (floor + {wall - floor:.2f} s)" if name != "beet version" else ""
             print(f"{name}: {wall:.2f} s{over}, peak RSS {rss:.0f} MB, median of {len(values)}")
+        print(matching_cost(db))
         print(f"load average at end: {loadavg()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
