@@ -582,15 +582,24 @@ def embed_state_batches(
         for start in range(0, len(wanted), size):
             yield embed_states(lib, model_id, wanted[start : start + size])
         return
-    with lib.transaction() as tx:
-        (row,) = tx.query("SELECT min(id), max(id) FROM items")
-    if row[0] is None:
-        return
     resolve = path_resolver(lib)
-    for low in range(int(row[0]), int(row[1]) + 1, size):
+    low = 0
+    while True:
         with lib.transaction() as tx:
-            states = _states(tx, resolve, model_id, "id BETWEEN ? AND ?", [low, low + size - 1])
-        yield states
+            # the batch's last id (ids can be sparse after removals)
+            last = tx.query(
+                "SELECT id FROM items WHERE id >= ? ORDER BY id LIMIT 1 OFFSET ?", [low, size - 1]
+            )
+            if last:
+                high = int(last[0][0])
+                states = _states(tx, resolve, model_id, "id BETWEEN ? AND ?", [low, high])
+            else:
+                states = _states(tx, resolve, model_id, "id >= ?", [low])
+        if states:
+            yield states
+        if not last:
+            return
+        low = high + 1
 
 
 def model_counts(lib: Library) -> Counter[str]:
