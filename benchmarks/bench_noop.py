@@ -72,26 +72,30 @@ def prepare(db: Path, music: Path) -> int:
     return len(ids)
 
 
-def timed_runs(beet: str, env: dict[str, str], runs: int) -> dict[str, list[tuple[float, float]]]:
+def timed_runs(
+    beet: str, env: dict[str, str], runs: int
+) -> dict[str, list[tuple[float, float, float]]]:
     commands = {
         "beet version": ["version"],
         "beet ls -f '$id'": ["ls", "-f", "$id"],
         "beet deepsim-embed": ["deepsim-embed"],
     }
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
     for run in range(runs):
         for name, args in commands.items():
             if run and name.startswith("beet ls"):
                 continue  # tens of seconds at 100k: once is enough to show what loading costs
-            wall, rss, out = run_rusage(beet, args, env)
+            wall, cpu, rss, out = run_rusage(beet, args, env)
             if name == "beet deepsim-embed" and b"nothing to do" not in out:
                 raise SystemExit(f"deepsim-embed had work to do: {out.decode()[-400:]}")
-            results[name].append((wall, rss))
+            results[name].append((wall, cpu, rss))
     return results
 
 
-def run_rusage(beet: str, args: list[str], env: dict[str, str]) -> tuple[float, float, bytes]:
-    """Wall seconds, peak RSS (MB, the child's own) and stdout of one ``beet`` process."""
+def run_rusage(
+    beet: str, args: list[str], env: dict[str, str]
+) -> tuple[float, float, float, bytes]:
+    """Wall seconds, CPU seconds, peak RSS (MB, the child's own) and stdout of one ``beet``."""
     started = time.perf_counter()
     proc = subprocess.Popen([beet, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
@@ -102,7 +106,7 @@ def run_rusage(beet: str, args: list[str], env: dict[str, str]) -> tuple[float, 
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"beet {' '.join(args)} failed ({proc.returncode}): {err.decode()[-400:]}")
-    return wall, usage.ru_maxrss / 1024, out
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out
 
 
 def profile_plan(db: Path) -> None:
@@ -176,12 +180,16 @@ def main() -> None:
         if args.stats:
             profile_plan(db)
         results = timed_runs(beet, env, args.runs)
-        floor = statistics.median(w for w, _ in results["beet version"])
+        floor = statistics.median(w for w, _, _ in results["beet version"])
         for name, values in results.items():
-            wall = statistics.median(w for w, _ in values)
-            rss = max(r for _, r in values)
+            wall = statistics.median(w for w, _, _ in values)
+            cpu = statistics.median(c for _, c, _ in values)
+            rss = max(r for _, _, r in values)
             over = f" (floor + {wall - floor:.2f} s)" if name != "beet version" else ""
-            print(f"{name}: {wall:.2f} s{over}, peak RSS {rss:.0f} MB, median of {len(values)}")
+            print(
+                f"{name}: {wall:.2f} s{over}, {cpu:.2f} CPU-s, peak RSS {rss:.0f} MB, "
+                f"median of {len(values)}"
+            )
         print(matching_cost(db))
         print(f"load average at end: {loadavg()}")
     finally:
