@@ -19,7 +19,9 @@ An index is saved under a directory (the plugin passes
 ``<beets config dir>/deepsim/``) as ``index-<model id>.ann`` (or ``.npz``) plus
 a JSON sidecar ``index-<model id>.json`` recording the model id, the vector
 count, the dimension, the build parameters and the store fingerprint the
-index was built from.  :func:`load_index` returns the saved index only when
+index was built from (the position of the store's vector change log, see
+:func:`deepsim.store.change_state`, so that upkeep reads only what changed
+since).  :func:`load_index` returns the saved index only when
 the sidecar matches the current model id and fingerprint and the file is the
 one the sidecar describes (size, modification time, a digest of sampled
 blocks); anything else is reported as ``missing``, ``stale`` or ``corrupt`` in

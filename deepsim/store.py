@@ -28,7 +28,10 @@ A vector is stored as base64 of little-endian float16 (a 400-d vector is
 the dimension of the model's other vectors, NaN or infinity — such a value is
 named once in a warning (item id and path) and treated as missing.  Writes go
 in transactions of ``batch_size`` items, so an interruption loses at most the
-batch in flight.  torch is never imported here.
+batch in flight.  SQLite triggers keep a log of the items whose vectors
+changed, in the same transaction as each write, whoever makes it
+(:func:`change_state`, :func:`changed_since`): what the index needs to stay
+up to date at a cost in proportion to the change.  torch is never imported here.
 """
 
 from __future__ import annotations
