@@ -10,7 +10,6 @@ import torch
 
 from deepsim.errors import ModelError
 from deepsim.models import load_model
-from deepsim.models import model_id as model_id_of
 from deepsim.models.checkpoint import read_metadata, save_checkpoint
 from deepsim.models.dieleman import DielemanModel
 from deepsim.models.head import HeadModel, from_checkpoint, make_head
@@ -113,35 +112,21 @@ def test_apply_to_vectors_is_deterministic_in_train_mode(backbone) -> None:  # t
         model.apply_to_vectors(x[:, :4])
 
 
-def test_save_load_roundtrip_and_id_stability(backbone, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_saved_head_needs_no_backbone_for_stored_vectors(
+    backbone: tuple[Path, DielemanModel], tmp_path: Path
+) -> None:
+    # save/load, ids and config in general: tests/test_models.py
     path, net = backbone
     model = new_head(path, net, info={"note": "test"})
     out = model.save(tmp_path / "head.safetensors")
-    meta = read_metadata(out)
-    assert meta["kind"] == "head"
-    assert meta["model_id"] == model.model_id == model.weights_id()
-    assert model.model_id.startswith("head-") and len(model.model_id) == len("head-") + 12
-    assert meta["config"]["backbone_id"] == net.model_id
-    assert model_id_of(out) == model.model_id
-
+    assert read_metadata(out)["config"]["backbone_id"] == net.model_id
+    path.unlink()  # the backbone's file is gone: stored vectors still go through the head
     loaded = load_model(out)
     assert isinstance(loaded, HeadModel)
-    assert loaded.model_id == model.model_id
-    assert loaded.weights_id() == model.model_id  # the id is a function of the weights
-    assert loaded.config["info"] == {"note": "test"}
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     np.testing.assert_array_equal(loaded.apply_to_vectors(x), model.apply_to_vectors(x))
-    assert not loaded.backbone_loaded  # stored vectors need no backbone
-    audio = waves(2)
-    np.testing.assert_allclose(loaded.embed(audio).vectors, model.embed(audio).vectors, atol=1e-6)
-    assert loaded.backbone_loaded
-
-    # saving the same weights again gives the same id; other weights another one
-    model.save(tmp_path / "again.safetensors")
-    assert model.model_id == meta["model_id"]
-    with torch.no_grad():
-        model.head[-1].bias.add_(0.01)
-    assert model.weights_id() != meta["model_id"]
+    with pytest.raises(ModelError, match="no such checkpoint"):
+        loaded.embed(waves(1))  # audio needs it
 
 
 def test_changed_backbone_weights_are_refused(backbone, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -165,8 +150,6 @@ def test_finetuned_backbone_is_saved_and_restored(backbone, tmp_path: Path) -> N
     assert {"backbone", "backbone_id", "finetune"} <= names
     loaded = load_model(out)
     audio = waves(2)
-    np.testing.assert_allclose(loaded.embed(audio).vectors, model.embed(audio).vectors, atol=1e-6)
-    assert loaded.weights_id() == model.model_id
     # the original backbone gives different vectors: the stored weights were used
     original = HeadModel(backbone=str(path), in_dim=8, out_dim=5, hidden=12)
     original.head.load_state_dict(model.head.state_dict())

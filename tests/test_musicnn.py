@@ -232,24 +232,6 @@ def test_loud_input_is_finite(ensemble: MusicnnEnsemble) -> None:
 # -- loading and errors ---------------------------------------------------------------
 
 
-def test_from_checkpoint_round_trip(tmp_path: Path, golden: dict[str, np.ndarray]) -> None:
-    source = load_builtin("mtt-musicnn")
-    assert isinstance(source, MusicnnModel)
-    config = read_metadata(WEIGHTS_DIR / "mtt-musicnn.safetensors")["config"]
-    path = save_checkpoint(
-        tmp_path / "copy.safetensors",
-        source.net.state_dict(),
-        kind="musicnn",
-        model_id="musicnn-mtt-copy",
-        config=config,
-    )
-    model = load_model(path)
-    assert isinstance(model, MusicnnModel) and model.model_id == "musicnn-mtt-copy"
-    with torch.inference_mode():
-        tags = model.embed_patches(torch.from_numpy(golden["patches"][:2]))["tags"].numpy()
-    np.testing.assert_allclose(tags, golden["mtt_tags"][:2], atol=TOLERANCE)
-
-
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="nope"):
         load_builtin("nope")

@@ -43,6 +43,7 @@ BUILTIN_MODELS: dict[str, str] = {
 #: Checkpoint kinds and the module whose ``from_checkpoint(path, meta)`` loads them.
 KINDS: dict[str, str] = {
     "musicnn": "deepsim.models.musicnn",
+    "musicnn-ensemble": "deepsim.models.musicnn",
     "dieleman": "deepsim.models.dieleman",
     "head": "deepsim.models.head",
 }

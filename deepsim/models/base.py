@@ -7,18 +7,34 @@ the weights.  Implementations: :mod:`deepsim.models.musicnn` (the shipped
 default), :mod:`deepsim.models.dieleman` (the seed's CF-regression network) and
 :mod:`deepsim.models.head` (a head trained by ``beet deepsim-train`` on top of
 another model).
+
+Persistence is written once, here: :meth:`Model.save` writes
+:meth:`~Model.checkpoint_tensors` and :attr:`~Model.config` as a checkpoint of
+the model's :attr:`~Model.kind` (:mod:`deepsim.models.checkpoint`),
+:meth:`~Model.weights_id` hashes the same tensors with the one id scheme, and
+:meth:`Model.load` reads a file back through the loader registered for its kind
+(:data:`deepsim.models.KINDS`).  ``tests/test_models.py`` checks this contract
+for every model class.
 """
 
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 
+from deepsim.errors import ModelError, ParameterError
 from deepsim.frontend import FrontendParams, make_logmel
+from deepsim.models import checkpoint
+from deepsim.util import loop_to_length
+
+_M = TypeVar("_M", bound="Model")
 
 
 @dataclass
@@ -41,13 +57,24 @@ class EmbedResult:
 class Model(torch.nn.Module, abc.ABC):
     """A network that maps audio to similarity vectors.
 
-    Subclasses set :attr:`model_id`, :attr:`frontend`, :attr:`dim`,
-    :attr:`tag_names` and :attr:`patch_frames`, and implement
-    :meth:`embed_patches` and :meth:`pool`.
+    Subclasses set :attr:`kind`, :attr:`model_id`, :attr:`config`,
+    :attr:`frontend`, :attr:`dim`, :attr:`tag_names` and :attr:`patch_frames`,
+    implement :meth:`embed_patches` and :meth:`pool`, and register a loader
+    ``from_checkpoint(path, meta)`` for their kind in
+    :data:`deepsim.models.KINDS`.  :meth:`checkpoint_tensors`,
+    :meth:`id_config` and :meth:`extra_tensors` may be overridden where a
+    checkpoint holds something other than the state dict.
     """
 
-    #: Names the exact weights; vectors of different ids never mix.
+    #: Checkpoint kind (``deepsim_kind``) :meth:`save` writes; names the loader.
+    kind: ClassVar[str]
+    #: Names the exact weights; vectors of different ids never mix.  Built-in
+    #: weights have fixed ids (:data:`deepsim.models.BUILTIN_MODELS`); a saved
+    #: model is named by :meth:`weights_id`.
     model_id: str
+    #: JSON-serialisable settings that, with the tensors, rebuild the network
+    #: (stored in the checkpoint; :meth:`load` gives back an equal dict).
+    config: dict[str, Any]
     #: Front-end parameters the network was trained with.
     frontend: FrontendParams
     #: Output dimension.
@@ -125,9 +152,7 @@ class Model(torch.nn.Module, abc.ABC):
         owners: list[int] = []
         n = self.patch_frames
         for index, mel in enumerate(mels):
-            if mel.shape[0] < n:
-                reps = -(-n // mel.shape[0])
-                mel = mel.repeat(reps, 1)[:n]
+            mel = loop_to_length(mel, n)
             count = 1 + (mel.shape[0] - n) // n
             pieces.append(mel[: count * n].reshape(count, n, mel.shape[1]))
             owners.extend([index] * count)
@@ -164,7 +189,7 @@ class Model(torch.nn.Module, abc.ABC):
             return EmbedResult(np.zeros((0, self.dim), np.float32))
         for wave in waves:
             if len(wave) == 0:
-                raise ValueError("cannot embed an empty waveform")
+                raise ParameterError("cannot embed an empty waveform")
         patches, owner = self.patchify(self.compute_logmels(waves))
         outputs = self.embed_patches(patches)
         counts = torch.bincount(owner, minlength=len(waves)).to(patches.dtype)
@@ -182,3 +207,56 @@ class Model(torch.nn.Module, abc.ABC):
             vectors=vectors.cpu().numpy().astype(np.float32),
             tags=None if tags is None else tags.cpu().numpy().astype(np.float32),
         )
+
+    # -- persistence (one implementation for every model) ------------------------
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds and :meth:`weights_id` hashes (default: state dict)."""
+        return self.state_dict()
+
+    def id_config(self) -> dict[str, Any]:
+        """The part of :attr:`config` that defines the network and enters the id (default: all)."""
+        return self.config
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved beside the weights but not part of the id (default: none)."""
+        return {}
+
+    def weights_id(self) -> str:
+        """``<kind>-<12 hex digits>``: a hash of :meth:`id_config` and the weights.
+
+        The same architecture and weights give the same id on any machine and
+        in any process; any change of a weight gives another id
+        (:func:`deepsim.models.checkpoint.weights_id`).
+        """
+        return checkpoint.weights_id(self.kind, self.id_config(), self.checkpoint_tensors())
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the model as a checkpoint, atomically; returns the path.
+
+        Sets :attr:`model_id` to :meth:`weights_id` first, so the id in the file
+        names exactly the weights written.
+        """
+        self.model_id = self.weights_id()
+        tensors = {**self.checkpoint_tensors(), **self.extra_tensors()}
+        return checkpoint.save_checkpoint(
+            path, tensors, kind=self.kind, model_id=self.model_id, config=self.config
+        )
+
+    @classmethod
+    def load(cls: type[_M], name_or_path: str | os.PathLike[str], *, device: str = "cpu") -> _M:
+        """Load a built-in model or a checkpoint that holds a ``cls`` (in eval mode).
+
+        Raises
+        ------
+        ModelError
+            If the file is unusable or holds another kind of model.
+        """
+        from deepsim.models import load_model
+
+        model = load_model(name_or_path, device=device)
+        if not isinstance(model, cls):
+            raise ModelError(
+                f"{os.fspath(name_or_path)}: holds a {type(model).__name__}, not a {cls.__name__}"
+            )
+        return model

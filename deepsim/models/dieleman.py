@@ -35,8 +35,7 @@ L2-normalises them.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,8 +43,7 @@ from torch import nn
 from deepsim.errors import ModelError
 from deepsim.frontend import FrontendParams
 from deepsim.models.base import Model
-from deepsim.models.checkpoint import load_tensors, save_checkpoint
-from deepsim.models.checkpoint import weights_id as checkpoint_weights_id
+from deepsim.models.checkpoint import load_tensors
 
 KIND = "dieleman"
 
@@ -185,8 +183,11 @@ class DielemanModel(Model):
         Hyper-parameters (see :data:`DEFAULT_CONFIG`); validated by
         :func:`normalise_config`.
     model_id
-        Id of the weights; :meth:`save` sets it from a hash of the weights.
+        Id of the weights; :meth:`~deepsim.models.base.Model.save` sets it
+        from a hash of the configuration and weights (``dieleman-<12 hex>``).
     """
+
+    kind: ClassVar[str] = KIND
 
     def __init__(
         self, config: dict[str, Any] | None = None, *, model_id: str = "dieleman-untrained"
@@ -243,26 +244,9 @@ class DielemanModel(Model):
     def pool(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return outputs["embedding"]
 
-    # -- persistence -------------------------------------------------------------
-
-    def weights_id(self) -> str:
-        """``dieleman-<12 hex digits>``: a hash of the configuration and weights."""
-        return checkpoint_weights_id(KIND, self.config, self.state_dict())
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the weights as a deepsim checkpoint (atomically).
-
-        Sets :attr:`model_id` to :meth:`weights_id` first, so the id names
-        exactly the weights written.
-        """
-        self.model_id = self.weights_id()
-        return save_checkpoint(
-            path, self.state_dict(), kind=KIND, model_id=self.model_id, config=self.config
-        )
-
 
 def from_checkpoint(path: str | os.PathLike[str], meta: dict[str, Any]) -> DielemanModel:
-    """Load a checkpoint written by :meth:`DielemanModel.save` (used by ``load_model``)."""
+    """Load a checkpoint written by :meth:`DielemanModel.save` (registered in ``KINDS``)."""
     if meta.get("kind") != KIND:
         raise ModelError(f"{path}: a {meta.get('kind')!r} checkpoint, not {KIND!r}")
     try:

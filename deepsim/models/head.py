@@ -34,8 +34,7 @@ name when first needed, so applying the head to stored vectors never loads it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from torch import nn
 from deepsim.errors import ModelError
 from deepsim.frontend import FrontendParams
 from deepsim.models.base import Model
-from deepsim.models.checkpoint import load_tensors, save_checkpoint, weights_id
+from deepsim.models.checkpoint import load_tensors
 
 KIND = "head"
 
@@ -143,7 +142,9 @@ class HeadModel(Model):
     backbone_model
         An already loaded backbone (otherwise it is loaded on first use).
     model_id
-        Id of the weights; :meth:`save` sets it from a hash of the weights.
+        Id of the weights; :meth:`~deepsim.models.base.Model.save` sets it
+        from a hash of the architecture and the head's weights (and the
+        backbone's, when fine-tuned): ``head-<12 hex digits>``.
     info
         Free-form training summary stored in the checkpoint config (not part
         of the id).
@@ -153,8 +154,10 @@ class HeadModel(Model):
     extra
         Named numpy arrays saved in the checkpoint beside the weights (not part
         of the id), e.g. the WMF item factors ``beet recommend`` folds
-        listeners in with (readable without torch, :func:`read_extra`).
+        listeners in with (stored as ``extra.<name>`` tensors, readable without torch).
     """
+
+    kind: ClassVar[str] = KIND
 
     def __init__(
         self,
@@ -243,10 +246,6 @@ class HeadModel(Model):
             model.train(self.training)
             self._backbone = model
         return self._backbone
-
-    @property
-    def backbone_loaded(self) -> bool:
-        return self._backbone is not None
 
     @property
     def frontend(self) -> FrontendParams:  # type: ignore[override]
@@ -349,28 +348,23 @@ class HeadModel(Model):
             self.head.train(was_training)
         return out
 
-    # -- persistence ---------------------------------------------------------------
+    # -- persistence (saved by Model.save) -------------------------------------------
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         if self.finetune:
             tensors.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
         return tensors
 
-    def weights_id(self) -> str:
-        """``head-<12 hex digits>``: a hash of the architecture and the weights."""
+    def id_config(self) -> dict[str, Any]:
         arch = {key: self.config[key] for key in _ARCH_KEYS}
         arch.update({key: self.config[key] for key in _COMBINED_KEYS if key in self.config})
-        return weights_id(KIND, arch, self._tensors())
+        return arch
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the checkpoint atomically; sets :attr:`model_id` to :meth:`weights_id` first."""
-        self.model_id = self.weights_id()
-        tensors = self._tensors()
-        tensors.update(
-            {f"extra.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.extra.items()}
-        )
-        return save_checkpoint(path, tensors, kind=KIND, model_id=self.model_id, config=self.config)
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f"extra.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.extra.items()
+        }
 
 
 def from_checkpoint(
@@ -409,6 +403,8 @@ def from_checkpoint(
         raise ModelError(f"{path}: head config lacks {exc}") from exc
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from exc
+    # Anything else stored (e.g. deepsim-train's "cf" settings) is kept as it was.
+    model.config.update({k: v for k, v in config.items() if k not in model.config})
     tensors = load_tensors(path)
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     backbone_state = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}

@@ -45,7 +45,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from deepsim.errors import ModelError
 from deepsim.frontend import FrontendParams
+from deepsim.models import BUILTIN_MODELS
 from deepsim.models.base import Model
 from deepsim.models.checkpoint import load_tensors, read_metadata
 
@@ -93,10 +94,13 @@ MTT_TAGS: tuple[str, ...] = (
 
 #: Network key -> tag vocabulary.
 NETWORK_TAGS: dict[str, tuple[str, ...]] = {"msd": MSD_TAGS, "mtt": MTT_TAGS}
-#: Network key -> id of the shipped weights.
-NETWORK_IDS: dict[str, str] = {"msd": "musicnn-msd-1", "mtt": "musicnn-mtt-1"}
+#: Network key -> id of the shipped weights (the ids are listed in :data:`BUILTIN_MODELS`).
+NETWORK_IDS: dict[str, str] = {
+    "msd": BUILTIN_MODELS["msd-musicnn"],
+    "mtt": BUILTIN_MODELS["mtt-musicnn"],
+}
 #: Id of the two networks used together.
-ENSEMBLE_ID = "musicnn-msd-mtt-1"
+ENSEMBLE_ID = BUILTIN_MODELS["default"]
 
 #: Where the shipped weights live.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -116,8 +120,8 @@ PRECISIONS = ("fp32", "bf16", "int8")
 #: (``python benchmarks/check_precision.py --calibrate`` prints the maxima).
 #: Larger values saturate at the top of the range.
 INT8_RANGES: dict[str, tuple[float, ...]] = {
-    "musicnn-msd-1": tuple(1.5 * top for top in (7.5819, 9.0310, 2.5266, 2.1280, 2.0784)),
-    "musicnn-mtt-1": tuple(1.5 * top for top in (3.4898, 4.5406, 2.1301, 1.7994, 1.9814)),
+    NETWORK_IDS["msd"]: tuple(1.5 * top for top in (7.5819, 9.0310, 2.5266, 2.1280, 2.0784)),
+    NETWORK_IDS["mtt"]: tuple(1.5 * top for top in (3.4898, 4.5406, 2.1301, 1.7994, 1.9814)),
 }
 
 #: Patches convolved at a time on a CPU (on other devices: all at once).  One
@@ -549,9 +553,12 @@ class MusicnnModel(Model):
         Front-end parameters (default: :data:`FRONTEND`).
 
     The network starts with untrained (random) weights; :func:`load_builtin`
-    and :func:`from_checkpoint` return it loaded.
+    and :func:`from_checkpoint` return it loaded.  A saved copy (kind
+    ``"musicnn"``, the format of the shipped files) is named by its weights'
+    hash, ``musicnn-<12 hex digits>``, not by the shipped id.
     """
 
+    kind: ClassVar[str] = "musicnn"
     patch_frames = PATCH_FRAMES
 
     def __init__(
@@ -571,6 +578,11 @@ class MusicnnModel(Model):
         self.model_id = NETWORK_IDS[network] if model_id is None else model_id
         self.frontend = FRONTEND if frontend is None else frontend
         self.tag_names = names
+        self.config = {
+            "network": network,
+            "tag_names": list(names),
+            "frontend": self.frontend.to_dict(),
+        }
         self.dim = MusicnnNetwork.backend_units
         self.net = MusicnnNetwork(
             n_tags=len(names),
@@ -581,6 +593,9 @@ class MusicnnModel(Model):
     @property
     def precision(self) -> str:
         return self.net.precision
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return self.net.state_dict()  # the shipped files' tensor names
 
     def embed_patches(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(patches)
@@ -604,8 +619,12 @@ class MusicnnEnsemble(Model):
         The two loaded networks.
     model_id
         Id of the pair (default :data:`ENSEMBLE_ID`).
+
+    Saved as kind ``"musicnn-ensemble"``: tensors ``msd.net.*`` and
+    ``mtt.net.*``, the config of each network under ``"msd"`` and ``"mtt"``.
     """
 
+    kind: ClassVar[str] = "musicnn-ensemble"
     patch_frames = PATCH_FRAMES
 
     def __init__(
@@ -627,6 +646,7 @@ class MusicnnEnsemble(Model):
         self.tag_names = tuple(f"msd:{t}" for t in msd.tag_names) + tuple(
             f"mtt:{t}" for t in mtt.tag_names
         )
+        self.config = {"msd": msd.config, "mtt": mtt.config}
 
     @property
     def precision(self) -> str:
@@ -648,10 +668,9 @@ class MusicnnEnsemble(Model):
         )
 
 
-def _load_network(path: Path, meta: dict[str, Any], *, precision: str) -> MusicnnModel:
-    if meta.get("kind") != "musicnn":
-        raise ModelError(f"{path}: not a musicnn checkpoint (kind {meta.get('kind')!r})")
-    config = meta.get("config") or {}
+def _new_network(
+    path: Path, config: dict[str, Any], *, model_id: str, precision: str
+) -> MusicnnModel:
     network = config.get("network")
     if network not in NETWORK_TAGS:
         raise ModelError(f"{path}: unknown musicnn network {network!r} (expected 'msd' or 'mtt')")
@@ -659,24 +678,48 @@ def _load_network(path: Path, meta: dict[str, Any], *, precision: str) -> Musicn
         frontend = FrontendParams.from_dict(config.get("frontend", FRONTEND.to_dict()))
     except (TypeError, ValueError) as exc:
         raise ModelError(f"{path}: bad front-end parameters ({exc})") from exc
-    model = MusicnnModel(
+    return MusicnnModel(
         network=network,
         precision=precision,
-        model_id=str(meta["model_id"]),
+        model_id=model_id,
         tag_names=config.get("tag_names"),
         frontend=frontend,
     )
+
+
+def _load_state(path: Path, module: torch.nn.Module) -> None:
     try:
-        model.net.load_state_dict(load_tensors(path), strict=True)
+        module.load_state_dict(load_tensors(path), strict=True)
     except RuntimeError as exc:
         raise ModelError(f"{path}: weights do not fit the musicnn network ({exc})") from exc
+
+
+def _load_network(path: Path, meta: dict[str, Any], *, precision: str) -> MusicnnModel:
+    if meta.get("kind") != MusicnnModel.kind:
+        raise ModelError(f"{path}: not a musicnn checkpoint (kind {meta.get('kind')!r})")
+    config = meta.get("config") or {}
+    model = _new_network(path, config, model_id=str(meta["model_id"]), precision=precision)
+    _load_state(path, model.net)
+    return model.eval()
+
+
+def _load_ensemble(path: Path, meta: dict[str, Any], *, precision: str) -> MusicnnEnsemble:
+    config = meta.get("config") or {}
+    msd, mtt = (
+        _new_network(path, config.get(key) or {}, model_id=f"musicnn-{key}", precision=precision)
+        for key in ("msd", "mtt")
+    )
+    model = MusicnnEnsemble(msd, mtt, model_id=str(meta["model_id"]))
+    _load_state(path, model)
+    for network in (msd, mtt):
+        network.model_id = network.weights_id()
     return model.eval()
 
 
 def from_checkpoint(
     path: str | os.PathLike[str], meta: dict[str, Any], *, precision: str = "fp32"
-) -> MusicnnModel:
-    """Load a ``kind="musicnn"`` checkpoint (one network).
+) -> MusicnnModel | MusicnnEnsemble:
+    """Load a ``kind="musicnn"`` (one network) or ``"musicnn-ensemble"`` checkpoint.
 
     Parameters
     ----------
@@ -687,7 +730,10 @@ def from_checkpoint(
     precision
         ``"fp32"`` or ``"bf16"``.
     """
-    return _load_network(Path(path), meta, precision=_check_precision(precision))
+    precision = _check_precision(precision)
+    if meta.get("kind") == MusicnnEnsemble.kind:
+        return _load_ensemble(Path(path), meta, precision=precision)
+    return _load_network(Path(path), meta, precision=precision)
 
 
 def load_builtin(name: str, *, precision: str = "fp32") -> Model:
