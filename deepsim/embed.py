@@ -87,7 +87,6 @@ def embed_files(
     *,
     workers: int | None = None,
     batch_size: int = 8,
-    on_decoded: Callable[[int], None] | None = None,
 ) -> Iterator[EmbedOutcome]:
     """Embed audio files with ``model``, yielding outcomes in input order.
 
@@ -105,9 +104,6 @@ def embed_files(
         Most tracks per inference batch.  A batch runs as soon as it is full
         or the next file is not decoded yet, so inference never waits for
         decoding while it has something to do.
-    on_decoded
-        Called with the index of each file as soon as it is decoded (for
-        progress reporting).
 
     Yields
     ------
@@ -179,8 +175,6 @@ def embed_files(
 
     for index, ((wave, ident), next_ready) in enumerate(decoded):
         lap("waiting for audio")
-        if on_decoded is not None:
-            on_decoded(index)
         if isinstance(wave, AudioError):
             ready.append(EmbedOutcome(index, paths[index], error=wave, audio=ident))
         else:
