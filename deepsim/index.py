@@ -205,7 +205,7 @@ class SearchIndex(ABC):
     Ids are non-negative integers (beets item ids).
     """
 
-    #: Backend name, as used by :func:`make_index` and in the sidecar.
+    #: Backend name, as used in :data:`BACKENDS` and in the sidecar.
     backend: ClassVar[Backend]
 
     @property
@@ -537,21 +537,6 @@ class AnnoyIndex(VectorIndex):
 BACKENDS: dict[str, type[VectorIndex]] = {"annoy": AnnoyIndex, "exact": ExactIndex}
 
 
-def make_index(backend: str, **options: Any) -> VectorIndex:
-    """A new, empty index of the named backend (``"annoy"`` or ``"exact"``)."""
-    cls = BACKENDS.get(backend)
-    if cls is None:
-        raise ValueError(f"unknown index backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    return cls(**options)
-
-
-def choose_backend(count: int, *, threshold: int = EXACT_THRESHOLD) -> Backend:
-    """``"exact"`` below ``threshold`` vectors, ``"annoy"`` from there on."""
-    if threshold < 0:
-        raise ValueError(f"threshold must be non-negative, got {threshold!r}")
-    return "exact" if count < threshold else "annoy"
-
-
 # --------------------------------------------------------------------------- on disk
 
 
@@ -872,15 +857,6 @@ def remove_index(directory: str | os.PathLike[str], model_id: str) -> bool:
             path.unlink()
             removed = True
     return removed
-
-
-def read_sidecar(directory: str | os.PathLike[str], model_id: str) -> Sidecar | None:
-    """The sidecar of ``model_id``'s index, or None when absent or unreadable."""
-    _, sidecar_path = index_paths(directory, model_id)
-    try:
-        return Sidecar.from_json(sidecar_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def load_index(

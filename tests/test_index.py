@@ -15,18 +15,17 @@ from beets.library import Item, Library
 from deepsim import store
 from deepsim.errors import AnnIndexError
 from deepsim.index import (
-    EXACT_THRESHOLD,
+    BACKENDS as BACKEND_CLASSES,
+)
+from deepsim.index import (
     AnnoyIndex,
     ExactIndex,
     UpdatedIndex,
     VectorIndex,
-    choose_backend,
     index_lock,
     index_paths,
     load_index,
-    make_index,
     open_index,
-    read_sidecar,
     refresh_index,
     remove_index,
     save_index,
@@ -68,7 +67,7 @@ def brute_force(
 @pytest.fixture(params=BACKENDS)
 def built(request: pytest.FixtureRequest, data: tuple[np.ndarray, np.ndarray]) -> VectorIndex:
     ids, matrix = data
-    return make_index(request.param).build(ids, matrix)
+    return BACKEND_CLASSES[request.param]().build(ids, matrix)
 
 
 # --------------------------------------------------------------------------- shared behaviour
@@ -132,7 +131,7 @@ def test_recall_at_10_against_exact_search_on_clustered_data(
 
 
 def test_asking_for_more_than_the_index_holds(built: VectorIndex) -> None:
-    small = make_index(built.backend).build([4, 9, 2], np.eye(3, dtype=np.float32) + 0.1)
+    small = BACKEND_CLASSES[built.backend]().build([4, 9, 2], np.eye(3, dtype=np.float32) + 0.1)
     found, _sims = small.query([1.0, 0.2, 0.1], 10, exclude=[9])
     assert sorted(found.tolist()) == [2, 4]
     assert found[0] == 4
@@ -156,7 +155,7 @@ def test_save_load_roundtrip_gives_the_same_answers(
         b_ids, b_sims = loaded.query(matrix[row], 15, exclude=[ids[row]])
         assert a_ids.tolist() == b_ids.tolist()
         np.testing.assert_allclose(a_sims, b_sims, atol=1e-6)
-    sidecar = read_sidecar(tmp_path / "deepsim", MODEL)
+    sidecar = check.sidecar
     assert sidecar is not None
     assert (sidecar.model_id, sidecar.count, sidecar.dim, sidecar.fingerprint) == (
         MODEL,
@@ -173,7 +172,7 @@ def test_save_load_roundtrip_gives_the_same_answers(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_invalid_input_is_rejected_naming_the_problem(backend: str) -> None:
-    index = make_index(backend)
+    index = BACKEND_CLASSES[backend]()
     eye = np.eye(4, dtype=np.float32)
     with pytest.raises(ValueError, match="3 ids but 4"):
         index.build([1, 2, 3], eye)
@@ -206,16 +205,9 @@ def test_annoy_specific_limits(tmp_path: Path) -> None:
     with pytest.raises(AnnIndexError, match="build or load"):
         AnnoyIndex().query(np.ones(3), 1)
     with pytest.raises(ValueError, match="unknown index backend"):
-        make_index("faiss")
+        index_paths(tmp_path, MODEL, backend="faiss")
     with pytest.raises(AnnIndexError, match="empty"):
         save_index(ExactIndex(), tmp_path, model_id=MODEL, fingerprint=FP)
-
-
-def test_small_libraries_use_exact_search() -> None:
-    assert choose_backend(10) == "exact"
-    assert choose_backend(EXACT_THRESHOLD - 1) == "exact"
-    assert choose_backend(EXACT_THRESHOLD) == "annoy"
-    assert choose_backend(50, threshold=10) == "annoy"
 
 
 # --------------------------------------------------------------------------- saved-index checks
@@ -423,10 +415,10 @@ def test_a_small_annoy_index_loads_fresh(lib: Library, tmp_path: Path) -> None:
     directory = tmp_path / "deepsim"
     result = refresh_index(lib, MODEL, directory, exact_below=100, n_trees=20)
     assert result.action == "built"
-    sidecar = read_sidecar(directory, MODEL)
-    assert sidecar is not None and sidecar.n_trees == 20 and sidecar.trees > 0
     check = open_index(lib, MODEL, directory)
     assert check.state == "fresh", check.reason
+    sidecar = check.sidecar
+    assert sidecar is not None and sidecar.n_trees == 20 and sidecar.trees > 0
     assert refresh_index(lib, MODEL, directory, exact_below=100, n_trees=20).action == "fresh"
 
 
