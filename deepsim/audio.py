@@ -102,23 +102,6 @@ def _duration(container: av.container.InputContainer, stream: av.audio.AudioStre
     return None
 
 
-def probe_duration(path: PathLike) -> float:
-    """Duration of the first audio stream in seconds (from the container header).
-
-    Raises
-    ------
-    AudioError
-        If the file cannot be opened, has no audio stream or no known duration.
-    """
-    name = _fspath(path)
-    with _open(name) as container:
-        stream = _audio_stream(container, name)
-        duration = _duration(container, stream)
-    if duration is None:
-        raise AudioError(name, "duration unknown")
-    return duration
-
-
 def _decode(
     path: str,
     *,
@@ -272,19 +255,3 @@ def _decode_all_middle(path: str, *, sample_rate: int, seconds: float) -> np.nda
         middle = (len(samples) - n) // 2
         samples = samples[middle : middle + n]
     return samples
-
-
-def decode_window(path: PathLike, *, sample_rate: int, start: float, seconds: float) -> np.ndarray:
-    """Decode ``seconds`` of mono audio starting ``start`` seconds into the track.
-
-    Raises
-    ------
-    AudioError
-        As :func:`decode_middle`.
-    """
-    if sample_rate <= 0:
-        raise ValueError(f"sample_rate must be positive, got {sample_rate!r}")
-    if start < 0 or seconds <= 0:
-        raise ValueError(f"need start >= 0 and seconds > 0, got {start!r}, {seconds!r}")
-    name = _fspath(path)
-    return _check(name, _decode(name, sample_rate=sample_rate, start=start, seconds=seconds))
