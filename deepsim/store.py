@@ -983,18 +983,6 @@ def record_failures(lib: Library, failures: Iterable[tuple[int, str]]) -> int:
     return len(rows)
 
 
-def clear_vectors(lib: Library, item_ids: Iterable[int]) -> None:
-    """Remove every deepsim field (all models) from the given items."""
-    ids = [int(i) for i in item_ids]
-    with lib.transaction() as tx:
-        for chunk in chunks(ids):
-            tx.mutate(
-                "DELETE FROM item_attributes WHERE key LIKE 'deepsim\\_%' ESCAPE '\\' "
-                f"AND entity_id IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-
-
 def prune(lib: Library, keep: Iterable[str]) -> Counter[str]:
     """Remove the vectors of every model not in ``keep``; return how many per model.
 

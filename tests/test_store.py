@@ -242,12 +242,6 @@ def test_failures_and_audio_are_recorded(lib: Library) -> None:
     assert store.audio_identities(lib, "m", [2]) == {2: "11:21:ab"}
 
 
-def test_clear_vectors(lib: Library) -> None:
-    store.write_vectors(lib, [(1, np.ones(8)), (2, np.ones(8))], "m")
-    store.clear_vectors(lib, [1])
-    assert store.ids_with_vectors(lib, "m") == {2}
-
-
 # --------------------------------------------------------------------------- the change log
 
 
