@@ -72,6 +72,10 @@ class TrainingError(DeepsimError):
     """Training cannot proceed (too little data, no matches...)."""
 
 
+class MpdError(DeepsimError):
+    """MPD cannot be reached, refuses a command, or python-mpd2 is missing."""
+
+
 class ParameterError(DeepsimError, ValueError):
     """A function was called with an unusable argument (the librosa convention).
 

@@ -27,17 +27,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from deepsim import store
-from deepsim.errors import DeepsimError
+from deepsim.errors import MpdError
 from deepsim.util import check_float, check_int, get_logger
 
 if TYPE_CHECKING:
     from beets.library import Item, Library
 
 log = get_logger(__name__)
-
-
-class MpdError(DeepsimError):
-    """MPD cannot be reached, refuses a command, or python-mpd2 is missing."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from libgen import MODEL_ID, make_library, unit
 from mpdserver import make_music, mpd_server  # noqa: F401 - the fixture
 
 from deepsim.dupes import VersionFolder
-from deepsim.radio import Mpd, MpdError, MpdSettings, Radio
+from deepsim.errors import MpdError
+from deepsim.radio import Mpd, MpdSettings, Radio
 from deepsim.similar import find_similar
 
 NAMES = [f"t{k}.mp3" for k in range(8)]
