@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepsim.errors import ModelError
+from deepsim.errors import ModelError, ParameterError
 from deepsim.frontend import FrontendParams
 from deepsim.models.base import Model
 from deepsim.models.checkpoint import load_tensors
@@ -329,11 +329,11 @@ class HeadModel(Model):
             )
         array = np.asarray(vectors, dtype=np.float32)
         if array.ndim != 2 or array.shape[1] != self.config["in_dim"]:
-            raise ValueError(
+            raise ParameterError(
                 f"expected (n, {self.config['in_dim']}) backbone vectors, got shape {array.shape}"
             )
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+            raise ParameterError(f"batch_size must be positive, got {batch_size!r}")
         was_training = self.head.training
         self.head.eval()
         out = np.empty((len(array), self.dim), np.float32)

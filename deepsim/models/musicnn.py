@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepsim.errors import ModelError
+from deepsim.errors import ModelError, ParameterError
 from deepsim.frontend import FrontendParams
 from deepsim.models import BUILTIN_MODELS
 from deepsim.models.base import Model
@@ -137,7 +137,7 @@ _BN_EPS = 1e-3
 def checkpoint_config(network: str) -> dict[str, Any]:
     """The ``deepsim_config`` of a musicnn checkpoint for ``network`` ("msd"/"mtt")."""
     if network not in NETWORK_TAGS:
-        raise ValueError(f"network must be 'msd' or 'mtt', got {network!r}")
+        raise ParameterError(f"network must be 'msd' or 'mtt', got {network!r}")
     return {
         "network": network,
         "tag_names": list(NETWORK_TAGS[network]),
@@ -199,7 +199,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
 
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ParameterError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
 
 
@@ -572,7 +572,7 @@ class MusicnnModel(Model):
     ) -> None:
         super().__init__()
         if network not in NETWORK_TAGS:
-            raise ValueError(f"network must be 'msd' or 'mtt', got {network!r}")
+            raise ParameterError(f"network must be 'msd' or 'mtt', got {network!r}")
         names = tuple(NETWORK_TAGS[network] if tag_names is None else tag_names)
         self.network = network
         self.model_id = NETWORK_IDS[network] if model_id is None else model_id
@@ -632,9 +632,9 @@ class MusicnnEnsemble(Model):
     ) -> None:
         super().__init__()
         if msd.frontend != mtt.frontend:
-            raise ValueError("the two networks of an ensemble must share one front end")
+            raise ParameterError("the two networks of an ensemble must share one front end")
         if msd.precision != mtt.precision:
-            raise ValueError(
+            raise ParameterError(
                 f"the two networks of an ensemble must share one precision, got "
                 f"{msd.precision!r} and {mtt.precision!r}"
             )
