@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from stat import S_ISREG
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -371,12 +371,12 @@ def _from_stored_backbone(
             rows.append(k)
     if usable:
         vectors = head.apply_to_vectors(stored.matrix[rows])
-        audio = [stored.audio[k] for k in rows]
+        audios = [stored.audio[k] for k in rows]
         store.write_records(
             lib,
             (
                 store.VectorRecord(i, head.model_id, v, audio=a)
-                for i, v, a in zip(usable, vectors, audio, strict=True)
+                for i, v, a in zip(usable, vectors, audios, strict=True)
             ),
             batch_size=commit_every,
         )
@@ -429,7 +429,7 @@ def embed_items(
     todo = list(plan.todo)
     if not todo:
         return summary
-    loaded = model() if callable(model) and not hasattr(model, "embed") else model
+    loaded = cast("Model", model() if callable(model) and not hasattr(model, "embed") else model)
     head = _head_of(loaded)
     summary.model_id = (head or loaded).model_id
     network = loaded
@@ -480,7 +480,7 @@ def embed_items(
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
-            outcomes.close()
+            outcomes.close()  # type: ignore[attr-defined]  # embed_files is a generator
 
     try:
         store.write_records(lib, records(), batch_size=commit_every)

@@ -129,6 +129,8 @@ class Vector:
     """
 
     __slots__ = ("__weakref__", "_array", "_text")
+    _array: np.ndarray
+    _text: str
 
     def __init__(self, values: Any) -> None:
         if isinstance(values, Vector):
@@ -267,7 +269,7 @@ def items_by_ids(lib: Library, ids: Iterable[int]) -> dict[int, Item]:
     found: dict[int, Item] = {}
     for chunk in chunks(wanted):
         for item in lib.items(IdsQuery(chunk)):
-            found[item.id] = item
+            found[int(item.id)] = item  # type: ignore[arg-type]  # stored items have ids
     return found
 
 
@@ -450,8 +452,9 @@ def read_stored(
             for k in np.flatnonzero(~finite).tolist():
                 corrupt[keep_ids[k]] = "NaN or infinite values"
             matrix = matrix[finite]
-            keep_ids = [i for i, f in zip(keep_ids, finite.tolist(), strict=True) if f]
-            audio = [a for a, f in zip(audio, finite.tolist(), strict=True) if f]
+            flags = [bool(f) for f in np.asarray(finite).tolist()]
+            keep_ids = [i for i, f in zip(keep_ids, flags, strict=True) if f]
+            audio = [a for a, f in zip(audio, flags, strict=True) if f]
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         np.divide(matrix, norms, out=matrix, where=norms > 0)
     else:
@@ -1056,7 +1059,7 @@ def read_listening_fields(lib: Library, keys: Sequence[str]) -> list[tuple[Any, 
         f"ON a.entity_id = i.id AND a.key IN ({marks}) ORDER BY i.id"
     )
     with lib.transaction() as tx:
-        return list(tx.query(sql, tuple(keys)))
+        return [tuple(row) for row in tx.query(sql, tuple(keys))]
 
 
 # --------------------------------------------------------------------------------------------
