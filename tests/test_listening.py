@@ -733,7 +733,8 @@ def test_tidal_day_first_dates_zones_preamble_and_short_streams(
         "Radiohead,Karma Police,31/01/2021 21:15,+01:00,254000\n"
         "Radiohead,Paranoid Android,31/01/2021 20:20,UTC,254000\n"
         "Radiohead,Airbag,31/01/2021 20:18,UTC,4200\n"
-        "Björk,Jóga,31/01/2021 20:26,Mars/Olympus_Mons,254000\n",
+        "Björk,Jóga,31/01/2021 20:26,Mars/Olympus_Mons,254000\n"
+        "Radiohead,Let Down,1612124820,+01:00,254000\n",  # unix seconds need no zone
         encoding="utf-8",
     )
     assert sniff_format(path) == "tidal"
@@ -743,6 +744,7 @@ def test_tidal_day_first_dates_zones_preamble_and_short_streams(
         ("2021-01-31T20:15:00Z", f"radiohead{KEY_SEP}karma police"),
         ("2021-01-31T20:15:00Z", f"radiohead{KEY_SEP}paranoid android"),
         ("2021-01-31T20:15:00Z", f"björk{KEY_SEP}jóga"),
+        ("2021-01-31T20:15:00Z", f"radiohead{KEY_SEP}let down"),
     }  # Airbag played 4 s
     assert any("Mars/Olympus_Mons" in r.getMessage() for r in caplog.records)
     oslo = tmp_path / "oslo" / "streaming.csv"

@@ -477,7 +477,7 @@ class TidalReader(ListenReader):
                 if m:
                     d, mo, y, h, mi, sec = (int(x or 0) for x in m.groups())
                     t = datetime(y, mo, d, h, mi, sec, tzinfo=zone or timezone.utc).timestamp()
-                elif zone is not None and "T" not in when and "+" not in when:
+                elif zone is not None and when[4:5] == "-" and "T" not in when and "+" not in when:
                     t = datetime.fromisoformat(when).replace(tzinfo=zone).timestamp()
                 else:
                     t = parse_time(when)
