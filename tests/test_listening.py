@@ -765,6 +765,23 @@ def test_tidal_day_first_dates_zones_preamble_and_short_streams(
     }
 
 
+def test_play_order_is_the_three_key_sort() -> None:
+    """One listener: a stable sort by time, ties by track — the same sequence of
+    (user, time, track) as np.lexsort, so duplicates are neighbours and sessions the same."""
+    from deepsim.listening.core import _play_order
+
+    rng = np.random.default_rng(1)
+    for trial in range(100):
+        n = int(rng.integers(1, 300))
+        t = rng.integers(0, 20, n).astype(np.float64)
+        tr = rng.integers(0, 5, n).astype(np.int32)
+        u = np.zeros(n, np.int32) if trial % 2 else rng.integers(0, 3, n).astype(np.int32)
+        order, ref = _play_order(u, t, tr), np.lexsort((tr, t, u))
+        assert sorted(order.tolist()) == list(range(n))
+        for a in (u, t, tr):
+            assert (a[order] == a[ref]).all()
+
+
 def write_spotify_rows(path: Path, rows: list[object]) -> None:
     """Rows as Spotify writes them: a JSON array, 4-space indented."""
     path.write_text(json.dumps(rows, indent=4, ensure_ascii=False), encoding="utf-8")
