@@ -135,7 +135,7 @@ RULES: dict[str, Rule] = {
     "auto": _bool,
     "model": _text,
     "device": _device,
-    "precision": lambda k, v: check_choice(k, v, ("auto", "fp32", "bf16")),
+    "precision": lambda k, v: check_choice(k, v, ("auto", "fp32", "bf16", "int8")),
     "workers": _workers,
     "batch_size": _int(1),
     "commit_every": _int(1),

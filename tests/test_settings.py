@@ -67,3 +67,10 @@ def test_option_or_and_positive_int() -> None:
     assert settings.positive_int("count", 3) == 3
     with pytest.raises(ParameterError, match="count must be a positive integer, got 0"):
         settings.positive_int("count", 0)
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16", "int8"])
+def test_every_precision_the_models_take_is_a_valid_setting(precision: str) -> None:
+    config = copy.deepcopy(settings.DEFAULTS)
+    config["precision"] = precision
+    settings.check(config)
