@@ -28,7 +28,7 @@ from deepsim.listening.core import Bad
 try:
     import msgspec
 except ImportError:  # pragma: no cover - msgspec is a dependency; the stdlib path reads all
-    msgspec = None
+    msgspec = None  # type: ignore[assignment]
 
 JSON_CHUNK = 1 << 20
 JSON_MAX_RECORD = 64 << 20
@@ -230,7 +230,7 @@ class Rows:
                 [(f, t if t is object else t | None, None) for f, t in typed],  # type: ignore[operator]
                 gc=False,
             )
-            self._decoder = msgspec.json.Decoder(list[struct])
+            self._decoder = msgspec.json.Decoder(list[struct])  # type: ignore[valid-type]
 
     def read(self, source: Any) -> RowsOf:
         """The rows of ``source`` (a :class:`~deepsim.listening.sources.Source`)."""
