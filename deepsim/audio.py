@@ -64,7 +64,8 @@ def _mp4_index_missing(path: str, size: int) -> bool:
     """Whether ``path`` is an ISO-BMFF (MP4/M4A) file whose top-level boxes end without a moov."""
     try:
         with open(path, "rb") as handle:
-            offset, seen = 0, []
+            offset = 0
+            seen: list[bytes] = []
             while offset + 8 <= size and len(seen) < 64:
                 handle.seek(offset)
                 header = handle.read(16)
@@ -89,7 +90,7 @@ def _reason(exc: BaseException) -> str:
 
 def _audio_stream(container: av.container.InputContainer, path: str) -> av.audio.AudioStream:
     if not container.streams.audio:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        kinds: list[str] = sorted({s.type for s in container.streams}) or ["none"]
         raise AudioError(path, f"no audio stream (streams: {', '.join(kinds)})")
     return container.streams.audio[0]
 
@@ -115,7 +116,7 @@ def _decode(
     """
     with _open(path) as container:
         stream = _audio_stream(container, path)
-        stream.thread_type = "AUTO"
+        stream.codec_context.thread_type = "AUTO"
         duration = _duration(container, stream)
         whole_unknown = duration is None and start is None
         if start is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any, cast
@@ -87,7 +87,7 @@ def embed_files(
     *,
     workers: int | None = None,
     batch_size: int = 8,
-) -> Iterator[EmbedOutcome]:
+) -> Generator[EmbedOutcome, None, None]:
     """Embed audio files with ``model``, yielding outcomes in input order.
 
     Parameters
@@ -480,7 +480,7 @@ def embed_items(
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
-            outcomes.close()  # type: ignore[attr-defined]  # embed_files is a generator
+            outcomes.close()
 
     try:
         store.write_records(lib, records(), batch_size=commit_every)

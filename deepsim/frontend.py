@@ -168,6 +168,9 @@ def make_logmel(params: FrontendParams) -> Any:
     import torch
 
     class LogMel(torch.nn.Module):
+        mel_basis: torch.Tensor
+        window: torch.Tensor
+
         def __init__(self, params: FrontendParams) -> None:
             super().__init__()
             self.params = params

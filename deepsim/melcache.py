@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -323,8 +323,9 @@ def build_cache(
     if len(todo):
         _log(f"mel cache: rank {rank} decoding {len(todo)} of {len(paths)} tracks")
         mels = np.memmap(mels_path, dtype=np.float16, mode="r+", shape=shape)
-        loader = torch.utils.data.DataLoader(
-            _DecodeMels(paths, todo, frontend=frontend, seconds=seconds, frames=frames),
+        dataset = _DecodeMels(paths, todo, frontend=frontend, seconds=seconds, frames=frames)
+        loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
+            cast("torch.utils.data.Dataset[Any]", dataset),  # map-style: __len__, __getitem__
             batch_size=1,
             shuffle=False,
             num_workers=workers,

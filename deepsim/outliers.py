@@ -105,7 +105,7 @@ def score_albums(
     for row, item_id in enumerate(vec_ids.tolist()):
         facts = fields.get(item_id)
         key = None if facts is None else _album_key(*facts)
-        if key is None:
+        if facts is None or key is None:
             continue
         albums.setdefault(key, []).append(row)
         names.setdefault(key, str(facts[0] or f"album {facts[2]}"))

@@ -154,22 +154,22 @@ def find_path(
     seeds, targets = list(seeds), list(targets)
     if not seeds or not targets:
         raise DeepsimError("a path needs seed tracks and target tracks")
-    ends = {int(s.id) for s in seeds} & {int(t.id) for t in targets}
+    ends = {store.item_id(s) for s in seeds} & {store.item_id(t) for t in targets}
     if ends:
         raise DeepsimError(f"{len(ends)} track(s) are both a seed and a target")
-    end_ids = [int(i.id) for i in (*seeds, *targets)]
+    end_ids = [store.item_id(i) for i in (*seeds, *targets)]
     vec_ids, vecs = store.read_vectors(lib, model_id, ids=end_ids)
     row = {int(i): k for k, i in enumerate(vec_ids.tolist())}
-    result = PathResult(missing=[i for i in (*seeds, *targets) if int(i.id) not in row])
-    used_seeds = [s for s in seeds if int(s.id) in row]
-    used_targets = [t for t in targets if int(t.id) in row]
+    result = PathResult(missing=[i for i in (*seeds, *targets) if store.item_id(i) not in row])
+    used_seeds = [s for s in seeds if store.item_id(s) in row]
+    used_targets = [t for t in targets if store.item_id(t) in row]
     if not used_seeds or not used_targets:
         which = "seed" if not used_seeds else "target"
         raise DeepsimError(f"no {which} track has a {model_id} vector yet")
-    start = _mean(vecs[[row[int(s.id)] for s in used_seeds]], "seed")
-    end = _mean(vecs[[row[int(t.id)] for t in used_targets]], "target")
-    first = max(used_seeds, key=lambda s: float(vecs[row[int(s.id)]] @ start))
-    last = max(used_targets, key=lambda t: float(vecs[row[int(t.id)]] @ end))
+    start = _mean(vecs[[row[store.item_id(s)] for s in used_seeds]], "seed")
+    end = _mean(vecs[[row[store.item_id(t)] for t in used_targets]], "target")
+    first = max(used_seeds, key=lambda s: float(vecs[row[store.item_id(s)]] @ start))
+    last = max(used_targets, key=lambda t: float(vecs[row[store.item_id(t)]] @ end))
 
     ids, matrix = _pool(lib, model_id, where)
     blocked = set(end_ids) | {int(i) for i in exclude_ids}
@@ -184,17 +184,17 @@ def find_path(
         max_per_artist,
         max_per_album,
         fold,
-        [int(first.id), int(last.id)],
+        [store.item_id(first), store.item_id(last)],
     )
     result.exhausted = len(chosen) < count
 
-    order = [int(first.id), *[i for i, _ in chosen], int(last.id)]
+    order = [store.item_id(first), *[i for i, _ in chosen], store.item_id(last)]
     items = load_items(lib, order)
     vec_ids, vecs = store.read_vectors(lib, model_id, ids=order)
     vec_row = {int(i): k for k, i in enumerate(vec_ids.tolist())}
     point_sim = {
-        int(first.id): float(vecs[vec_row[int(first.id)]] @ start),
-        int(last.id): float(vecs[vec_row[int(last.id)]] @ end),
+        store.item_id(first): float(vecs[vec_row[store.item_id(first)]] @ start),
+        store.item_id(last): float(vecs[vec_row[store.item_id(last)]] @ end),
         **dict(chosen),
     }
     for item_id in order:

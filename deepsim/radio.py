@@ -283,7 +283,7 @@ class Radio:
 
     def _recent_ids(self) -> set[int]:
         since = self.clock() - self.avoid_seconds
-        ids = {int(item.id) for when, item in self.played if when >= since}
+        ids = {store.item_id(item) for when, item in self.played if when >= since}
         return ids | store.ids_played_since(self.lib, since)
 
     def step(self) -> RadioStep:
@@ -302,8 +302,8 @@ class Radio:
             result.waiting = "nothing is playing and no seed tracks were given"
             return result
         in_queue = items_by_paths(self.lib, [p for p in map(self.mpd.path_for, queue) if p])
-        exclude = self._recent_ids() | {int(i.id) for i in in_queue.values()}
-        exclude |= {int(i.id) for i in result.seeds}
+        exclude = self._recent_ids() | {store.item_id(i) for i in in_queue.values()}
+        exclude |= {store.item_id(i) for i in result.seeds}
         found = self.search(result.seeds, self.batch, exclude)
         if not found:
             result.waiting = "no more tracks pass the filters"

@@ -407,7 +407,7 @@ def _seed_ids(seeds: Sequence[Item]) -> list[int]:
     for seed in seeds:
         if getattr(seed, "id", None) is None:
             raise ParameterError(f"seed {seed!r} is not in a library (it has no id)")
-        ids.append(int(seed.id))
+        ids.append(store.item_id(seed))
     return ids
 
 
@@ -457,7 +457,7 @@ def _plan(
     stored = store.read_stored(lib, model_id, ids=seed_ids)
     seed_vectors: dict[int, np.ndarray] = {}
     seed_files: dict[int, str] = {}
-    paths = {int(s.id): s.path for s in seeds}
+    paths = {store.item_id(s): s.path for s in seeds}
     for k, (item_id, audio) in enumerate(zip(stored.ids.tolist(), stored.audio, strict=True)):
         change, _ = compare(AudioIdentity.parse(audio), paths.get(item_id) or b"")
         if change in ("same", "retagged"):
@@ -504,22 +504,28 @@ def _plan(
 
 
 def _search(plan: _Plan, seeds: list[Item]) -> SimilarResult:
-    used = [s for s in seeds if int(s.id) in plan.seed_vectors]
+    used = [s for s in seeds if store.item_id(s) in plan.seed_vectors]
     result = SimilarResult(
         seeds=used,
         missing=[
             s
             for s in seeds
-            if int(s.id) not in plan.seed_vectors and int(s.id) not in plan.seed_files
+            if store.item_id(s) not in plan.seed_vectors and store.item_id(s) not in plan.seed_files
         ],
-        stale=[(s, plan.seed_files[int(s.id)]) for s in seeds if int(s.id) in plan.seed_files],
+        stale=[
+            (s, plan.seed_files[store.item_id(s)])
+            for s in seeds
+            if store.item_id(s) in plan.seed_files
+        ],
     )
     if used:
-        mean = np.mean([plan.seed_vectors[int(s.id)] for s in used], axis=0, dtype=np.float64)
+        mean = np.mean(
+            [plan.seed_vectors[store.item_id(s)] for s in used], axis=0, dtype=np.float64
+        )
         norm = float(np.linalg.norm(mean))
         if not math.isfinite(norm) or norm < 1e-3:
             raise DeepsimError("the seed vectors cancel out: choose other seeds or use --each")
-        vector = (mean / norm).astype(np.float32)
+        vector = np.asarray(mean / norm, dtype=np.float32)
         gain = 1.0
         if plan.query_scale is not None:  # another taste weight: re-weight the query only
             scaled = vector * plan.query_scale
@@ -542,7 +548,7 @@ def _search(plan: _Plan, seeds: list[Item]) -> SimilarResult:
             max_per_artist=plan.max_per_artist,
             max_per_album=plan.max_per_album,
             fold=plan.fold,
-            seed_ids=[int(s.id) for s in used],
+            seed_ids=[store.item_id(s) for s in used],
             left_out=result.left_out,
         )
         items = load_items(plan.lib, [i for i, _ in found])
@@ -775,17 +781,17 @@ def find_similar_albums(
     else:
         seed_ids, seed_matrix = album_ids, matrix
     position = {int(a): k for k, a in enumerate(seed_ids.tolist())}
-    used = [album for album in seeds if int(album.id) in position]
+    used = [album for album in seeds if store.item_id(album) in position]
     result = AlbumResult(seeds=used)
     if not used or album_ids.size == 0:
         return result
-    mean = seed_matrix[[position[int(a.id)] for a in used]].mean(axis=0, dtype=np.float64)
+    mean = seed_matrix[[position[store.item_id(a)] for a in used]].mean(axis=0, dtype=np.float64)
     norm = float(np.linalg.norm(mean))
     if norm < 1e-3:
         raise DeepsimError("the seed albums' vectors cancel out: choose other seeds")
     sims = matrix @ (mean / norm).astype(np.float32)
     order = np.lexsort((album_ids, -sims))
-    excluded = {int(a.id) for a in used} if exclude_seeds else set()
+    excluded = {store.item_id(a) for a in used} if exclude_seeds else set()
     for k in order.tolist():
         album_id = int(album_ids[k])
         if album_id in excluded:

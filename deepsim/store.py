@@ -44,7 +44,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import numpy as np
 from beets.dbcore import query as dbquery
@@ -55,7 +55,7 @@ from deepsim.errors import ParameterError
 from deepsim.util import check_int, get_logger
 
 if TYPE_CHECKING:
-    from beets.library import Item, Library
+    from beets.library import Album, Item, Library
 
 log = get_logger(__name__)
 
@@ -76,6 +76,11 @@ _DTYPE = np.dtype("<f2")
 def slot_keys(model_id: str) -> tuple[str, str, str]:
     """The (vector, audio, tags) keys of ``model_id``'s own slot (not the main one)."""
     return f"{VECTOR_FIELD}:{model_id}", f"{AUDIO_FIELD}:{model_id}", f"{TAGS_FIELD}:{model_id}"
+
+
+def item_id(item: Item | Album) -> int:
+    """The id of a stored item or album (beets types it ``int | None``: unset before storing)."""
+    return int(cast(int, item.id))
 
 
 def chunks(ids: Sequence[int], size: int | None = None) -> Iterator[list[int]]:
@@ -184,7 +189,7 @@ class Vector:
         return hashlib.blake2b(self._text.encode("ascii"), digest_size=4).hexdigest()
 
 
-class VectorType(types.Type):  # type: ignore[type-arg]
+class VectorType(types.Type):
     """beets type of ``deepsim_vector``: a :class:`Vector` in memory, base64 text in SQL.
 
     ``format`` shows ``<400-d vector>``; ``parse`` reads a stored encoding
@@ -269,7 +274,7 @@ def items_by_ids(lib: Library, ids: Iterable[int]) -> dict[int, Item]:
     found: dict[int, Item] = {}
     for chunk in chunks(wanted):
         for item in lib.items(IdsQuery(chunk)):
-            found[int(item.id)] = item  # type: ignore[arg-type]  # stored items have ids
+            found[item_id(item)] = item
     return found
 
 

@@ -187,7 +187,7 @@ def _gpu_available() -> bool:
     if not implicit.gpu.HAS_CUDA:
         return False
     try:
-        return int(implicit.gpu.get_device_count()) > 0  # type: ignore[attr-defined]
+        return int(implicit.gpu.get_device_count()) > 0
     except Exception:  # pragma: no cover - depends on the CUDA build
         return False
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepsim import settings
+from deepsim import settings, store
 from deepsim.errors import DeepsimError
 from deepsim.similar import DISTANCE_FIELD as DISTANCE_FIELD
 from deepsim.similar import SIMILARITY_FIELD as SIMILARITY_FIELD
@@ -96,7 +96,7 @@ def query_ids(lib: Library, args: Sequence[str]) -> list[int] | None:
     query, _sort = parse_query_parts(list(args), Item)
     ids = where_ids(lib, query)
     if ids is None:  # a query SQL cannot evaluate: beets filters the items
-        return [int(item.id) for item in lib.items(query)]
+        return [store.item_id(item) for item in lib.items(query)]
     return sorted(int(i) for i in ids.tolist())
 
 
@@ -104,7 +104,7 @@ def matched_ids(lib: Library, args: Sequence[str]) -> list[int] | None:
     """Ids of ``lib.items(args)`` (None: no query); DeepsimError when nothing matches."""
     if not args:
         return None
-    ids = [int(item.id) for item in lib.items(list(args))]
+    ids = [store.item_id(item) for item in lib.items(list(args))]
     if not ids:
         raise DeepsimError(f"no tracks match query {' '.join(args)!r}")
     return ids

@@ -33,7 +33,7 @@ class Count(NamedTuple):
 
     user: str
     key: str
-    count: float
+    count: float  # type: ignore[assignment]  # a field named as tuple.count, on purpose
     line: int
 
 

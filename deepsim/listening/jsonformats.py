@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from deepsim.errors import ListeningDataError
 from deepsim.listening import jsonstream
@@ -285,7 +285,7 @@ class ListenBrainzApiReader(ListenReader):
             listens = payload.get("listens") if isinstance(payload, dict) else None
             if not isinstance(listens, list):
                 raise ListeningDataError(source.name, None, "no payload.listens array")
-            user = _text(payload.get("user_id"))
+            user = _text(cast("dict[str, Any]", payload).get("user_id"))
             for obj in listens:
                 yield listenbrainz_listen(obj, 1, user)
 
@@ -339,7 +339,10 @@ class MalojaReader(ListenReader):
                 if not isinstance(obj, dict):
                     yield Bad(NOT_OBJECT, line)
                     continue
-                track = obj.get("track") if isinstance(obj.get("track"), dict) else obj
+                track = cast(
+                    "dict[str, Any]",
+                    obj.get("track") if isinstance(obj.get("track"), dict) else obj,
+                )
                 try:
                     t = parse_time(obj.get("time"))
                 except ValueError as exc:

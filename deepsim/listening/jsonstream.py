@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
 from deepsim.errors import ListeningDataError
@@ -138,7 +138,7 @@ def iter_array_at(f: IO[str], name: str, key: str) -> Iterator[tuple[int, Any]]:
     yield from r.array(json.JSONDecoder())
 
 
-def iter_lines(f: IO[str]) -> Iterator[tuple[int, Any]]:
+def iter_lines(f: Iterable[str]) -> Iterator[tuple[int, Any]]:
     """Yield ``(line, object or Bad)`` for each non-blank line of JSON lines."""
     loads = json.loads
     for lineno, raw in enumerate(f, 1):
@@ -227,7 +227,7 @@ class Rows:
         if msgspec is not None:
             struct = msgspec.defstruct(
                 name,
-                [(f, t if t is object else t | None, None) for f, t in typed],  # type: ignore[operator]
+                [(f, t if t is object else t | None, None) for f, t in typed],
                 gc=False,
             )
             self._decoder = msgspec.json.Decoder(list[struct])  # type: ignore[valid-type]

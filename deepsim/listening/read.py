@@ -116,7 +116,7 @@ def _describe(head: Head) -> str:
         else:  # too long to parse here: the first keys as text
             keys = re.findall(r'"([^"\\]{1,60})"\s*:', s[:4000])[:8]
             what = "a JSON array of objects" if s[0] == "[" else "a JSON object"
-        shown = ", ".join(dict.fromkeys(keys))  # type: ignore[arg-type]
+        shown = ", ".join(dict.fromkeys(keys))
         return _shorten(f"it is {what} with keys {shown}" if keys else f"it is {what}", 160)
     lines = head.lines
     return "its first line is " + repr(_shorten(lines[0], 80)) if lines else "it is blank"
@@ -321,6 +321,7 @@ def _read_source(
     p_track = b.play_track.append
     p_time = b.play_time.append
     good = 0
+    u: int | None  # the user's index (a new user is added)
     for rec in reader.read(source):
         if rec.__class__ is tuple:
             user, t, artist, title, mbid, line = rec

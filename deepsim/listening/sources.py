@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import functools
 import gzip
 import io
 import lzma
@@ -24,7 +25,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from deepsim.errors import ListeningDataError
 from deepsim.util import get_logger
@@ -36,19 +37,20 @@ HEAD_BYTES = 1 << 16
 
 def _gunzip(raw: IO[bytes]) -> IO[bytes]:
     f = gzip.GzipFile(fileobj=raw)
-    f.myfileobj = raw  # closed with it
-    return f
+    f.myfileobj = cast(io.FileIO, raw)  # closed with it
+    return cast(IO[bytes], f)
 
 
 def _bunzip(raw: IO[bytes]) -> IO[bytes]:
     f = bz2.BZ2File(raw)
-    f._closefp = True  # closes raw with it (CPython's BZ2File and LZMAFile)
+    # Closes raw with it (a private attribute of CPython's BZ2File and LZMAFile).
+    f._closefp = True  # type: ignore[attr-defined]
     return f
 
 
 def _unxz(raw: IO[bytes]) -> IO[bytes]:
     f = lzma.LZMAFile(raw)  # noqa: SIM115 (returned open)
-    f._closefp = True
+    f._closefp = True  # type: ignore[attr-defined]
     return f
 
 
@@ -196,9 +198,8 @@ class Source:
         """The whole file as text in its encoding (newlines kept as in the file)."""
         enc = self.encoding
         errors = "deepsim-cp1252" if enc in ("utf-8", "utf-8-sig") else "replace"
-        return _CountingText(
-            self, io.TextIOWrapper(self.open_binary(), encoding=enc, errors=errors, newline="")
-        )
+        inner = io.TextIOWrapper(self.open_binary(), encoding=enc, errors=errors, newline="")
+        return cast(IO[str], _CountingText(self, inner))
 
 
 class _CountingText(io.TextIOBase):
@@ -218,7 +219,7 @@ class _CountingText(io.TextIOBase):
     def __iter__(self) -> Iterator[str]:  # type: ignore[override]
         return iter(self._inner)
 
-    def __next__(self) -> str:
+    def __next__(self) -> str:  # type: ignore[override]
         return next(self._inner)
 
     def readable(self) -> bool:
@@ -277,7 +278,7 @@ def _zip_sources(path: Path, display: str, default_user: str) -> Iterator[Source
             yield Source(
                 f"{display}!{info.filename}",
                 base[: -len(comp)] if comp else base,
-                lambda info=info: zf.open(info),
+                functools.partial(zf.open, info),
                 default_user,
                 True,
                 comp,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -101,7 +101,7 @@ class Model(torch.nn.Module, abc.ABC):
             return tensor.device
         return torch.device("cpu")
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Model:
         # Keep the lazily built front end on the same device as the weights.
         result = super()._apply(fn, recurse)
         self._logmel = None

@@ -61,6 +61,9 @@ class Standardise(nn.Module):
     default initialisation and Adam's step size work as intended.
     """
 
+    mean: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

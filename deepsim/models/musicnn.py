@@ -45,7 +45,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import numpy as np
 import torch
@@ -132,6 +132,21 @@ CHUNK_PATCHES = 1
 INT8_CHUNK_PATCHES = 2
 
 _BN_EPS = 1e-3
+
+_Layer = TypeVar("_Layer", bound=torch.nn.Module)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    class _Layers(torch.nn.ModuleList, Generic[_Layer]):
+        """What the type checker sees of a ``ModuleList`` holding one kind of layer."""
+
+        def __iter__(self) -> Iterator[_Layer]: ...
+
+
+def _bias(conv: torch.nn.Conv1d | torch.nn.Conv2d) -> torch.Tensor:
+    """A convolution's bias (every musicnn convolution has one)."""
+    return cast(torch.Tensor, conv.bias)
 
 
 def checkpoint_config(network: str) -> dict[str, Any]:
@@ -249,7 +264,7 @@ class _Int8Convs:
                     if index.numel() == 0:
                         continue
                     weight = conv.weight.detach().float()[index] * sign
-                    bias = conv.bias.detach().float()[index] * sign
+                    bias = _bias(conv).detach().float()[index] * sign
                     taps, width = conv.kernel_size
                     fold = taps if width > 1 else 1  # the time taps as input channels
                     if fold > 1:
@@ -305,6 +320,11 @@ class FrozenBatchNorm(torch.nn.Module):
 
     Applied to dimension 1 of its input, as :class:`torch.nn.BatchNorm1d`/``2d``.
     """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(self, channels: int, *, eps: float = _BN_EPS) -> None:
         super().__init__()
@@ -367,25 +387,40 @@ class MusicnnNetwork(torch.nn.Module):
         self.int8_ranges = int8_ranges
         self._int8: tuple[Any, _Int8Convs] | None = None
         self.input_norm = FrozenBatchNorm(1)
-        self.timbral = torch.nn.ModuleList(
-            torch.nn.Conv2d(1, self.timbral_filters, (7, w)) for w in self.timbral_widths
+        self.timbral = cast(
+            "_Layers[torch.nn.Conv2d]",
+            torch.nn.ModuleList(
+                torch.nn.Conv2d(1, self.timbral_filters, (7, w)) for w in self.timbral_widths
+            ),
         )
-        self.timbral_norm = torch.nn.ModuleList(
-            FrozenBatchNorm(self.timbral_filters) for _ in self.timbral_widths
+        self.timbral_norm = cast(
+            "_Layers[FrozenBatchNorm]",
+            torch.nn.ModuleList(FrozenBatchNorm(self.timbral_filters) for _ in self.timbral_widths),
         )
-        self.temporal = torch.nn.ModuleList(
-            torch.nn.Conv2d(1, self.temporal_filters, (k, 1)) for k in self.temporal_lengths
+        self.temporal = cast(
+            "_Layers[torch.nn.Conv2d]",
+            torch.nn.ModuleList(
+                torch.nn.Conv2d(1, self.temporal_filters, (k, 1)) for k in self.temporal_lengths
+            ),
         )
-        self.temporal_norm = torch.nn.ModuleList(
-            FrozenBatchNorm(self.temporal_filters) for _ in self.temporal_lengths
+        self.temporal_norm = cast(
+            "_Layers[FrozenBatchNorm]",
+            torch.nn.ModuleList(
+                FrozenBatchNorm(self.temporal_filters) for _ in self.temporal_lengths
+            ),
         )
         front = (
             len(self.timbral_widths) * self.timbral_filters
             + len(self.temporal_lengths) * self.temporal_filters
         )
         mid = self.midend_filters
-        self.midend = torch.nn.ModuleList(torch.nn.Conv1d(c, mid, 7) for c in (front, mid, mid))
-        self.midend_norm = torch.nn.ModuleList(FrozenBatchNorm(mid) for _ in range(3))
+        self.midend = cast(
+            "_Layers[torch.nn.Conv1d]",
+            torch.nn.ModuleList(torch.nn.Conv1d(c, mid, 7) for c in (front, mid, mid)),
+        )
+        self.midend_norm = cast(
+            "_Layers[FrozenBatchNorm]", torch.nn.ModuleList(FrozenBatchNorm(mid) for _ in range(3))
+        )
         pooled = 2 * (front + 3 * mid)
         self.pool_norm = FrozenBatchNorm(pooled)
         self.dense = torch.nn.Linear(pooled, self.backend_units)
@@ -403,7 +438,7 @@ class MusicnnNetwork(torch.nn.Module):
         scale, shift = norm.scale_shift()
         sign = torch.where(scale < 0, -1.0, 1.0).to(scale.dtype)
         weight = conv.weight * sign.view(-1, 1, 1, 1)
-        return weight, conv.bias * sign, sign, scale, shift
+        return weight, _bias(conv) * sign, sign, scale, shift
 
     @staticmethod
     def _finish(
@@ -502,7 +537,7 @@ class MusicnnNetwork(torch.nn.Module):
             x = F.pad(h, (3, 3))
             if low and i == 0:
                 z = F.conv1d(x.to(torch.bfloat16), conv.weight.to(torch.bfloat16)).float()
-                z = z + conv.bias.view(1, -1, 1)
+                z = z + _bias(conv).view(1, -1, 1)
             else:
                 z = F.conv1d(x, conv.weight, conv.bias)
             out = norm(torch.relu(z))
