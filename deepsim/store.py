@@ -300,11 +300,6 @@ def path_resolver(lib: Library) -> Callable[[Any], bytes]:
     return resolve
 
 
-def absolute_path(lib: Library, raw: Any) -> bytes:
-    """One ``items.path`` value as an absolute path (see :func:`path_resolver`)."""
-    return path_resolver(lib)(raw)
-
-
 def album_ids(lib: Library, ids: Sequence[int]) -> dict[int, int]:
     """``{item id: album id}`` of those of ``ids`` that belong to an album."""
     found: dict[int, int] = {}
@@ -487,13 +482,6 @@ def read_vectors(
 def ids_with_vectors(lib: Library, model_id: str) -> set[int]:
     """Ids of the items that hold a usable vector of ``model_id``."""
     return set(read_stored(lib, model_id, warn=False).ids.tolist())
-
-
-def ids_with_any_vector(lib: Library) -> set[int]:
-    """Ids of the items whose main slot holds a vector (of any model)."""
-    with lib.transaction() as tx:
-        rows = tx.query("SELECT entity_id FROM item_attributes WHERE key = ?", [VECTOR_FIELD])
-    return {int(row[0]) for row in rows}
 
 
 class ItemState(NamedTuple):
@@ -952,13 +940,6 @@ def write_vectors(
                 yield VectorRecord(int(row[0]), model_id, row[1], tags=tags)
 
     return write_records(lib, records(), batch_size=batch_size)
-
-
-def write_backbone_vectors(
-    lib: Library, rows: Iterable[tuple[int, np.ndarray]], model_id: str
-) -> int:
-    """Store vectors of a head's backbone model: the same as :func:`write_vectors`."""
-    return write_vectors(lib, rows, model_id)
 
 
 def write_audio(lib: Library, model_id: str, audio: dict[int, str]) -> None:
