@@ -22,6 +22,7 @@ Run::
 
     .venv/bin/python benchmarks/bench_noop.py                 # 100k tracks
     .venv/bin/python benchmarks/bench_noop.py --items 30000
+    .venv/bin/python benchmarks/bench_noop.py --workdir /tmp/noop   # build once, reuse after
 
 Timings are printed, never asserted.
 """
@@ -73,7 +74,7 @@ def prepare(db: Path, music: Path) -> int:
 
 
 def timed_runs(
-    beet: str, env: dict[str, str], runs: int
+    beet: str, env: dict[str, str], runs: int, *, ls: bool = True
 ) -> dict[str, list[tuple[float, float, float]]]:
     commands = {
         "beet version": ["version"],
@@ -83,7 +84,7 @@ def timed_runs(
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
     for run in range(runs):
         for name, args in commands.items():
-            if run and name.startswith("beet ls"):
+            if (run or not ls) and name.startswith("beet ls"):
                 continue  # tens of seconds at 100k: once is enough to show what loading costs
             wall, cpu, rss, out = run_rusage(beet, args, env)
             if name == "beet deepsim-embed" and b"nothing to do" not in out:
@@ -157,6 +158,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--stats", action="store_true", help="profile one in-process plan")
+    parser.add_argument("--no-ls", action="store_true", help="skip the `beet ls` baseline")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="build the library, files and config here once and reuse them (kept afterwards)",
+    )
     args = parser.parse_args()
 
     beet = shutil.which("beet", path=os.path.dirname(sys.executable)) or shutil.which("beet")
@@ -164,24 +171,32 @@ def main() -> None:
         raise SystemExit("no `beet` executable next to this Python")
     print(f"load average at start: {loadavg()} ({os.cpu_count()} cores)")
     cached, _ = cached_library(args.dir, items=args.items, dim=400, clusters=300, seed=0)
-    work = Path(tempfile.mkdtemp(prefix="deepsim-bench-noop-", dir=args.dir))
+    keep = args.workdir is not None
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="deepsim-bench-noop-", dir=args.dir))
     try:
         db = work / "library.db"
-        shutil.copyfile(cached, db)
-        started = time.perf_counter()
-        count = prepare(db, work / "music")
-        print(f"{count} tracks, files and identities in {time.perf_counter() - started:.1f} s")
         config = work / "config"
-        config.mkdir()
-        (config / "config.yaml").write_text(
-            f"library: {db}\ndirectory: {work / 'music'}\nplugins: deepsim\n"
-        )
+        if (work / "ready").exists():
+            print(f"reusing {work}")
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, db)
+            started = time.perf_counter()
+            count = prepare(db, work / "music")
+            print(f"{count} tracks, files and identities in {time.perf_counter() - started:.1f} s")
+            config.mkdir(exist_ok=True)
+            (config / "config.yaml").write_text(
+                f"library: {db}\ndirectory: {work / 'music'}\nplugins: deepsim\n"
+            )
+            (work / "ready").touch()
         env = {**os.environ, "BEETSDIR": os.fspath(config)}
         if args.stats:
             profile_plan(db)
-        results = timed_runs(beet, env, args.runs)
+        results = timed_runs(beet, env, args.runs, ls=not args.no_ls)
         floor = statistics.median(w for w, _, _ in results["beet version"])
         for name, values in results.items():
+            if not values:
+                continue
             wall = statistics.median(w for w, _, _ in values)
             cpu = statistics.median(c for _, c, _ in values)
             rss = max(r for _, _, r in values)
@@ -193,7 +208,8 @@ def main() -> None:
         print(matching_cost(db))
         print(f"load average at end: {loadavg()}")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

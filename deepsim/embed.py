@@ -270,10 +270,13 @@ def plan_embedding(
 ) -> EmbedPlan:
     """Which of the items (all, or ``ids``) need a ``model_id`` vector computed.
 
-    The store answers from SQL over ids, paths and the recorded identities, in
-    batches (:func:`deepsim.store.embed_state_batches`: memory flat in library
-    size, no vector value read, no ``Item`` objects, no torch), then one
-    ``stat`` per file.  An item needs work when it has no vector of the model
+    The store answers from SQL, one query per batch of ids
+    (:func:`deepsim.store.current_audio_batches`: each item's path and the
+    recorded identity of its vector of the model, read from indexes alone;
+    memory flat in library size, no vector value read, no ``Item`` objects,
+    no torch), then one ``stat`` per file decides the common case (a vector
+    of the same file); the rest are decided from their full state
+    (:func:`deepsim.store.embed_states`).  An item needs work when it has no vector of the model
     or its audio changed (see :mod:`deepsim.identity`: the packet digest is
     taken only for a file whose size or mtime moved); a retagged file keeps
     its vector (its new identity is recorded by :func:`embed_items`); a file
@@ -284,24 +287,26 @@ def plan_embedding(
     """
     plan = EmbedPlan(model_id)
     stat = os.stat
-    for part in store.embed_state_batches(lib, model_id, ids):
-        for state in part:
+    for part in store.current_audio_batches(lib, model_id, ids):
+        rest: dict[int, os.stat_result | None] = {}
+        for item_id, path, audio in part:
             try:  # stat_identity, inlined: this runs once per track of the library
-                st = stat(state.path) if state.path else None
+                st = stat(path) if path else None
             except (OSError, ValueError):
                 st = None
-            audio = state.audio
             if (
-                st is not None
-                and state.vector
+                audio is not None
+                and st is not None
                 and not force
-                and audio is not None
                 and audio.startswith(f"{st.st_size}:{st.st_mtime_ns}:")
                 and S_ISREG(st.st_mode)
             ):
                 plan.done += 1  # the common case: a vector of the same file, one stat
-                continue
-            _plan_one(plan, state, st, force=force, retry_failed=retry_failed)
+            else:
+                rest[item_id] = st
+        if rest:  # every other case, from the full state of those items alone
+            for state in store.embed_states(lib, model_id, rest):
+                _plan_one(plan, state, rest[state.item_id], force=force, retry_failed=retry_failed)
     return plan
 
 

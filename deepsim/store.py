@@ -549,6 +549,110 @@ def _states(
     return states
 
 
+#: deepsim's short fields (model ids, audio identities, failures).  A partial covering index
+#: holds them (:func:`ensure_short_index`), so that deciding what to embed reads them without
+#: touching the pages of the 1 KB vector values they sit beside.  The same literal condition
+#: is in the index and in every query meant to use it (SQLite's rule for a partial index).
+_SHORT_KEYS = (
+    f"(key IN ('{MODEL_FIELD}', '{AUDIO_FIELD}', '{BACKBONE_MODEL_FIELD}', '{FAILED_FIELD}') "
+    f"OR key GLOB '{AUDIO_FIELD}:*')"
+)
+SHORT_INDEX = "deepsim_short_fields_v1"
+
+
+def ensure_short_index(lib: Library) -> bool:
+    """Create the partial covering index of the short fields once (idempotent, safe beside
+    another process); False where it cannot be made (a read-only database): the queries
+    are the same without it, only slower.  beets never reads or needs it."""
+    with lib.transaction() as tx:
+        if tx.query("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", [SHORT_INDEX]):
+            return True
+    try:
+        with lib.transaction() as tx:
+            tx.mutate(
+                f"CREATE INDEX IF NOT EXISTS {SHORT_INDEX} ON item_attributes "
+                f"(key, entity_id, value) WHERE {_SHORT_KEYS}"
+            )
+    except (sqlite3.OperationalError, DBAccessError) as exc:
+        log.debug("index %s not created: %s", SHORT_INDEX, exc)
+        return False
+    log.debug("index %s created", SHORT_INDEX)
+    return True
+
+
+def _current_audio(
+    tx: Any, resolve: Callable[[Any], bytes], model_id: str, where: str, args: list[Any]
+) -> list[tuple[int, bytes, str | None]]:
+    """``(id, path, audio)`` of the items ``where`` selects, in one query: ``audio`` is the
+    recorded identity of the slot :func:`embed_states` would choose when that slot holds a
+    vector of the model (the main slot, else the model's own), else None."""
+    vec_key, audio_key, _ = slot_keys(model_id)
+    pair = _pair_index(tx)
+    short = (
+        f" INDEXED BY {SHORT_INDEX}"
+        if tx.query("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", [SHORT_INDEX])
+        else ""
+    )
+
+    def joined(alias: str) -> str:
+        return (
+            f"LEFT JOIN item_attributes AS {alias}{short} ON {alias}.key = ? "
+            f"AND {alias}.entity_id = i.id AND {_SHORT_KEYS.replace('key', alias + '.key')}"
+        )
+
+    sql = (
+        "SELECT i.id, i.path, CASE "
+        f"WHEN m.value = ? AND EXISTS (SELECT 1 FROM item_attributes{pair} "
+        "WHERE entity_id = i.id AND key = ?) THEN a.value "
+        f"WHEN EXISTS (SELECT 1 FROM item_attributes{pair} WHERE entity_id = i.id AND key = ?) "
+        f"THEN o.value END FROM items AS i {joined('m')} {joined('a')} {joined('o')} "
+        f"WHERE i.{where} ORDER BY i.id"
+    )
+    params = [model_id, VECTOR_FIELD, vec_key, MODEL_FIELD, AUDIO_FIELD, audio_key, *args]
+    return [
+        (item_id, raw if type(raw) is bytes and raw[:1] == b"/" else resolve(raw), audio)
+        for item_id, raw, audio in tx.query(sql, params)
+    ]
+
+
+def current_audio_batches(
+    lib: Library, model_id: str, ids: Iterable[int] | None = None, *, batch: int | None = None
+) -> Iterator[list[tuple[int, bytes, str | None]]]:
+    """``(id, path, audio)`` of every item (all, or ``ids``), in batches of ``batch`` ids
+    (default ``10 * ID_CHUNK``): what the common "already embedded, same file" decision
+    needs, one query a batch (see :func:`_current_audio`); memory flat in library size.
+    Everything else is for :func:`embed_states` to say, for the few items that need it."""
+    size = batch or 10 * ID_CHUNK
+    ensure_short_index(lib)
+    resolve = path_resolver(lib)
+    if ids is not None:
+        wanted = sorted({int(i) for i in ids})
+        for start in range(0, len(wanted), size):
+            rows: list[tuple[int, bytes, str | None]] = []
+            with lib.transaction() as tx:
+                for chunk in chunks(wanted[start : start + size]):
+                    where = f"id IN ({','.join('?' * len(chunk))})"
+                    rows.extend(_current_audio(tx, resolve, model_id, where, chunk))
+            yield rows
+        return
+    low = 0
+    while True:
+        with lib.transaction() as tx:
+            last = tx.query(
+                "SELECT id FROM items WHERE id >= ? ORDER BY id LIMIT 1 OFFSET ?", [low, size - 1]
+            )
+            if last:
+                high = int(last[0][0])
+                rows = _current_audio(tx, resolve, model_id, "id BETWEEN ? AND ?", [low, high])
+            else:
+                rows = _current_audio(tx, resolve, model_id, "id >= ?", [low])
+        if rows:
+            yield rows
+        if not last:
+            return
+        low = high + 1
+
+
 def embed_states(lib: Library, model_id: str, ids: Iterable[int] | None = None) -> list[ItemState]:
     """For each item (all, or ``ids``): path, whether a vector is stored, audio identity, failure.
 
@@ -567,38 +671,6 @@ def embed_states(lib: Library, model_id: str, ids: Iterable[int] | None = None) 
                 _states(tx, resolve, model_id, f"id IN ({','.join('?' * len(chunk))})", chunk)
             )
         return states
-
-
-def embed_state_batches(
-    lib: Library, model_id: str, ids: Iterable[int] | None = None, *, batch: int | None = None
-) -> Iterator[list[ItemState]]:
-    """:func:`embed_states` in batches of ``batch`` ids (default ``10 * ID_CHUNK``), so
-    that memory stays flat in library size: each batch is read, decided and dropped
-    before the next.  The whole library goes by ranges of ids (no id list is built)."""
-    size = batch or 10 * ID_CHUNK
-    if ids is not None:
-        wanted = sorted({int(i) for i in ids})
-        for start in range(0, len(wanted), size):
-            yield embed_states(lib, model_id, wanted[start : start + size])
-        return
-    resolve = path_resolver(lib)
-    low = 0
-    while True:
-        with lib.transaction() as tx:
-            # the batch's last id (ids can be sparse after removals)
-            last = tx.query(
-                "SELECT id FROM items WHERE id >= ? ORDER BY id LIMIT 1 OFFSET ?", [low, size - 1]
-            )
-            if last:
-                high = int(last[0][0])
-                states = _states(tx, resolve, model_id, "id BETWEEN ? AND ?", [low, high])
-            else:
-                states = _states(tx, resolve, model_id, "id >= ?", [low])
-        if states:
-            yield states
-        if not last:
-            return
-        low = high + 1
 
 
 def model_counts(lib: Library) -> Counter[str]:

@@ -380,6 +380,36 @@ def test_embed_states_follow_the_slot_rule_without_reading_vectors(lib: Library)
         (True, None),
         (False, None),
     ]
-    batches = list(store.embed_state_batches(lib, "a", batch=4))
-    assert [[s.item_id for s in part] for part in batches] == [[1, 2, 3, 4], [5, 6]]
-    assert [s for part in batches for s in part] == list(states.values())
+    # the one-query fast read: the identity of the slot embed_states chooses, when it holds
+    # a vector, in batches of ids
+    batches = list(store.current_audio_batches(lib, "a", batch=4))
+    assert [[row[0] for row in part] for part in batches] == [[1, 2, 3, 4], [5, 6]]
+    assert [row for part in batches for row in part] == [
+        (s.item_id, s.path, s.audio if s.vector else None) for s in states.values()
+    ]
+    b_rows = [row for part in store.current_audio_batches(lib, "b", ids=[3, 1, 2]) for row in part]
+    assert [(i, audio) for i, _, audio in b_rows] == [(1, "3:4:y"), (2, None), (3, None)]
+
+
+def test_short_field_index_is_made_once_and_used(lib: Library) -> None:
+    rng = np.random.default_rng(14)
+    store.write_records(lib, [store.VectorRecord(1, "a", unit(rng, 1, 8)[0], audio="1:2:x")])
+    assert store.ensure_short_index(lib) and store.ensure_short_index(lib)
+    with lib.transaction() as tx:
+        (sql,) = tx.query("SELECT sql FROM sqlite_master WHERE name = ?", [store.SHORT_INDEX])[0]
+        assert "WHERE" in sql  # partial: no vector value is copied into it
+        plan = tx.query(
+            # INDEXED BY fails ("no query solution") unless the query may use the partial index
+            f"EXPLAIN QUERY PLAN SELECT value FROM item_attributes INDEXED BY {store.SHORT_INDEX} "
+            f"WHERE {store._SHORT_KEYS} AND key = ? AND entity_id = ?",
+            [store.AUDIO_FIELD, 1],
+        )
+        assert any(store.SHORT_INDEX in str(tuple(row)) for row in plan)
+    # beets keeps working on the items: edits, flexible attributes, removal
+    item = lib.get_item(1)
+    assert item is not None
+    item["deepsim_audio"] = "9:9:z"
+    item.store()
+    assert next(row[2] for part in store.current_audio_batches(lib, "a") for row in part) == "9:9:z"
+    item.remove()
+    assert lib.get_item(1) is None
