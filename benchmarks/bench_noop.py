@@ -8,7 +8,8 @@ as ``beet deepsim-embed`` records it.  Then runs, as a user does, in fresh
 processes, interleaved, ``--runs`` times each:
 
 * ``beet version`` — the start-up floor (Python, beets, config, plugins);
-* ``beet ls -f '$id'`` (output discarded, first round only) — what loading every item costs;
+* ``beet ls -f '$id'`` (output discarded, first round only; ``--no-ls`` skips it) — what loading
+  every item costs;
 * ``beet deepsim-embed`` — must answer "nothing to do";
 
 and prints the median wall time and the peak RSS of each (``wait4``), and the
@@ -22,7 +23,7 @@ Run::
 
     .venv/bin/python benchmarks/bench_noop.py                 # 100k tracks
     .venv/bin/python benchmarks/bench_noop.py --items 30000
-    .venv/bin/python benchmarks/bench_noop.py --workdir /tmp/noop   # build once, reuse after
+    .venv/bin/python benchmarks/bench_noop.py --workdir /tmp/noop --no-ls   # build once, reuse
 
 Timings are printed, never asserted.
 """
