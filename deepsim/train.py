@@ -1628,8 +1628,7 @@ def run_training(
 
     cfg = config or TrainConfig()
     say = functools.partial(log.info, "%s")  # progress goes to the `deepsim` logger
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+    clock = _StageClock()
     state = Path(state_dir)
     device = resolve_device(cfg.device)
 
@@ -1664,10 +1663,9 @@ def run_training(
             f"only {len(tracks_kept)} of the {items.n_tracks} matched library tracks have "
             f"enough listening data ({rule}); training needs at least {cfg.min_tracks}"
         )
-    seconds["match"] = time.perf_counter() - clock
+    clock.lap("match")
 
     # 2. Features of the kept tracks.
-    clock = time.perf_counter()
     item_ids = np.asarray([items.tracks[j].item_id for j in tracks_kept], np.int64)
     backbone = cfg.backbone
     if backbone not in BUILTIN_MODELS:  # a checkpoint: keep an absolute path in the head
@@ -1693,10 +1691,9 @@ def run_training(
             f"only {len(tracks_kept)} tracks with enough listening data have a {backbone_id} "
             f"vector ({n_failed} could not be embedded); training needs at least {cfg.min_tracks}"
         )
-    seconds["features"] = time.perf_counter() - clock
+    clock.lap("features")
 
     # 3. Split and factorise.
-    clock = time.perf_counter()
     counts = items.counts[users_kept][:, tracks_kept].tocsr()
     train_idx, held_idx = split_tracks(
         len(tracks_kept), heldout_fraction=cfg.heldout, seed=cfg.seed
@@ -1709,10 +1706,9 @@ def run_training(
         counts, train_idx, held_idx, factors=cfg.factors, seed=cfg.seed, **cfg.wmf_options()
     )
     has_target = np.any(split.train_factors != 0, axis=1)
-    seconds["wmf"] = time.perf_counter() - clock
+    clock.lap("wmf")
 
     # 4. Train: choose the head by validation, optionally fine-tune.
-    clock = time.perf_counter()
     train_rows = train_idx[has_target]
     say(f"choosing and training the head on {len(train_rows)} tracks")
     with _torch_threads(cfg.threads):
@@ -1763,10 +1759,9 @@ def run_training(
             device=device,
             callback=on_epoch,
         )
-    seconds["train"] = time.perf_counter() - clock
+    clock.lap("train")
 
     # 5. Evaluate on the held-out tracks; pick the taste weight.
-    clock = time.perf_counter()
     evaluation = None
     if len(held_idx):
         if mels is not None and decoded is not None:
@@ -1793,7 +1788,7 @@ def run_training(
             taste_weight=cfg.taste_weight,
             seed=cfg.seed,
         )
-    seconds["evaluate"] = time.perf_counter() - clock
+    clock.lap("evaluate")
     taste_weight = (
         evaluation.taste_weight
         if evaluation is not None
@@ -1836,7 +1831,7 @@ def run_training(
         evaluation=evaluation,
         taste_weight=float(taste_weight),
         wmf_params=split.params,
-        seconds=seconds,
+        seconds=clock.seconds,
         model=model,
     )
 
@@ -1846,6 +1841,19 @@ def run_training(
     report.model_id, report.path, report.activated = model.model_id, path, activated
     say(f"saved {model.model_id} to {path}")
     return report
+
+
+class _StageClock:
+    """Seconds per stage of a run: :meth:`lap` ends a stage and starts the next."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._start
+        self._start = now
 
 
 def _predict_taste(model: HeadModel, features: np.ndarray) -> np.ndarray:
