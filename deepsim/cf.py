@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from deepsim.util import check_float, check_int
 from deepsim.wmf import WMFResult, fit_wmf, unit_normalise
 
-__all__ = ["FactorSplit", "factorise_split", "filter_counts", "split_tracks"]
+__all__ = ["FactorSplit", "factorise_split", "filter_counts", "random_split", "split_tracks"]
 
 
 def filter_counts(
@@ -86,11 +86,22 @@ def split_tracks(
     heldout_fraction = check_float(
         "heldout_fraction", heldout_fraction, low=0.0, high=1.0, high_open=True
     )
-    rng = np.random.default_rng(seed)
-    n_held = round(heldout_fraction * n_tracks)
-    if heldout_fraction > 0 and n_tracks > 1:
-        n_held = min(n_tracks - 1, max(1, n_held))
-    perm = rng.permutation(n_tracks)
+    return random_split(n_tracks, heldout_fraction, np.random.default_rng(seed))
+
+
+def random_split(
+    n: int, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``range(n)`` split at random into (kept, held) sorted indices, ``fraction`` held.
+
+    With ``fraction > 0`` and at least two indices both sides are non-empty;
+    otherwise nothing is held and ``rng`` is not drawn from.  Unvalidated:
+    :func:`split_tracks` and the validation splits of :mod:`deepsim.train`.
+    """
+    if fraction <= 0 or n < 2:
+        return np.arange(n), np.zeros(0, np.int64)
+    n_held = min(n - 1, max(1, round(fraction * n)))
+    perm = rng.permutation(n)
     return np.sort(perm[n_held:]), np.sort(perm[:n_held])
 
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import scipy.sparse as sp
 
-from deepsim.cf import factorise_split, filter_counts, split_tracks
+from deepsim.cf import factorise_split, filter_counts, random_split, split_tracks
 from deepsim.errors import ParameterError, TrainingError
 from deepsim.metrics import (
     MAP_K,
@@ -229,16 +229,6 @@ def _check_pairs(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray,
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise ParameterError("features or targets contain NaN or infinite values")
     return x, y
-
-
-def _split_validation(
-    n: int, val_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    if val_fraction <= 0 or n < 2:
-        return np.arange(n), np.zeros(0, np.int64)
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
-    perm = rng.permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 @dataclass
@@ -471,7 +461,7 @@ def train_head(
             )
         xt, yt = x, y
     else:
-        train_idx, val_idx = _split_validation(len(x), val_fraction, rng)
+        train_idx, val_idx = random_split(len(x), val_fraction, rng)
         xt, yt, xv, yv = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
     params = {
@@ -915,7 +905,7 @@ def finetune_head(
     patience = check_int("patience", patience, minimum=1)
     val_fraction = check_float("val_fraction", val_fraction, low=0.0, high=1.0, high_open=True)
     rng = np.random.default_rng(seed)
-    train_pos, val_pos = _split_validation(len(rows_arr), val_fraction, rng)
+    train_pos, val_pos = random_split(len(rows_arr), val_fraction, rng)
     frames = int(np.shape(mels)[1])
 
     backbone = model.backbone
