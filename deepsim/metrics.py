@@ -316,12 +316,20 @@ def _chunk_by_sort(scores: np.ndarray, rel: sp.csr_matrix, k: int) -> tuple[np.n
     run_end = np.minimum.accumulate(np.where(last_of_run, index, n_items - 1)[:, ::-1], axis=1)
     ascending_rank = n_items - (run_start + run_end[:, ::-1]) / 2.0  # 1 = lowest score
     rank_sum = np.sum(np.where(hits, ascending_rank, 0.0), axis=1)
-    kk = min(k, n_items)
+    return rank_sum, _average_precision(hits, np.diff(rel.indptr), k)
+
+
+def _average_precision(hits: np.ndarray, n_pos: np.ndarray, k: int) -> np.ndarray:
+    """AP@k per row of relevance flags in rank order (``n_pos`` relevant in the row)."""
+    kk = min(k, hits.shape[1])
     top = hits[:, :kk].astype(np.float64)
     precision = np.cumsum(top, axis=1) / np.arange(1, kk + 1)
-    n_pos = np.diff(rel.indptr)
-    ap = np.sum(precision * top, axis=1) / np.minimum(n_pos, kk)
-    return rank_sum, ap
+    return np.sum(precision * top, axis=1) / np.maximum(1, np.minimum(n_pos, kk))
+
+
+def _mean_of_finite(values: np.ndarray) -> float:
+    """The mean of the finite values; ``nan`` (without a warning) when there are none."""
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 def _chunk_by_comparison(
@@ -460,8 +468,8 @@ def rank_scores(
     n_auc = int(np.sum(np.isfinite(auc_per_user)))
     n_map = len(users)
     return RankingScores(
-        auc=float(np.nanmean(auc_per_user)) if n_auc else float("nan"),
-        map_at_k=float(np.nanmean(ap_per_user)) if n_map else float("nan"),
+        auc=_mean_of_finite(auc_per_user),
+        map_at_k=_mean_of_finite(ap_per_user),
         k=k,
         n_users_auc=n_auc,
         n_users_map=n_map,
@@ -630,7 +638,6 @@ def neighbour_scores(
     skip = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
     p_per = np.full(len(q), np.nan)
     ap_per = np.full(len(q), np.nan)
-    kk = min(MAP_K, len(c))
     for start in range(0, len(q), chunk_size):
         rows = np.arange(start, min(start + chunk_size, len(q)))
         scores = q[rows] @ c.T
@@ -642,15 +649,13 @@ def neighbour_scores(
         hits = np.take_along_axis(relevant, order, axis=1)
         n_pos = hits.sum(axis=1)
         ok = n_pos > 0
-        top = hits[:, :kk].astype(np.float64)
-        precision = np.cumsum(top, axis=1) / np.arange(1, kk + 1)
-        ap = np.sum(precision * top, axis=1) / np.maximum(1, np.minimum(n_pos, kk))
+        ap = _average_precision(hits, n_pos, MAP_K)
         p_per[rows[ok]] = hits[ok, :k].sum(axis=1) / k
         ap_per[rows[ok]] = ap[ok]
     n = int(np.sum(np.isfinite(ap_per)))
     return NeighbourScores(
-        p_at_k=float(np.nanmean(p_per)) if n else float("nan"),
-        map_at_k=float(np.nanmean(ap_per)) if n else float("nan"),
+        p_at_k=_mean_of_finite(p_per),
+        map_at_k=_mean_of_finite(ap_per),
         k=k,
         n_queries=n,
         p_per_query=p_per,
