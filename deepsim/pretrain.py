@@ -803,11 +803,10 @@ def validate(
     if by_track is None:
         return None
     held_cols = np.flatnonzero(targets.heldout)
-    present = np.array([t in by_track for t in held_cols.tolist()], dtype=bool)
+    present, predicted = _predicted(by_track, held_cols)
     if not np.any(present):
         return Validation(float("nan"), None, 0)
     cols = held_cols[present]
-    predicted = np.stack([by_track[t] for t in cols.tolist()]).astype(np.float32)
     true = targets.factors[cols]
     loss = float(np.mean((predicted - true) ** 2))
     plays = targets.heldout_plays[:, np.flatnonzero(present)]
@@ -856,6 +855,14 @@ def _predict(
     return by_track
 
 
+def _predicted(by_track: dict[int, np.ndarray], cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``cols`` have an output in ``by_track``, and those outputs stacked (float32)."""
+    present = np.asarray([t in by_track for t in cols.tolist()], bool)
+    if not present.any():
+        return present, np.zeros((0, 0), np.float32)
+    return present, np.stack([by_track[t] for t in cols[present].tolist()]).astype(np.float32)
+
+
 #: The baseline rows of the pretraining table: the network before any step, ranking by
 #: ``x_u · output``, and as a content-based recommender.
 UNTRAINED_ROW = "untrained network (step 0)"
@@ -885,8 +892,8 @@ def untrained_profile(
         return None
     held_cols = np.flatnonzero(targets.heldout)
     train_cols = np.flatnonzero(~targets.heldout)
-    held_ok = np.asarray([t in by_track for t in held_cols.tolist()], bool)
-    train_ok = np.asarray([t in by_track for t in train_cols.tolist()], bool)
+    held_ok, held_out = _predicted(by_track, held_cols)
+    train_ok, train_out = _predicted(by_track, train_cols)
     if not held_ok.any() or not train_ok.any():
         return None
     rows = np.arange(len(targets.user_factors)) if users is None else np.asarray(users)
@@ -896,9 +903,9 @@ def untrained_profile(
     train_plays, held_plays = train_plays[has], held_plays[has]
     scores = profile_scores(
         train_plays[:, np.flatnonzero(train_ok)],
-        np.stack([by_track[t] for t in train_cols[train_ok].tolist()]),
+        train_out,
         held_plays[:, np.flatnonzero(held_ok)],
-        np.stack([by_track[t] for t in held_cols[held_ok].tolist()]),
+        held_out,
     )
     return MetricRow(UNTRAINED_PROFILE_ROW, scores)
 
