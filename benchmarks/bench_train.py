@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_wmf import synthesise
+from bench_wmf import add_synthesis_options, count_matrix, synthesise_from
 
 from deepsim.cf import factorise_split, filter_counts, split_tracks
 from deepsim.metrics import HeldoutMetrics, evaluate_heldout
@@ -61,11 +60,7 @@ def show(name: str, m: HeldoutMetrics) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--users", type=int, default=20_000)
-    ap.add_argument("--tracks", type=int, default=12_500)
-    ap.add_argument("--plays", type=int, default=1_000_000)
-    ap.add_argument("--clusters", type=int, default=50)
-    ap.add_argument("--in-cluster", type=float, default=0.8)
+    add_synthesis_options(ap, users=20_000, tracks=12_500, plays=1_000_000)
     ap.add_argument("--dim", type=int, default=400)
     ap.add_argument("--noise", type=float, default=1.0)
     ap.add_argument("--factors", type=int, default=40)
@@ -91,18 +86,8 @@ def main() -> None:
         f"cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
         f"load average: {os.getloadavg()[0]:.2f}"
     )
-    user, track, cluster = synthesise(
-        users=args.users,
-        tracks=args.tracks,
-        plays=args.plays,
-        clusters=args.clusters,
-        in_cluster=args.in_cluster,
-        seed=args.seed,
-    )
-    counts = sp.coo_matrix(
-        (np.ones(len(user), np.float32), (user, track)), shape=(args.users, args.tracks)
-    ).tocsr()
-    counts.sum_duplicates()
+    user, track, cluster = synthesise_from(args)
+    counts = count_matrix(user, track, shape=(args.users, args.tracks))
     features = features_for(cluster, dim=args.dim, noise=args.noise, seed=args.seed + 1)
     users, tracks = filter_counts(counts)
     counts, features = counts[users][:, tracks].tocsr(), features[tracks]

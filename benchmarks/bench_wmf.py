@@ -65,13 +65,39 @@ def synthesise(
     return user, track, track_cluster
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--users", type=int, default=100_000)
-    ap.add_argument("--tracks", type=int, default=200_000)
-    ap.add_argument("--plays", type=int, default=5_000_000)
+def add_synthesis_options(
+    ap: argparse.ArgumentParser, *, users: int, tracks: int, plays: int
+) -> None:
+    """The command-line options of :func:`synthesise_from` (its world's size as defaults)."""
+    ap.add_argument("--users", type=int, default=users)
+    ap.add_argument("--tracks", type=int, default=tracks)
+    ap.add_argument("--plays", type=int, default=plays)
     ap.add_argument("--clusters", type=int, default=50)
     ap.add_argument("--in-cluster", type=float, default=0.8)
+
+
+def synthesise_from(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`synthesise` with the options of :func:`add_synthesis_options` (and ``--seed``)."""
+    return synthesise(
+        users=args.users,
+        tracks=args.tracks,
+        plays=args.plays,
+        clusters=args.clusters,
+        in_cluster=args.in_cluster,
+        seed=args.seed,
+    )
+
+
+def count_matrix(user: np.ndarray, track: np.ndarray, *, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Play events as a ``users × tracks`` CSR matrix of counts (COO → CSR, summed)."""
+    counts = sp.coo_matrix((np.ones(len(user), np.float32), (user, track)), shape=shape).tocsr()
+    counts.sum_duplicates()
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_synthesis_options(ap, users=100_000, tracks=200_000, plays=5_000_000)
     ap.add_argument("--factors", type=int, default=40)
     ap.add_argument("--iterations", type=int, nargs="+", default=[15])
     ap.add_argument("--threads", type=int, default=0, help="implicit threads (0 = all cores)")
@@ -86,22 +112,11 @@ def main() -> None:
 
     print(f"cpu cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}")
     t0 = time.perf_counter()
-    user, track, track_cluster = synthesise(
-        users=args.users,
-        tracks=args.tracks,
-        plays=args.plays,
-        clusters=args.clusters,
-        in_cluster=args.in_cluster,
-        seed=args.seed,
-    )
+    user, track, track_cluster = synthesise_from(args)
     t_gen = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    counts = sp.coo_matrix(
-        (np.ones(len(user), dtype=np.float32), (user, track)),
-        shape=(args.users, args.tracks),
-    ).tocsr()
-    counts.sum_duplicates()
+    counts = count_matrix(user, track, shape=(args.users, args.tracks))
     t_build = time.perf_counter() - t0
     del user, track
     played = np.bincount(counts.indices, minlength=args.tracks) > 0
