@@ -14,24 +14,18 @@ a search and of a click.  Nothing is asserted: figures go to docs/performance.md
 from __future__ import annotations
 
 import argparse
-import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from deepsim.mapview import PALETTE, render_html
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from browser import chromium_executable, headless_chromium
+
+from deepsim.mapview import PALETTE, render_html
 
 
 def page_data(n: int, k: int) -> dict:
@@ -59,16 +53,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
     html = render_html(page_data(args.n, args.k))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "map.html"
         path.write_text(html, encoding="utf-8")
         print(f"{args.n} tracks: {path.stat().st_size / 2**20:.1f} MiB page")
-        with sync_playwright() as p:
-            exe = shutil.which("chromium") or "/usr/bin/chromium"
-            browser = p.chromium.launch(executable_path=exe, args=FLAGS, headless=True)
+        with headless_chromium(chromium_executable() or "/usr/bin/chromium") as browser:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             started = time.perf_counter()
             page.goto(path.as_uri())
@@ -95,7 +85,6 @@ def main() -> None:
                 f"{timings['hover']:.2f} ms, search {timings['search']:.0f} ms, "
                 f"click (neighbours + redraw) {timings['click']:.0f} ms"
             )
-            browser.close()
 
 
 if __name__ == "__main__":

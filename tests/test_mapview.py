@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium_executable, headless_chromium
 from libgen import MODEL_ID, make_library, unit
 
 from deepsim.errors import ParameterError
 from deepsim.mapview import map_data, neighbours, spherical_kmeans, write_map
 
 pytest.importorskip("openTSNE")
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _lib(n_per: int = 12):
@@ -115,16 +105,12 @@ def test_png(tmp_path: Path) -> None:
 
 @pytest.fixture
 def browser():
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    executable = chromium_executable()
     if executable is None:
         pytest.skip("chromium is not installed (Debian package chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
+    pytest.importorskip("playwright.sync_api")
+    with headless_chromium(executable) as b:
+        yield b
 
 
 def test_in_a_headless_browser(tmp_path: Path, browser) -> None:
