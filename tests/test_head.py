@@ -7,30 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from modelgen import tiny_backbone, tiny_config
 
 from deepsim.errors import ModelError
 from deepsim.models import load_model
 from deepsim.models.checkpoint import read_metadata, save_checkpoint
 from deepsim.models.dieleman import DielemanModel
 from deepsim.models.head import HeadModel, from_checkpoint, make_head
-
-#: A Dieleman network small enough to run in milliseconds (8-d output).
-TINY = {
-    "factors": 8,
-    "filters": [4, 4],
-    "pools": [2],
-    "dense": [],
-    "batch_norm": False,
-    "patch_frames": 16,
-    "frontend": {"sample_rate": 8000, "n_fft": 256, "hop_length": 128, "n_mels": 16},
-}
-
-
-def tiny_backbone(path: Path, *, seed: int = 0) -> DielemanModel:
-    torch.manual_seed(seed)
-    model = DielemanModel(TINY)
-    model.save(path)
-    return model.eval()
 
 
 def waves(n: int, *, seed: int = 0) -> list[np.ndarray]:
@@ -157,7 +140,7 @@ def test_finetuned_backbone_is_saved_and_restored(backbone, tmp_path: Path) -> N
     with pytest.raises(ModelError, match="fine-tuned"):
         loaded.apply_to_vectors(np.ones((1, 8), np.float32))
     # an explicitly given backbone receives the fine-tuned weights too
-    given = DielemanModel(TINY).eval()
+    given = DielemanModel(tiny_config()).eval()
     again = from_checkpoint(out, read_metadata(out), backbone_model=given)
     np.testing.assert_allclose(
         again.eval().embed(audio).vectors, model.embed(audio).vectors, atol=1e-6

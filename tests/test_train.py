@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 from audiogen import tone, write_audio
 from beets.library import Item, Library
+from modelgen import tiny_backbone, tiny_config
 
 from deepsim import store
 from deepsim.cf import factorise_split, filter_counts, split_tracks
@@ -22,7 +23,6 @@ from deepsim.metrics import RANDOM_ROW, evaluate_heldout
 from deepsim.models import active_model, load_model, set_active_model
 from deepsim.models import model_id as model_id_of
 from deepsim.models.checkpoint import load_tensors
-from deepsim.models.dieleman import DielemanModel
 from deepsim.models.head import HeadModel
 from deepsim.taste import layout_of, split_parts
 from deepsim.train import (
@@ -38,21 +38,7 @@ from deepsim.train import (
 )
 
 #: A tiny Dieleman network used as the backbone (32-d output, 8 kHz front end).
-TINY = {
-    "factors": 32,
-    "filters": [4, 4],
-    "pools": [2],
-    "dense": [],
-    "batch_norm": False,
-    "patch_frames": 16,
-    "frontend": {
-        "sample_rate": 8000,
-        "n_fft": 256,
-        "hop_length": 128,
-        "n_mels": 16,
-        "clip_seconds": 2.0,
-    },
-}
+TINY = tiny_config(factors=32, clip_seconds=2.0)
 
 
 def planted(
@@ -246,11 +232,10 @@ def test_choose_head_prefers_ridge_on_small_linear_data_and_reports_both() -> No
 
 
 def _tiny_head(tmp_path: Path, *, out_dim: int = 3) -> tuple[HeadModel, Path]:
-    torch.manual_seed(0)
-    backbone = DielemanModel(TINY)
-    path = backbone.save(tmp_path / "tiny.safetensors")
+    path = tmp_path / "tiny.safetensors"
+    backbone = tiny_backbone(path, TINY)
     model = HeadModel(
-        backbone=str(path), in_dim=32, out_dim=out_dim, hidden=16, backbone_model=backbone.eval()
+        backbone=str(path), in_dim=32, out_dim=out_dim, hidden=16, backbone_model=backbone
     )
     return model, path
 
@@ -291,8 +276,8 @@ class World:
         never_played: int = 0,
         noise: float = 0.6,
     ) -> None:
-        torch.manual_seed(0)
-        self.backbone_path = DielemanModel(TINY).save(tmp_path / "backbone.safetensors")
+        self.backbone_path = tmp_path / "backbone.safetensors"
+        tiny_backbone(self.backbone_path, TINY)
         self.backbone = str(self.backbone_path)
         self.backbone_id = model_id_of(self.backbone)
         self.state = tmp_path / "state"
