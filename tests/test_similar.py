@@ -80,6 +80,14 @@ def lib(template_db: Path, tmp_path: Path) -> Iterator[Library]:
     lib._close()
 
 
+@pytest.fixture
+def index_dir(lib: Library, tmp_path: Path) -> Path:
+    """A state folder with a fresh Annoy index of ``lib`` (built although ``lib`` is small)."""
+    path = tmp_path / "deepsim"
+    refresh_index(lib, MODEL, path, exact_below=10, n_trees=5)
+    return path
+
+
 def vectors(lib: Library) -> dict[int, np.ndarray]:
     ids, matrix = store.read_vectors(lib, MODEL)
     return dict(zip(ids.tolist(), matrix, strict=True))
@@ -282,9 +290,7 @@ def test_refresh_builds_once_then_reports_fresh(lib: Library, tmp_path: Path) ->
     assert refresh_index(lib, MODEL, index_dir, exact_below=10, force=True).action == "built"
 
 
-def test_index_is_stale_after_a_vector_write(lib: Library, tmp_path: Path) -> None:
-    index_dir = tmp_path / "deepsim"
-    refresh_index(lib, MODEL, index_dir, exact_below=10, n_trees=5)
+def test_index_is_stale_after_a_vector_write(lib: Library, index_dir: Path) -> None:
     store.write_vectors(lib, [(7, np.ones(DIM, np.float32))], MODEL)
     result = find_similar(lib, [lib.get_item(1)], model_id=MODEL, index_dir=index_dir)
     assert result.index_state == "stale" and result.backend == "exact"
@@ -293,9 +299,7 @@ def test_index_is_stale_after_a_vector_write(lib: Library, tmp_path: Path) -> No
     assert result.index_state == "fresh" and result.backend == "annoy"
 
 
-def test_index_is_stale_after_an_item_removal(lib: Library, tmp_path: Path) -> None:
-    index_dir = tmp_path / "deepsim"
-    refresh_index(lib, MODEL, index_dir, exact_below=10, n_trees=5)
+def test_index_is_stale_after_an_item_removal(lib: Library, index_dir: Path) -> None:
     nearest = find_similar(lib, [lib.get_item(1)], model_id=MODEL, count=1, index_dir=index_dir)
     gone = nearest.items[0].id
     lib.get_item(gone).remove()
@@ -355,9 +359,7 @@ def test_annoy_and_exact_agree(lib: Library, tmp_path: Path) -> None:
         assert ids_of(fa) == ids_of(fe)
 
 
-def test_small_where_set_is_searched_exactly(lib: Library, tmp_path: Path) -> None:
-    index_dir = tmp_path / "deepsim"
-    refresh_index(lib, MODEL, index_dir, exact_below=10, n_trees=5)
+def test_small_where_set_is_searched_exactly(lib: Library, index_dir: Path) -> None:
     result = find_similar(
         lib,
         [lib.get_item(1)],
@@ -371,9 +373,7 @@ def test_small_where_set_is_searched_exactly(lib: Library, tmp_path: Path) -> No
     assert all(item.artist == "Artist 4" for item in result.items)
 
 
-def test_small_libraries_keep_no_index(lib: Library, tmp_path: Path) -> None:
-    index_dir = tmp_path / "deepsim"
-    refresh_index(lib, MODEL, index_dir, exact_below=10, n_trees=5)
+def test_small_libraries_keep_no_index(lib: Library, index_dir: Path) -> None:
     path, sidecar = index_paths(index_dir, MODEL)
     assert path.exists()
     small = refresh_index(lib, MODEL, index_dir)  # default threshold: far above 72
@@ -382,9 +382,7 @@ def test_small_libraries_keep_no_index(lib: Library, tmp_path: Path) -> None:
     assert refresh_index(lib, "other-model", index_dir).action == "empty"
 
 
-def test_a_corrupt_index_falls_back_to_exact_search(lib: Library, tmp_path: Path) -> None:
-    index_dir = tmp_path / "deepsim"
-    refresh_index(lib, MODEL, index_dir, exact_below=10, n_trees=5)
+def test_a_corrupt_index_falls_back_to_exact_search(lib: Library, index_dir: Path) -> None:
     path, _ = index_paths(index_dir, MODEL)
     path.write_bytes(path.read_bytes()[:1000])
     result = find_similar(lib, [lib.get_item(1)], model_id=MODEL, count=5, index_dir=index_dir)
@@ -408,10 +406,8 @@ def test_the_similarity_path_never_imports_torch(tmp_path: Path) -> None:
 
 
 def test_filters_that_reject_most_candidates_fall_back_to_exact_search(
-    lib: Library, tmp_path: Path
+    lib: Library, index_dir: Path
 ) -> None:
-    index_dir = tmp_path / "deepsim"
-    refresh_index(lib, MODEL, index_dir, exact_below=10, n_trees=5)
     seeds = [lib.get_item(1)]
     # 36 MP3 items (not "small" for exact_below=10), one per artist wanted: Annoy's
     # candidates run short, the search goes on exactly over the MP3 items
