@@ -282,6 +282,23 @@ class _LoopResult:
     stopped_early: bool
     seconds: float
 
+    def fit(
+        self, head: torch.nn.Module | None, *, n_train: int, n_val: int, params: dict[str, Any]
+    ) -> HeadFit:
+        """This loop's outcome as a :class:`HeadFit` of ``head``."""
+        return HeadFit(
+            head=head,
+            epochs=self.epochs,
+            best_epoch=self.best_epoch,
+            train_loss=self.train_loss,
+            val_loss=self.val_loss,
+            stopped_early=self.stopped_early,
+            seconds=self.seconds,
+            n_train=n_train,
+            n_val=n_val,
+            params=params,
+        )
+
 
 def _training_loop(
     module: torch.nn.Module,
@@ -514,18 +531,7 @@ def train_head(
             callback=callback,
         )
         head.eval()
-    return HeadFit(
-        head=head.cpu(),
-        epochs=loop.epochs,
-        best_epoch=loop.best_epoch,
-        train_loss=loop.train_loss,
-        val_loss=loop.val_loss,
-        stopped_early=loop.stopped_early,
-        seconds=loop.seconds,
-        n_train=len(xt),
-        n_val=len(xv),
-        params=params,
-    )
+    return loop.fit(head.cpu(), n_train=len(xt), n_val=len(xv), params=params)
 
 
 @dataclass
@@ -970,14 +976,8 @@ def finetune_head(
     finally:
         model.eval()
         model.cpu()
-    return HeadFit(
-        head=None,
-        epochs=loop.epochs,
-        best_epoch=loop.best_epoch,
-        train_loss=loop.train_loss,
-        val_loss=loop.val_loss,
-        stopped_early=loop.stopped_early,
-        seconds=loop.seconds,
+    return loop.fit(
+        None,
         n_train=len(train_pos),
         n_val=len(val_pos),
         params={
