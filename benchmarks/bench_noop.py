@@ -61,7 +61,7 @@ def prepare(db: Path, music: Path) -> int:
         path = music / f"{item_id}.mp3"
         path.write_bytes(b"\xff\xfb" + item_id.to_bytes(4, "little"))
         st = os.stat(path)
-        paths.append((os.fsencode(path), item_id))
+        paths.append((f"{item_id}.mp3".encode(), item_id))  # relative, as beets 2 stores it
         audio.append(
             (item_id, store.AUDIO_FIELD, f"{st.st_size}:{st.st_mtime_ns}:0123456789abcdef")
         )

@@ -283,6 +283,8 @@ def path_resolver(lib: Library) -> Callable[[Any], bytes]:
     beets gives ``item.path`` (beets stores paths under the music directory relative
     to it, with ``/`` separators)."""
     base = os.fsencode(lib.directory) if getattr(lib, "directory", None) else b""
+    prefix = os.path.normpath(base).rstrip(b"/") + b"/" if base else b""
+    plain = os.sep == "/"
 
     def resolve(raw: Any) -> bytes:
         if raw is None:
@@ -292,6 +294,9 @@ def path_resolver(lib: Library) -> Callable[[Any], bytes]:
         if isinstance(raw, str):
             raw = os.fsencode(raw)
         if raw and base and not raw.startswith(b"/") and not os.path.isabs(raw):
+            odd = raw[:1] == b"." or raw[-1:] == b"/" or b"/." in raw or b"//" in raw
+            if plain and not odd:  # what beets stores (relpath: already normal)
+                return prefix + raw
             if os.sep != "/":
                 raw = raw.replace(b"/", os.fsencode(os.sep))
             return os.path.normpath(os.path.join(base, raw))
@@ -581,11 +586,21 @@ def ensure_short_index(lib: Library) -> bool:
 
 
 def _current_audio(
-    tx: Any, resolve: Callable[[Any], bytes], model_id: str, where: str, args: list[Any]
+    tx: Any,
+    resolve: Callable[[Any], bytes],
+    prefix: bytes | None,
+    model_id: str,
+    where: str,
+    args: list[Any],
 ) -> list[tuple[int, bytes, str | None]]:
     """``(id, path, audio)`` of the items ``where`` selects, in one query: ``audio`` is the
     recorded identity of the slot :func:`embed_states` would choose when that slot holds a
-    vector of the model (the main slot, else the model's own), else None."""
+    vector of the model (the main slot, else the model's own), else None.
+
+    The absolute path is made in SQL where that is plain: an absolute value as it is, a
+    relative one as beets 2 stores it (``os.path.relpath``: already normal) after
+    ``prefix`` (the music directory and ``/``; None on another OS); anything else (text,
+    ``.`` or ``..`` parts, ``//``) goes through ``resolve`` (:func:`path_resolver`)."""
     vec_key, audio_key, _ = slot_keys(model_id)
     pair = _pair_index(tx)
     short = (
@@ -601,17 +616,22 @@ def _current_audio(
         )
 
     sql = (
-        "SELECT i.id, i.path, CASE "
+        "SELECT i.id, CASE WHEN typeof(i.path) = 'blob' AND substr(i.path, 1, 1) = X'2F' "
+        "THEN i.path WHEN ? IS NOT NULL AND typeof(i.path) = 'blob' AND length(i.path) > 0 "
+        "AND substr(i.path, 1, 1) <> X'2E' AND substr(i.path, -1) <> X'2F' "
+        "AND instr(i.path, X'2F2E') = 0 AND instr(i.path, X'2F2F') = 0 "
+        "THEN CAST(? || i.path AS BLOB) END, i.path, CASE "
         f"WHEN m.value = ? AND EXISTS (SELECT 1 FROM item_attributes{pair} "
         "WHERE entity_id = i.id AND key = ?) THEN a.value "
         f"WHEN EXISTS (SELECT 1 FROM item_attributes{pair} WHERE entity_id = i.id AND key = ?) "
         f"THEN o.value END FROM items AS i {joined('m')} {joined('a')} {joined('o')} "
         f"WHERE i.{where} ORDER BY i.id"
     )
-    params = [model_id, VECTOR_FIELD, vec_key, MODEL_FIELD, AUDIO_FIELD, audio_key, *args]
+    params = [prefix, prefix, model_id, VECTOR_FIELD, vec_key]
+    params += [MODEL_FIELD, AUDIO_FIELD, audio_key, *args]
     return [
-        (item_id, raw if type(raw) is bytes and raw[:1] == b"/" else resolve(raw), audio)
-        for item_id, raw, audio in tx.query(sql, params)
+        (item_id, resolve(raw) if path is None else path, audio)
+        for item_id, path, raw, audio in tx.query(sql, params)
     ]
 
 
@@ -625,6 +645,10 @@ def current_audio_batches(
     size = batch or 10 * ID_CHUNK
     ensure_short_index(lib)
     resolve = path_resolver(lib)
+    directory = os.fsencode(lib.directory) if getattr(lib, "directory", None) else b""
+    prefix = os.path.normpath(directory).rstrip(b"/") + b"/" if directory else None
+    if os.sep != "/":
+        prefix = None
     if ids is not None:
         wanted = sorted({int(i) for i in ids})
         for start in range(0, len(wanted), size):
@@ -632,7 +656,7 @@ def current_audio_batches(
             with lib.transaction() as tx:
                 for chunk in chunks(wanted[start : start + size]):
                     where = f"id IN ({','.join('?' * len(chunk))})"
-                    rows.extend(_current_audio(tx, resolve, model_id, where, chunk))
+                    rows.extend(_current_audio(tx, resolve, prefix, model_id, where, chunk))
             yield rows
         return
     low = 0
@@ -643,9 +667,11 @@ def current_audio_batches(
             )
             if last:
                 high = int(last[0][0])
-                rows = _current_audio(tx, resolve, model_id, "id BETWEEN ? AND ?", [low, high])
+                rows = _current_audio(
+                    tx, resolve, prefix, model_id, "id BETWEEN ? AND ?", [low, high]
+                )
             else:
-                rows = _current_audio(tx, resolve, model_id, "id >= ?", [low])
+                rows = _current_audio(tx, resolve, prefix, model_id, "id >= ?", [low])
         if rows:
             yield rows
         if not last:

@@ -233,8 +233,33 @@ def test_a_second_model_keeps_the_first_ones_vectors(library) -> None:
     after = store.read_vectors(library, first.model_id)
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
-    # switching back: nothing to do
+    # switching back: nothing to do; the second model's own slot is current too
     assert plan_embedding(library, first.model_id).todo == []
+    again = plan_embedding(library, second.model_id)
+    assert again.todo == [] and again.done == 3 and again.failed_before == 1
+
+
+def test_a_run_with_nothing_to_do_never_imports_torch(library) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from deepsim.embed import embed_items, plan_embedding
+
+    model = SpectralModel()
+    embed_items(library, plan_embedding(library, model.model_id), model, workers=0)
+    code = (
+        "import sys\n"
+        "from beets.library import Library\n"
+        "from deepsim.embed import embed_items, plan_embedding\n"
+        f"lib = Library({os.fsdecode(library.path)!r}, {os.fsdecode(library.directory)!r})\n"
+        f"plan = plan_embedding(lib, {model.model_id!r})\n"
+        "assert plan.todo == [] and plan.done == 3 and plan.failed_before == 1, plan\n"
+        "embed_items(lib, plan, lambda: 1 / 0)  # the loader is never called\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("ext", ["flac", "opus", "mp3", "m4a"])

@@ -413,3 +413,24 @@ def test_short_field_index_is_made_once_and_used(lib: Library) -> None:
     assert next(row[2] for part in store.current_audio_batches(lib, "a") for row in part) == "9:9:z"
     item.remove()
     assert lib.get_item(1) is None
+
+
+@pytest.mark.parametrize("directory", ["/music", "/music/", "/x/../music"])
+def test_fast_read_gives_the_paths_beets_gives(directory: str) -> None:
+    # relative paths are joined in SQL where plain, the rest resolved as beets does
+    lib = Library(":memory:", directory)
+    raws: list[bytes | str] = [b"a/b.mp3", b"/abs/x.mp3", b"./c.mp3", b"a/../d.mp3", b"a//e.mp3"]
+    raws += [b".h/f.mp3", b"a/.g.mp3", b"\xff\xfe/bad.mp3", b"", "text/t.mp3"]
+    for _ in raws:
+        lib.add(Item(title="x"))
+    with lib.transaction() as tx:
+        for i, raw in enumerate(raws, 1):
+            tx.mutate("UPDATE items SET path = ? WHERE id = ?", [raw, i])
+    got = [path for part in store.current_audio_batches(lib, "m") for _, path, _ in part]
+    base = os.fsencode(lib.directory)
+    want = []
+    for raw in raws:
+        raw = raw.encode() if isinstance(raw, str) else raw
+        want.append(raw if not raw or raw[:1] == b"/" else os.path.normpath(base + b"/" + raw))
+    assert got == want
+    assert got[0] == b"/music/a/b.mp3" and got[3] == b"/music/d.mp3"
