@@ -148,8 +148,6 @@ class TrainConfig:
     workers, embed_batch_size
         Decoding processes and tracks per inference batch when backbone
         vectors must be computed from audio.
-    cache_vectors
-        Store backbone vectors computed here on items without any vector.
     seed
         Seeds the split, WMF, the folds and the networks.
     """
@@ -185,7 +183,6 @@ class TrainConfig:
     threads: int | None = None
     workers: int | None = None
     embed_batch_size: int = 8
-    cache_vectors: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -1425,7 +1422,6 @@ def backbone_features(
     device: str = "cpu",
     workers: int | None = None,
     batch_size: int = 8,
-    cache_vectors: bool = True,
     log: LogFunction | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Backbone vectors of ``item_ids``: from the store, else embedded from audio.
@@ -1443,11 +1439,6 @@ def backbone_features(
     ids, matrix, n_embedded
         The item ids that have a vector (in the order of ``item_ids``), their
         ``(n, dim)`` vectors, and how many were embedded from audio.
-
-    Raises
-    ------
-    ParameterError
-        ``cache_vectors=False``: vectors computed from audio are always stored.
     """
     from deepsim import store
     from deepsim.embed import embed_items, plan_embedding
@@ -1455,11 +1446,6 @@ def backbone_features(
     from deepsim.models import model_id as model_id_of
     from deepsim.util import resolve_device
 
-    if not cache_vectors:
-        raise ParameterError(
-            "cache_vectors=False is not supported: backbone vectors computed from audio are "
-            "stored in the backbone's own slot (no other model's vector is touched)"
-        )
     wanted = np.asarray(item_ids, dtype=np.int64)
     backbone_id = model_id_of(backbone)
     ids, matrix = store.read_vectors(lib, backbone_id, ids=wanted.tolist())
@@ -1668,7 +1654,6 @@ def run_training(
         device=device,
         workers=cfg.workers,
         batch_size=cfg.embed_batch_size,
-        cache_vectors=cfg.cache_vectors,
         log=say,
     )
     n_failed = len(item_ids) - len(feat_ids)
