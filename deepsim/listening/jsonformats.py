@@ -110,8 +110,8 @@ class SpotifyExtendedReader(ListenReader):
             if (
                 title.__class__ is not str
                 or artist.__class__ is not str
-                or not title.strip()
-                or not artist.strip()
+                or title.isspace()  # as `not title.strip()` (not empty here), copying nothing
+                or artist.isspace()
             ):
                 yield Bad("no track name and artist (and no recording MBID)", rows.line(i))
                 continue

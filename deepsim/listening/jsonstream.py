@@ -281,8 +281,10 @@ class RowsOf:
         whole = self._rows.whole(self._source)
         if whole is not None:
             self._whole = True
-            yield from enumerate(whole)
-            return
+            return enumerate(whole)  # no generator between the rows and the reader's loop
+        return self._stream()
+
+    def _stream(self) -> Iterator[tuple[int, Any]]:
         from_dict = self._rows.from_dict
         with self._source.open_text() as f:
             for i, (line, obj) in enumerate(iter_array(f, self._source.name)):
