@@ -83,6 +83,7 @@ class SpotifyExtendedReader(ListenReader):
         no_track = Skip("no track (video or unavailable)")
         private = Skip("private session (incognito_mode)")
         rows = _SPOTIFY_ROWS.read(source)
+        min_ms, date_time, utc = MIN_PLAY_MS, datetime, timezone.utc  # locals in the hot loop
         for i, r in rows:
             if r is None:
                 yield Bad(NOT_OBJECT, rows.line(i))
@@ -104,7 +105,7 @@ class SpotifyExtendedReader(ListenReader):
             if ms.__class__ is not int and not isinstance(ms, float):
                 yield Bad("ms_played is not a number", rows.line(i))
                 continue
-            if ms < MIN_PLAY_MS and r.reason_end != "trackdone":
+            if ms < min_ms and r.reason_end != "trackdone":
                 yield SHORT
                 continue
             if (
@@ -116,8 +117,8 @@ class SpotifyExtendedReader(ListenReader):
                 yield Bad("no track name and artist (and no recording MBID)", rows.line(i))
                 continue
             ts = r.ts
-            if ts.__class__ is datetime:  # decoded by msgspec
-                t = (ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)).timestamp()
+            if ts.__class__ is date_time:  # decoded by msgspec
+                t = (ts if ts.tzinfo is not None else ts.replace(tzinfo=utc)).timestamp()
             else:
                 try:
                     t = parse_iso(ts) if ts.__class__ is str else parse_time(ts)
