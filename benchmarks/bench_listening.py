@@ -197,8 +197,15 @@ def write_spotify(folder: Path, n: int) -> None:
     (folder / "ReadMeFirst_ExtendedStreamingHistory.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")
 
 
-def _read(path: str, stdlib: bool, q: mp.Queue) -> None:
+def _read(path: str, stdlib: bool, q: mp.Queue, tree: str = "") -> None:
+    if tree:  # the deepsim of another checkout (--against)
+        import sys
+
+        sys.path.insert(0, tree)
     from deepsim.listening import jsonformats, jsonstream, read_listens
+
+    if tree:
+        assert jsonformats.__file__.startswith(tree), jsonformats.__file__
 
     if stdlib:  # as without msgspec: every file through the stdlib streaming path
         jsonformats._SPOTIFY_ROWS._decoder = None
@@ -224,10 +231,11 @@ def _baseline(path: str, stdlib: bool, q: mp.Queue) -> None:
     q.put((time.perf_counter() - t, time.process_time() - c, peak_rss_mib()))
 
 
-def in_child(target, path: Path, stdlib: bool = False) -> tuple:
+def in_child(target, path: Path, stdlib: bool = False, tree: str = "") -> tuple:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=target, args=(str(path), stdlib, q))
+    args = (str(path), stdlib, q, tree) if tree else (str(path), stdlib, q)
+    proc = ctx.Process(target=target, args=args)
     proc.start()
     out = q.get()
     proc.join()
@@ -288,6 +296,21 @@ def bench_build(n: int) -> None:
     )
 
 
+def against(path: Path, tree: str, rounds: int) -> None:
+    """This checkout's reader against another checkout's, interleaved, CPU time."""
+    cpu: dict[str, list[float]] = {"this": [], "other": []}
+    for r in range(rounds):
+        for who in ("this", "other") if r % 2 == 0 else ("other", "this"):
+            _, dc, kept, _, _ = in_child(_read, path, False, tree if who == "other" else "")
+            cpu[who].append(dc)
+            print(f"  {who:5} round {r + 1}: {dc:.2f} s CPU, kept {kept[0]:,} plays")
+    a, b = min(cpu["this"]), min(cpu["other"])
+    print(
+        f"  best of {rounds}: this checkout {a:.2f} s CPU, {tree} {b:.2f} s CPU "
+        f"-> this is {b / a:.2f}x its speed"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--plays", type=int, default=10_000_000)
@@ -305,6 +328,14 @@ def main() -> None:
         action="store_true",
         help="also read the Spotify folder through the stdlib path (as without msgspec)",
     )
+    ap.add_argument(
+        "--against",
+        metavar="DIR",
+        help="also read the Spotify folder with the deepsim of the checkout DIR (e.g. made by "
+        "`git worktree add /tmp/old main~3`), this checkout and DIR alternating, --rounds each; "
+        "prints the CPU-time ratio",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --against (default 3)")
     ap.add_argument(
         "--only",
         choices=("lastfm-csv", "spotify-extended", "build"),
@@ -365,6 +396,8 @@ def main() -> None:
                     in_child(_read, path, True),
                     what,
                 )
+            if name == "spotify-extended" and args.against:
+                against(path, str(Path(args.against).resolve()), args.rounds)
             if not args.keep and not args.dir:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         if "build" in parts and not args.write_only:
