@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from deepsim import store, threads
-from deepsim.audio import PathLike
-from deepsim.decoders import decoded as decoded_files
 from deepsim.errors import AudioError
 from deepsim.identity import AudioIdentity, compare, stat_identity
 from deepsim.util import get_logger
@@ -35,9 +33,24 @@ from deepsim.util import get_logger
 if TYPE_CHECKING:
     from beets.library import Library
 
+    from deepsim.audio import PathLike
+    from deepsim.decoders import Decoded
     from deepsim.models.base import Model
 
 log = get_logger(__name__)
+
+
+def decoded_files(
+    paths: Sequence[PathLike], *, sample_rate: int, seconds: float, workers: int, window: int
+) -> Iterator[tuple[Decoded, bool]]:
+    """:func:`deepsim.decoders.decoded`, imported when first used.
+
+    PyAV (and the decoding workers' module) load only when something is
+    decoded, so a run with nothing to embed never imports them.
+    """
+    from deepsim.decoders import decoded
+
+    return decoded(paths, sample_rate=sample_rate, seconds=seconds, workers=workers, window=window)
 
 
 @dataclass
