@@ -20,6 +20,7 @@ from deepsim.listening import (
     Head,
     ListenReader,
     Listens,
+    Plays,
     Skip,
     TrackKey,
     jsonstream,
@@ -637,6 +638,9 @@ def reader_records(path: Path, fmt: str) -> tuple[set[tuple[str, str, int]], set
             assert not isinstance(rec, Bad), (source.name, rec.line, rec.reason)
             if isinstance(rec, Skip):
                 reasons.add(rec.reason)
+            elif isinstance(rec, Plays):
+                for t, artist, title in zip(rec.times, rec.artists, rec.titles, strict=True):
+                    plays.add((artist.casefold(), title.casefold(), round(t)))
             elif rec.__class__ is tuple:
                 _user, t, artist, title, _mbid, _line = rec
                 plays.add((artist.casefold(), title.casefold(), round(t)))
@@ -790,8 +794,8 @@ def write_spotify_rows(path: Path, rows: list[object]) -> None:
 def test_spotify_fast_path_and_stdlib_path_read_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """msgspec (whole file, only the fields read) and the stdlib stream: same plays, same
-    skips, the same messages with the same line numbers."""
+    """msgspec (whole file, only the fields read) and the stdlib stream, in one batch of
+    plays or many: same plays, same skips, the same messages with the same line numbers."""
     from deepsim.listening import jsonformats
 
     pytest.importorskip("msgspec")
@@ -840,6 +844,11 @@ def test_spotify_fast_path_and_stdlib_path_read_the_same(
     assert read() == fast
     monkeypatch.undo()
     monkeypatch.setattr(jsonstream, "WHOLE_FILE_MAX", 1000)  # larger files are streamed
+    assert read() == fast
+    monkeypatch.setattr(jsonformats, "BATCH", 4)  # plays handed over in many small batches
+    assert read() == fast
+    monkeypatch.undo()
+    monkeypatch.setattr(jsonformats, "BATCH", 3)
     assert read() == fast
 
 

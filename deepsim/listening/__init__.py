@@ -43,7 +43,7 @@ both parts case-folded and whitespace-collapsed.
 
 from __future__ import annotations
 
-from deepsim.listening.base import READERS, Count, Head, ListenReader, Skip, register
+from deepsim.listening.base import READERS, Count, Head, ListenReader, Plays, Skip, register
 from deepsim.listening.core import KEY_SEP, Listens, TrackKey, parse_time
 from deepsim.listening.library import (
     LAST_PLAYED_FIELD,
@@ -65,6 +65,7 @@ __all__ = [
     "Head",
     "ListenReader",
     "Listens",
+    "Plays",
     "Skip",
     "TrackKey",
     "parse_time",

@@ -6,6 +6,8 @@ and :meth:`~ListenReader.read` streams the file's records.  A record is one of
 
 - a play: the plain tuple ``(user or None, unix time, artist, title, MBID,
   line)`` — the fast path, no object per play;
+- :class:`Plays` — many plays at once, as columns (a reader's faster path: the
+  builder takes them without a Python step per play);
 - :class:`Count` — ``n`` plays of a song by a user, without times (Taste
   Profile);
 - :class:`Skip` — a record the format's rules leave out (a podcast, a play
@@ -37,6 +39,18 @@ class Count(NamedTuple):
     line: int
 
 
+class Plays(NamedTuple):
+    """Plays as columns (no MBIDs): ``users[k]`` (``None``: the source's listener) played
+    ``titles[k]`` by ``artists[k]`` at unix time ``times[k]``; names already checked
+    to be non-blank strings."""
+
+    times: list[float]
+    artists: list[str]
+    titles: list[str]
+    users: list[str | None] | None
+    """``None`` when no play names a listener."""
+
+
 class Skip:
     """A record left out by the format's rules (not an error); ``reason`` is reported."""
 
@@ -47,7 +61,7 @@ class Skip:
 
 
 Play = tuple  # (user | None, time, artist, title, mbid, line)
-Record = tuple | Count | Skip | Bad
+Record = tuple | Plays | Count | Skip | Bad
 
 _COMMENT_RE = re.compile(r"^(#|\+ACM-)")
 

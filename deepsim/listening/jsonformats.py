@@ -9,16 +9,20 @@ import json
 import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from itertools import islice
 from typing import Any, cast
 
 from deepsim.errors import ListeningDataError
 from deepsim.listening import jsonstream
-from deepsim.listening.base import Head, ListenReader, Record, Skip, register
+from deepsim.listening.base import Head, ListenReader, Plays, Record, Skip, register
 from deepsim.listening.core import Bad, mbid_of, parse_iso, parse_time
 from deepsim.listening.sources import Source
 
 MIN_PLAY_MS = 30_000
 """A stream counts as a listen from 30 s on (Spotify's and Last.fm's own rule)."""
+
+BATCH = 65_536
+"""Plays handed to the builder at once (bounds the columns a streamed file holds)."""
 
 SHORT = Skip("played under 30 s")
 NOT_OBJECT = "a listen must be a JSON object"
@@ -82,52 +86,72 @@ class SpotifyExtendedReader(ListenReader):
         audiobook = Skip("audiobook")
         no_track = Skip("no track (video or unavailable)")
         private = Skip("private session (incognito_mode)")
-        rows = _SPOTIFY_ROWS.read(source)
+        of = _SPOTIFY_ROWS.read(source)
+        rows = iter(of)
         min_ms, date_time, utc = MIN_PLAY_MS, datetime, timezone.utc  # locals in the hot loop
-        for i, r in rows:
-            if r is None:
-                yield Bad(NOT_OBJECT, rows.line(i))
-                continue
-            title = r.master_metadata_track_name
-            artist = r.master_metadata_album_artist_name
-            if not title or not artist:
-                if r.episode_name or r.spotify_episode_uri:
-                    yield episode
-                elif r.audiobook_title or r.audiobook_uri:
-                    yield audiobook
-                else:
-                    yield no_track
-                continue
-            if r.incognito_mode is True:
-                yield private
-                continue
-            ms = r.ms_played
-            if ms.__class__ is not int and not isinstance(ms, float):
-                yield Bad("ms_played is not a number", rows.line(i))
-                continue
-            if ms < min_ms and r.reason_end != "trackdone":
-                yield SHORT
-                continue
-            if (
-                title.__class__ is not str
-                or artist.__class__ is not str
-                or title.isspace()  # as `not title.strip()` (not empty here), copying nothing
-                or artist.isspace()
-            ):
-                yield Bad("no track name and artist (and no recording MBID)", rows.line(i))
-                continue
-            ts = r.ts
-            if ts.__class__ is date_time:  # decoded by msgspec
-                t = (ts if ts.tzinfo is not None else ts.replace(tzinfo=utc)).timestamp()
-            else:
-                try:
-                    t = parse_iso(ts) if ts.__class__ is str else parse_time(ts)
-                except (ValueError, AttributeError):
-                    yield Bad(f"ts {ts!r} is not a time", rows.line(i))
+        while chunk := list(islice(rows, BATCH)):
+            # the plays of a chunk go to the builder as columns (one Plays), the rest one by one
+            times: list[float] = []
+            artists: list[str] = []
+            titles: list[str] = []
+            users: list[str | None] = []
+            add_time, add_artist, add_title, add_user = (
+                times.append,
+                artists.append,
+                titles.append,
+                users.append,
+            )
+            named = False
+            for i, r in chunk:
+                if r is None:
+                    yield Bad(NOT_OBJECT, of.line(i))
                     continue
-            user = r.username
-            # the names were checked above: no line is needed for a message about them
-            yield (user if user.__class__ is str and user else None, t, artist, title, None, None)
+                title = r.master_metadata_track_name
+                artist = r.master_metadata_album_artist_name
+                if not title or not artist:
+                    if r.episode_name or r.spotify_episode_uri:
+                        yield episode
+                    elif r.audiobook_title or r.audiobook_uri:
+                        yield audiobook
+                    else:
+                        yield no_track
+                    continue
+                if r.incognito_mode is True:
+                    yield private
+                    continue
+                ms = r.ms_played
+                if ms.__class__ is not int and not isinstance(ms, float):
+                    yield Bad("ms_played is not a number", of.line(i))
+                    continue
+                if ms < min_ms and r.reason_end != "trackdone":
+                    yield SHORT
+                    continue
+                if (
+                    title.__class__ is not str
+                    or artist.__class__ is not str
+                    or title.isspace()  # as `not title.strip()` (not empty here), copying nothing
+                    or artist.isspace()
+                ):
+                    yield Bad("no track name and artist (and no recording MBID)", of.line(i))
+                    continue
+                ts = r.ts
+                if ts.__class__ is date_time:  # decoded by msgspec
+                    t = (ts if ts.tzinfo is not None else ts.replace(tzinfo=utc)).timestamp()
+                else:
+                    try:
+                        t = parse_iso(ts) if ts.__class__ is str else parse_time(ts)
+                    except (ValueError, AttributeError):
+                        yield Bad(f"ts {ts!r} is not a time", of.line(i))
+                        continue
+                user = r.username
+                if user is not None:
+                    named = True
+                add_time(t)
+                add_artist(artist)
+                add_title(title)
+                add_user(user if user.__class__ is str and user else None)
+            if times:
+                yield Plays(times, artists, titles, users if named else None)
 
 
 @register

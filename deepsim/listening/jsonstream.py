@@ -18,6 +18,7 @@ what is read and every message stay the same.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
@@ -237,11 +238,20 @@ class Rows:
         return RowsOf(self, source)
 
     def whole(self, source: Any) -> list[Any] | None:
-        """All rows of ``source`` decoded at once, or ``None`` where the stdlib must read it."""
+        """All rows of ``source`` decoded at once, or ``None`` where the stdlib must read it.
+
+        A plain UTF-8 file is decoded from a memory map of it (no copy of its bytes)."""
         if self._decoder is None:
             return None
         enc = source.encoding
         with source.open_binary() as f:
+            mapped = _map(f) if source.compression is None and enc.startswith("utf-8") else None
+            if mapped is not None:
+                with mapped:
+                    if len(mapped) > WHOLE_FILE_MAX:
+                        return None
+                    with memoryview(mapped) as view:
+                        return self._decode(view[3:] if enc == "utf-8-sig" else view)
             data = f.read(WHOLE_FILE_MAX + 1)
         if len(data) > WHOLE_FILE_MAX:
             return None
@@ -254,8 +264,11 @@ class Rows:
             except UnicodeDecodeError:
                 return None
         del data
+        return self._decode(text)
+
+    def _decode(self, text: bytes | str | memoryview) -> list[Any] | None:
         try:
-            return self._decoder.decode(text)
+            return self._decoder.decode(text)  # type: ignore[union-attr]
         except msgspec.DecodeError:  # also ValidationError: not an array of objects
             return None
 
@@ -267,6 +280,14 @@ class Rows:
         return row
 
 
+def _map(f: IO[bytes]) -> mmap.mmap | None:
+    """A read-only memory map of the open file ``f``, or ``None`` (no file descriptor, empty)."""
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
 class RowsOf:
     """The rows of one source (see :class:`Rows`)."""
 
@@ -274,28 +295,23 @@ class RowsOf:
         self._rows = rows
         self._source = source
         self._lines: list[int] | None = None
-        self._line = 1
-        self._whole = False
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         whole = self._rows.whole(self._source)
         if whole is not None:
-            self._whole = True
             return enumerate(whole)  # no generator between the rows and the reader's loop
         return self._stream()
 
     def _stream(self) -> Iterator[tuple[int, Any]]:
         from_dict = self._rows.from_dict
         with self._source.open_text() as f:
-            for i, (line, obj) in enumerate(iter_array(f, self._source.name)):
-                self._line = line
+            for i, (_line, obj) in enumerate(iter_array(f, self._source.name)):
                 yield i, (from_dict(obj) if obj.__class__ is dict else None)
 
     def line(self, index: int) -> int:
-        """The line element ``index`` starts on (the current element's on the stdlib path)."""
-        if not self._whole:
-            return self._line
-        if self._lines is None:  # the first message about this file: find the lines once
+        """The line element ``index`` starts on (for messages: the file is read again to
+        find the lines, once, at the first message about it)."""
+        if self._lines is None:
             with self._source.open_text() as f:
                 self._lines = [line for line, _ in iter_array(f, self._source.name)]
         return self._lines[index]

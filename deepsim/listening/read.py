@@ -8,13 +8,15 @@ import os
 import re
 import textwrap
 import zipfile
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
 from pathlib import Path
 
 from deepsim.errors import ListeningDataError, ParameterError
 from deepsim.listening import jsonformats, text  # noqa: F401  (registers the readers)
-from deepsim.listening.base import READERS, Count, Head, ListenReader, Skip
+from deepsim.listening.base import READERS, Count, Head, ListenReader, Plays, Skip
 from deepsim.listening.core import Bad, Builder, Listens, TrackKey, mbid_of
 from deepsim.listening.sources import Source, iter_sources
 from deepsim.util import check_choice, check_float, get_logger
@@ -346,6 +348,8 @@ def _read_source(
             p_track(j)
             p_time(t)
             good += 1
+        elif rec.__class__ is Plays:
+            good += _add_plays(b, rec, default)
         elif rec.__class__ is Skip:
             skips[rec.reason] += 1
         elif isinstance(rec, Bad):
@@ -356,6 +360,30 @@ def _read_source(
             b.add_count(rec.user, b.track(rec.key), rec.count)
             good += 1
     bad.good += good
+
+
+def _add_plays(b: Builder, plays: Plays, default: int) -> int:
+    """A reader's batch of plays into the builder, column by column: no Python step per
+    play but for songs seen for the first time and plays naming their listener.  Returns
+    how many plays."""
+    n = len(plays.times)
+    cache = b.raw_tracks
+    keys = list(zip(plays.artists, plays.titles, repeat(None, n), strict=True))
+    js = list(map(cache.get, keys))
+    if None in js:  # songs new to the builder
+        track_of = b.track_of
+        for key in dict.fromkeys(keys):  # in order of first play, as one by one
+            if key not in cache:  # names are non-blank strings: a track, never Bad
+                cache[key] = track_of(key[0], key[1], None)
+        js = list(map(cache.get, keys))
+    if plays.users is None:
+        b.play_user.extend(array("i", (default,)) * n)
+    else:
+        user = b.user
+        b.play_user.extend(default if u is None else user(u) for u in plays.users)
+    b.play_track.extend(js)  # type: ignore[arg-type]  # every key is in the cache now
+    b.play_time.extend(plays.times)
+    return n
 
 
 def _apply_song_table(
