@@ -63,42 +63,84 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def decoded(
-    paths: Sequence[PathLike], *, sample_rate: int, seconds: float, workers: int, window: int
-) -> Iterator[tuple[Decoded, bool]]:
+class Decoding:
     """``(result, next_ready)`` per path, in order, at most ``window`` files in flight.
 
     ``next_ready`` is whether the result of the next path is already there (always
     true when ``workers`` is 0: then each file is decoded in this process when asked
-    for).
+    for).  With workers, the processes start and the first ``window`` files are
+    handed to them when the object is made, so decoding runs while the caller does
+    something else (loads its model).  Iterate once; the workers stop when the
+    iteration ends or :meth:`close` is called.
     """
-    if workers <= 0:
-        for path in paths:
-            yield decode_job(path, sample_rate, seconds), True
-        return
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_worker_init)
-    pending: deque[tuple[int, Future[Decoded]]] = deque()
-    submitted = 0
 
-    def submit_next() -> None:
-        nonlocal submitted
-        if submitted < len(paths):
-            path = paths[submitted]
-            pending.append((submitted, pool.submit(decode_job, path, sample_rate, seconds)))
-            submitted += 1
-
-    try:
-        while submitted < min(max(window, 1), len(paths)):
-            submit_next()
-        while pending:
-            index, future = pending.popleft()
+    def __init__(
+        self,
+        paths: Sequence[PathLike],
+        *,
+        sample_rate: int,
+        seconds: float,
+        workers: int,
+        window: int,
+    ) -> None:
+        self.paths = paths
+        self.sample_rate = sample_rate
+        self.seconds = seconds
+        self.workers = workers
+        self._pending: deque[tuple[int, Future[Decoded]]] = deque()
+        self._submitted = 0
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 0 and paths:
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=_context(), initializer=_worker_init
+            )
             try:
-                result = future.result()
-            except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
-                result = (AudioError(paths[index], f"decoder process failed ({exc})"), None)
-            submit_next()
-            yield result, not pending or pending[0][1].done()
-    finally:
-        for _, future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+                while self._submitted < min(max(window, 1), len(paths)):
+                    self._submit_next()
+            except BaseException:
+                self.close()
+                raise
+
+    def _submit_next(self) -> None:
+        if self._pool is not None and self._submitted < len(self.paths):
+            path = self.paths[self._submitted]
+            job = self._pool.submit(decode_job, path, self.sample_rate, self.seconds)
+            self._pending.append((self._submitted, job))
+            self._submitted += 1
+
+    def __iter__(self) -> Iterator[tuple[Decoded, bool]]:
+        if self._pool is None:
+            for path in self.paths:
+                yield decode_job(path, self.sample_rate, self.seconds), True
+            return
+        pending = self._pending
+        try:
+            while pending:
+                index, future = pending.popleft()
+                try:
+                    result = future.result()
+                except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
+                    result = (
+                        AudioError(self.paths[index], f"decoder process failed ({exc})"),
+                        None,
+                    )
+                self._submit_next()
+                yield result, not pending or pending[0][1].done()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the workers (what they have not started is cancelled)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decoded(
+    paths: Sequence[PathLike], *, sample_rate: int, seconds: float, workers: int, window: int
+) -> Decoding:
+    """The decoding of ``paths`` (see :class:`Decoding`), started."""
+    return Decoding(paths, sample_rate=sample_rate, seconds=seconds, workers=workers, window=window)

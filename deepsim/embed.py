@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from beets.library import Library
 
     from deepsim.audio import PathLike
-    from deepsim.decoders import Decoded
+    from deepsim.decoders import Decoding
+    from deepsim.frontend import FrontendParams
     from deepsim.models.base import Model
 
 log = get_logger(__name__)
@@ -42,8 +43,8 @@ log = get_logger(__name__)
 
 def decoded_files(
     paths: Sequence[PathLike], *, sample_rate: int, seconds: float, workers: int, window: int
-) -> Iterator[tuple[Decoded, bool]]:
-    """:func:`deepsim.decoders.decoded`, imported when first used.
+) -> Decoding:
+    """:func:`deepsim.decoders.decoded` (started), imported when first used.
 
     PyAV (and the decoding workers' module) load only when something is
     decoded, so a run with nothing to embed never imports them.
@@ -51,6 +52,31 @@ def decoded_files(
     from deepsim.decoders import decoded
 
     return decoded(paths, sample_rate=sample_rate, seconds=seconds, workers=workers, window=window)
+
+
+def _window(batch_size: int, workers: int) -> int:
+    """Files decoded ahead: two batches, at least two per worker."""
+    return max(2 * batch_size, 2 * max(workers, 1))
+
+
+def start_decoding(
+    paths: Sequence[PathLike], frontend: FrontendParams, *, workers: int, batch_size: int = 8
+) -> Decoding:
+    """The decoding :func:`embed_files` would do for a model with this front end, started
+    now (pass it as ``decoding``): the workers decode while the caller loads the model."""
+    return decoded_files(
+        paths,
+        sample_rate=frontend.sample_rate,
+        seconds=frontend.clip_seconds,
+        workers=workers,
+        window=_window(batch_size, workers),
+    )
+
+
+def _close(decoding: object) -> None:
+    close = getattr(decoding, "close", None)  # a test may hand a plain generator
+    if close is not None:
+        close()
 
 
 @dataclass
@@ -100,6 +126,7 @@ def embed_files(
     *,
     workers: int | None = None,
     batch_size: int = 8,
+    decoding: Decoding | None = None,
 ) -> Generator[EmbedOutcome, None, None]:
     """Embed audio files with ``model``, yielding outcomes in input order.
 
@@ -111,12 +138,16 @@ def embed_files(
         A loaded :class:`~deepsim.models.base.Model`, already on its device.
     workers
         Decoding processes; ``None``: the thread budget's share
-        (:func:`deepsim.threads.plan`); ``0`` decodes in this process.  The
-        inference threads get the remaining cores.
+        (:func:`deepsim.threads.plan`); ``0`` decodes in this process.
+        Inference runs on every usable core beside them.
     batch_size
         Most tracks per inference batch.  A batch runs as soon as it is full
         or the next file is not decoded yet, so inference never waits for
         decoding while it has something to do.
+    decoding
+        The decoding of ``paths`` already started by :func:`start_decoding`
+        with the same ``workers`` and ``batch_size`` and this model's front end
+        (decoded while the model loaded); ``None``: started here.
 
     Yields
     ------
@@ -127,11 +158,10 @@ def embed_files(
         workers = threads.plan(None, device=model.device.type)[0]
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers!r}")
-    threads.apply(workers, device=model.device.type)
+    threads.apply(workers, device=model.device.type, parts=model.parallel_parts)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size!r}")
     params = model.frontend
-    window = max(2 * batch_size, 2 * max(workers, 1))
     batch: list[tuple[int, np.ndarray]] = []
     audio: dict[int, str | None] = {}
     ready: list[EmbedOutcome] = []
@@ -167,53 +197,58 @@ def embed_files(
             )
         batch.clear()
 
-    decoded = decoded_files(
-        paths,
-        sample_rate=params.sample_rate,
-        seconds=params.clip_seconds,
-        workers=workers,
-        window=window,
-    )
-    next_index = 0
-    # Where the time goes (logged at the end, ``beet -v``): waiting for decoded
-    # audio, inference, and the caller's work between outcomes (storing them).
-    spent = {"waiting for audio": 0.0, "inference": 0.0, "storing": 0.0}
-    started = mark = time.perf_counter()
+    decoded = decoding
+    if decoded is not None and (decoded.sample_rate, decoded.seconds) != (
+        params.sample_rate,
+        params.clip_seconds,
+    ):  # started for another front end: start again
+        decoded.close()
+        decoded = None
+    if decoded is None:
+        decoded = start_decoding(paths, params, workers=workers, batch_size=batch_size)
+    try:
+        next_index = 0
+        # Where the time goes (logged at the end, ``beet -v``): waiting for decoded
+        # audio, inference, and the caller's work between outcomes (storing them).
+        spent = {"waiting for audio": 0.0, "inference": 0.0, "storing": 0.0}
+        started = mark = time.perf_counter()
 
-    def lap(stage: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        spent[stage] += now - mark
-        mark = now
+        def lap(stage: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            spent[stage] += now - mark
+            mark = now
 
-    for index, ((wave, ident), next_ready) in enumerate(decoded):
-        lap("waiting for audio")
-        if isinstance(wave, AudioError):
-            ready.append(EmbedOutcome(index, paths[index], error=wave, audio=ident))
-        else:
-            audio[index] = ident
-            batch.append((index, wave))
-            if len(batch) >= batch_size or not next_ready:
-                run_batch()
-                lap("inference")
-        # Emit, in order, everything that is complete.
+        for index, ((wave, ident), next_ready) in enumerate(decoded):
+            lap("waiting for audio")
+            if isinstance(wave, AudioError):
+                ready.append(EmbedOutcome(index, paths[index], error=wave, audio=ident))
+            else:
+                audio[index] = ident
+                batch.append((index, wave))
+                if len(batch) >= batch_size or not next_ready:
+                    run_batch()
+                    lap("inference")
+            # Emit, in order, everything that is complete.
+            ready.sort(key=lambda o: o.index)
+            while ready and ready[0].index == next_index and not _in_batch(batch, next_index):
+                yield ready.pop(0)
+                next_index += 1
+            lap("storing")
+        run_batch()
+        lap("inference")
         ready.sort(key=lambda o: o.index)
-        while ready and ready[0].index == next_index and not _in_batch(batch, next_index):
-            yield ready.pop(0)
-            next_index += 1
+        yield from ready
         lap("storing")
-    run_batch()
-    lap("inference")
-    ready.sort(key=lambda o: o.index)
-    yield from ready
-    lap("storing")
-    total = time.perf_counter() - started
-    log.debug(
-        "%d tracks in %.1f s: %s",
-        len(paths),
-        total,
-        ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in spent.items()),
-    )
+        total = time.perf_counter() - started
+        log.debug(
+            "%d tracks in %.1f s: %s",
+            len(paths),
+            total,
+            ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in spent.items()),
+        )
+    finally:
+        _close(decoded)
 
 
 def _in_batch(batch: list[tuple[int, np.ndarray]], index: int) -> bool:
@@ -414,6 +449,7 @@ def embed_items(
     commit_every: int = 32,
     tag_text: Callable[[Sequence[str], np.ndarray], str] | None = None,
     on_progress: Callable[[int, int, float | None], None] | None = None,
+    frontend: FrontendParams | None = None,
 ) -> EmbedSummary:
     """Embed the items of ``plan`` with ``model`` and store their vectors.
 
@@ -433,6 +469,11 @@ def embed_items(
         Called with ``(done, total, tracks per second)`` after each track from
         audio; the rate counts from the start of decoding, after the model is
         loaded, so loading is not in it.
+    frontend
+        The front end of the model ``model`` loads, when known before loading
+        it (a built-in model, with ``workers`` given): the decoding workers then
+        start first and decode while the model loads.  Checked once it is
+        loaded (another front end: decoding starts again).
 
     Returns
     -------
@@ -447,7 +488,19 @@ def embed_items(
     todo = list(plan.todo)
     if not todo:
         return summary
-    loaded = cast("Model", model() if callable(model) and not hasattr(model, "embed") else model)
+    early = None
+    if callable(model) and not hasattr(model, "embed"):
+        if frontend is not None and workers is not None:
+            early = start_decoding(
+                [plan.paths[i] for i in todo], frontend, workers=workers, batch_size=batch_size
+            )
+        try:
+            loaded = model()
+        except BaseException:
+            _close(early)
+            raise
+    else:
+        loaded = cast("Model", model)
     head = _head_of(loaded)
     summary.model_id = (head or loaded).model_id
     network = loaded
@@ -457,6 +510,9 @@ def embed_items(
             todo = _from_stored_backbone(lib, head, plan, todo, commit_every=commit_every)
             summary.from_stored = before - len(todo)
         network = head.backbone
+    if early is not None and (head is not None or not todo):
+        early.close()  # started for other files
+        early = None
     if not todo:
         return summary
     paths = [plan.paths[i] for i in todo]
@@ -466,7 +522,9 @@ def embed_items(
 
     def records() -> Iterator[store.VectorRecord]:
         clock["start"] = time.monotonic()  # the model is loaded: loading is not in the rate
-        outcomes = embed_files(paths, network, workers=workers, batch_size=batch_size)
+        outcomes = embed_files(
+            paths, network, workers=workers, batch_size=batch_size, decoding=early
+        )
         try:
             for done, outcome in enumerate(outcomes, start=1):
                 item_id = todo[outcome.index]
@@ -503,6 +561,7 @@ def embed_items(
     try:
         store.write_records(lib, records(), batch_size=commit_every)
     finally:
+        _close(early)
         if failures:
             store.record_failures(lib, failures)
         if "last" in clock:

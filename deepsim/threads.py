@@ -1,19 +1,25 @@
-"""The thread budget of the embedding pipeline: decoding workers + inference threads ≤ cores.
+"""The thread budget of the embedding pipeline: inference on every core, decoding beside it.
 
-Two cores running two torch threads *and* two decoding processes are
-oversubscribed: the processes take turns, and torch's OpenMP threads spin
-while they wait for each other (burning the time another process could use).
-Measured on a 2-core machine with two busy loops beside it, that left deepsim
-0.36 of its quiet speed where a fair share is 0.5 (``docs/performance.md``).
-So:
+Two cores running two torch threads *and* two decoding processes were
+oversubscribed with *spinning* threads: torch's OpenMP threads spun while they
+waited for each other, burning the time another process could use.  Measured on
+a 2-core machine with two busy loops beside it, that left deepsim 0.36 of its
+quiet speed where a fair share is 0.5 (``docs/performance.md``).  So:
 
-* the cores this process may use (its CPU affinity) are split between
-  decoding processes and inference threads, never more in total
-  (:func:`plan`);
 * OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``), so a thread
   with nothing to do gives its core back at once.  That must be set before
   torch loads its OpenMP runtime: :mod:`deepsim.models` imports this module
-  first, which sets it unless the user already chose a policy.
+  first, which sets it unless the user already chose a policy;
+* on the CPU, inference gets every core this process may use (its CPU
+  affinity), as :func:`parallel` streams (a model's independent parts side by
+  side: the default pair's two networks, one thread each) times torch's
+  intra-op threads; half the cores (at least one) decode beside it
+  (:func:`plan`).  A decoding worker is busy only while it is behind: with the
+  default model decoding a window costs about half of inference (0.1 vs 0.2
+  CPU-s a track), so once the decoders are a window ahead they wait, and two
+  inference streams on two cores beat one stream plus a decoder that idles
+  half the time (measured 1.3x; ``docs/performance.md``).  The cores are
+  shared by the operating system when both run; no thread spins.
 
 No torch at import time.
 """
@@ -22,10 +28,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from deepsim.util import get_logger
 
 _log = get_logger(__name__)
+_T = TypeVar("_T")
 
 
 def passive_openmp_wait() -> bool:
@@ -47,14 +56,15 @@ def usable_cores() -> int:
 
 
 def plan(workers: int | None = None, *, device: str = "cpu") -> tuple[int, int]:
-    """``(decoding workers, inference threads)`` that together fit the usable cores.
+    """``(decoding workers, inference threads)`` for the usable cores.
 
     Parameters
     ----------
     workers
-        Decoding processes asked for (``None``: choose).  On the CPU the
-        inference threads get the cores left, at least one; ``0`` decodes in
-        this process, between batches, and leaves every core to inference.
+        Decoding processes asked for (``None``: half the cores, at least one;
+        ``0`` decodes in this process, between batches).  On the CPU the
+        inference threads are every usable core (the decoders run beside them:
+        see the module docstring).
     device
         ``"cpu"``, or an accelerator (then inference needs one thread and
         decoding gets every core).
@@ -64,17 +74,62 @@ def plan(workers: int | None = None, *, device: str = "cpu") -> tuple[int, int]:
         return (cores if workers is None else workers), 1
     if workers is None:
         # Half the cores decode: on the default model (int8 on VNNI CPUs) decoding the
-        # window and running both networks cost about the same (docs/performance.md).
+        # window costs about half of running both networks (docs/performance.md).
         workers = max(1, cores // 2)
-    return workers, max(1, cores - workers)
+    return workers, cores
 
 
-def apply(workers: int, *, device: str = "cpu") -> int:
-    """Set torch's intra-op threads for ``workers`` decoding processes; returns the count."""
+_streams = 1  # what apply() last chose: model parts run side by side
+
+
+def apply(workers: int, *, device: str = "cpu", parts: int = 1) -> int:
+    """Set the inference threads for ``workers`` decoding processes; returns their count.
+
+    ``parts`` is how many independent parts the model can run side by side (its
+    :attr:`~deepsim.models.base.Model.parallel_parts`): the inference threads
+    are split between that many streams (:func:`parallel`), each with
+    ``threads // streams`` torch intra-op threads.
+    """
     import torch
 
+    global _streams
     _, threads = plan(workers, device=device)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-        _log.debug("%d decoding workers, %d inference threads", workers, threads)
+    streams = max(1, min(parts, threads)) if str(device).startswith("cpu") else 1
+    intra = max(1, threads // streams)
+    if torch.get_num_threads() != intra or _streams != streams:
+        torch.set_num_threads(intra)
+        _log.debug(
+            "%d decoding workers, %d inference threads (%d side by side)", workers, threads, streams
+        )
+    _streams = streams
     return threads
+
+
+def streams() -> int:
+    """How many model parts run side by side (1 until :func:`apply` chose more)."""
+    return _streams
+
+
+_pool: Any = None  # (size, ThreadPoolExecutor) of parallel()
+
+
+def parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
+    """Run ``calls`` side by side (at most :func:`streams` at once), under torch's inference
+    mode; their results in order.  With one stream they run here, one after another."""
+    import torch
+
+    if _streams <= 1 or len(calls) <= 1:
+        return [call() for call in calls]
+    global _pool
+    if _pool is None or _pool[0] != _streams:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if _pool is not None:
+            _pool[1].shutdown(wait=False)
+        _pool = (_streams, ThreadPoolExecutor(_streams, thread_name_prefix="deepsim-infer"))
+
+    def run(call: Callable[[], _T]) -> _T:
+        with torch.inference_mode():  # thread-local: each stream enters it
+            return call()
+
+    return list(_pool[1].map(run, calls))

@@ -46,10 +46,25 @@ def test_next_ready_says_whether_a_result_waits(files: list[Path]) -> None:
     # consumer: after a pause, the next result is there.
     import time
 
-    stream = decoded(files, sample_rate=8000, seconds=4.0, workers=1, window=len(files))
+    stream = iter(decoded(files, sample_rate=8000, seconds=4.0, workers=1, window=len(files)))
     first = next(stream)
     assert first[0][0] is not None
     time.sleep(3.0)
     _, ready = next(stream)
     assert ready is True
     stream.close()
+
+
+def test_decoding_runs_before_anything_is_asked_for(files: list[Path]) -> None:
+    # The workers start when the decoding is made (the caller loads its model meanwhile).
+    import multiprocessing
+    import time
+
+    decoding = decoded(files, sample_rate=8000, seconds=4.0, workers=1, window=len(files))
+    time.sleep(3.0)
+    stream = iter(decoding)
+    _, ready = next(stream)
+    assert ready is True  # the second file was decoded before the first was asked for
+    decoding.close()
+    assert list(stream) == []  # closed: nothing more
+    assert multiprocessing.active_children() == []

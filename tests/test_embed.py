@@ -239,6 +239,41 @@ def test_a_second_model_keeps_the_first_ones_vectors(library) -> None:
     assert again.todo == [] and again.done == 3 and again.failed_before == 1
 
 
+def test_decoding_starts_before_the_model_loads(library) -> None:
+    """With the front end known up front, the decoding workers are decoding while the
+    loader runs; the vectors are those of a run that decodes after loading, and a
+    front end that turns out different after loading starts decoding again."""
+    import multiprocessing
+
+    from deepsim import store
+    from deepsim.embed import embed_items, plan_embedding
+
+    model = SpectralModel()
+    children: list[int] = []
+
+    def loader() -> Model:
+        children.append(len(multiprocessing.active_children()))
+        return model
+
+    plan = plan_embedding(library, model.model_id)
+    summary = embed_items(
+        library, plan, loader, workers=1, batch_size=2, frontend=SpectralModel.frontend
+    )
+    assert children[0] >= 1  # a decoding worker was running while the model loaded
+    assert summary.embedded == 3 and [f[0] for f in summary.failures] == [4]
+    early = dict(zip(*store.read_vectors(library, model.model_id), strict=True))
+    other = SpectralModel()
+    other.model_id = "test-spectral-late"
+    wrong = FrontendParams(sample_rate=16000, clip_seconds=2.0)  # not the model's
+    plan = plan_embedding(library, other.model_id)
+    embed_items(library, plan, lambda: other, workers=1, batch_size=2, frontend=wrong)
+    late = dict(zip(*store.read_vectors(library, other.model_id), strict=True))
+    assert early.keys() == late.keys() == {1, 2, 3}
+    for k in early:
+        np.testing.assert_allclose(early[k], late[k], atol=1e-6)
+    assert multiprocessing.active_children() == []  # the workers stopped
+
+
 def test_a_run_with_nothing_to_do_never_imports_torch(library) -> None:
     import os
     import subprocess

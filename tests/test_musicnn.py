@@ -206,6 +206,33 @@ def test_ensemble_is_concat_of_singles_renormalised(ensemble: MusicnnEnsemble) -
     assert (both.vectors @ both.vectors.T)[np.triu_indices(3, 1)].max() < 0.99
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_networks_side_by_side_give_the_same_vectors(
+    monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """With two inference streams the pair's networks run in two threads: same numbers."""
+    import torch
+
+    from deepsim import threads
+
+    model = load_builtin("default", precision=precision)
+    rng = np.random.default_rng(1)
+    waves = [(0.1 * rng.standard_normal(16000 * 8)).astype(np.float32) for _ in range(2)]
+    alone = model.embed(waves)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        threads.apply(1, parts=model.parallel_parts)
+        assert threads.streams() == 2
+        side = model.embed(waves)
+    finally:
+        threads.apply(1, parts=1)
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(side.vectors, alone.vectors, atol=1e-6)
+    assert side.tags is not None and alone.tags is not None
+    np.testing.assert_allclose(side.tags, alone.tags, atol=1e-6)
+
+
 def test_ensemble_computes_logmel_once() -> None:
     model = load_builtin("default")
     calls: list[tuple[int, ...]] = []

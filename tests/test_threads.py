@@ -1,4 +1,4 @@
-"""deepsim.threads: decoding workers + inference threads fit the usable cores."""
+"""deepsim.threads: inference on every usable core, decoding workers beside it."""
 
 from __future__ import annotations
 
@@ -12,15 +12,43 @@ from deepsim import threads
 
 
 @pytest.mark.parametrize("cores", [1, 2, 4, 16])
-def test_the_budget_never_exceeds_the_cores(monkeypatch: pytest.MonkeyPatch, cores: int) -> None:
+def test_the_plan_follows_the_usable_cores(monkeypatch: pytest.MonkeyPatch, cores: int) -> None:
     monkeypatch.setattr(threads, "usable_cores", lambda: cores)
     workers, inference = threads.plan(None)
-    assert workers >= 1 and inference >= 1
-    assert workers + inference <= max(2, cores)
+    assert workers == max(1, cores // 2)  # half the cores decode
+    assert inference == cores  # inference on every core (the decoders idle once ahead)
     assert threads.plan(0) == (0, cores)
-    assert threads.plan(cores + 3)[1] == 1  # asked for more workers: one inference thread
+    assert threads.plan(cores + 3) == (cores + 3, cores)
     # on an accelerator every core decodes
     assert threads.plan(None, device="cuda") == (cores, 1)
+
+
+@pytest.mark.parametrize(
+    ("cores", "parts", "streams", "intra"), [(1, 2, 1, 1), (2, 1, 1, 2), (2, 2, 2, 1), (4, 2, 2, 2)]
+)
+def test_model_parts_side_by_side_share_the_inference_threads(
+    monkeypatch: pytest.MonkeyPatch, cores: int, parts: int, streams: int, intra: int
+) -> None:
+    import threading
+
+    import torch
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    before = torch.get_num_threads()
+    try:
+        assert threads.apply(1, parts=parts) == cores
+        assert threads.streams() == streams and torch.get_num_threads() == intra
+        names = threads.parallel([lambda: threading.current_thread().name] * 2)
+        assert len(names) == 2
+        if streams > 1:  # each call ran in a stream of its own, in inference mode
+            assert all(n.startswith("deepsim-infer") for n in names)
+            assert threads.parallel([torch.is_inference_mode_enabled]) == [False]  # one call: here
+            assert all(threads.parallel([torch.is_inference_mode_enabled] * 2))
+        else:
+            assert names == [threading.current_thread().name] * 2
+    finally:
+        threads.apply(1, parts=1)
+        torch.set_num_threads(before)
 
 
 def test_usable_cores_follows_the_affinity_mask() -> None:

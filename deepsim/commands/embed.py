@@ -176,6 +176,8 @@ def run_plan(
 ) -> EmbedSummary:
     """:func:`deepsim.embed.embed_items` with the settings' workers, batch sizes and tags."""
     from deepsim.embed import embed_items
+    from deepsim.frontend import FrontendParams
+    from deepsim.models import BUILTIN_MODELS
 
     return embed_items(
         lib,
@@ -183,6 +185,8 @@ def run_plan(
         lambda: load_active_model(ctx),
         force=force,
         workers=workers(ctx),
+        # a built-in's front end is known before loading: decoding starts first
+        frontend=FrontendParams() if ctx.model_name in BUILTIN_MODELS else None,
         batch_size=int(ctx.get("batch_size")),
         commit_every=int(ctx.get("commit_every")),
         tag_text=top_tags if ctx.get("store_tags") else None,

@@ -83,6 +83,9 @@ class Model(torch.nn.Module, abc.ABC):
     tag_names: tuple[str, ...] = ()
     #: Frames per network input patch.
     patch_frames: int
+    #: Independent parts :meth:`embed_patches` can run side by side on the CPU
+    #: (:func:`deepsim.threads.parallel`): the default pair's two networks.
+    parallel_parts: ClassVar[int] = 1
 
     def __init__(self) -> None:
         super().__init__()

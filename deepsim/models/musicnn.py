@@ -687,9 +687,15 @@ class MusicnnEnsemble(Model):
     def precision(self) -> str:
         return self.msd.precision
 
+    parallel_parts: ClassVar[int] = 2
+
     def embed_patches(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        a = self.msd.embed_patches(patches)
-        b = self.mtt.embed_patches(patches)
+        from deepsim import threads
+
+        # the two networks side by side when the thread budget gives them a core each
+        a, b = threads.parallel(
+            [lambda: self.msd.embed_patches(patches), lambda: self.mtt.embed_patches(patches)]
+        )
         return {
             "embedding": torch.cat([a["embedding"], b["embedding"]], dim=1),
             "tags": torch.cat([a["tags"], b["tags"]], dim=1),
