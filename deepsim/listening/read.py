@@ -372,7 +372,8 @@ def _add_plays(b: Builder, plays: Plays, default: int) -> int:
     js = list(map(cache.get, keys))
     if None in js:  # songs new to the builder
         track_of = b.track_of
-        for key in dict.fromkeys(keys):  # in order of first play, as one by one
+        new = set(keys).difference(cache)
+        for key in filter(new.__contains__, keys):  # in order of first play, as one by one
             if key not in cache:  # names are non-blank strings: a track, never Bad
                 cache[key] = track_of(key[0], key[1], None)
         js = list(map(cache.get, keys))
