@@ -852,6 +852,66 @@ def test_spotify_fast_path_and_stdlib_path_read_the_same(
     assert read() == fast
 
 
+def test_spotify_files_read_by_worker_processes_as_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several Spotify files (a folder, and the zip as downloaded) are read by worker
+    processes: the same listens, skips and messages as reading them here, the cp1252
+    warning given once, and the workers gone afterwards."""
+    import multiprocessing
+    import zipfile
+
+    from deepsim import threads
+    from deepsim.listening import read
+
+    base = json.loads((FIX / "endsong_0.json").read_text(encoding="utf-8"))
+    folder = tmp_path / "Spotify Extended Streaming History"
+    folder.mkdir()
+    for k in range(6):
+        rows = [dict(r, ts=f"2021-0{k + 1}-01T1{j}:00:00Z") for j, r in enumerate(base)]
+        if k == 2:
+            rows.append(dict(base[0], ms_played="lots"))  # a bad row, with its line
+        text = json.dumps(rows, indent=4, ensure_ascii=False)
+        if k == 4:  # not UTF-8: decoded as cp1252, with a warning
+            (folder / f"Streaming_History_Audio_2021_{k}.json").write_bytes(
+                text.replace("Radiohead", "Radiohead Ö").encode("cp1252")
+            )
+        else:
+            (folder / f"Streaming_History_Audio_2021_{k}.json").write_text(text, encoding="utf-8")
+    (folder / "ReadMeFirst_ExtendedStreamingHistory.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")
+    zpath = tmp_path / "my_spotify_data.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"Spotify Extended Streaming History/{f.name}")
+
+    def read_both(path: Path) -> list[tuple[dict, int, int, list[str]]]:
+        out = []
+        for at_least in (10**9, 2):  # here; by worker processes
+            monkeypatch.setattr(read, "PARALLEL_MIN_FILES", at_least)
+            caplog.clear()
+            with caplog.at_level("INFO", logger="deepsim"):
+                listens = read_listens(path, max_bad_fraction=0.5)
+            messages = sorted(r.getMessage() for r in caplog.records)
+            out.append((as_dict(listens), listens.skipped, len(listens.tracks), messages))
+        return out
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(read, "PARALLEL_MIN_FILES", 2)
+    handed = [
+        (s.basename, r is not None) for s, _, r in read._with_records(read._sniffed(zpath, None))
+    ]
+    assert handed == [(f.name, True) for f in sorted(folder.glob("*.json"))]  # the PDF: ignored
+    for path in (folder, zpath):
+        here, workers = read_both(path)
+        assert workers == here
+        listens, skipped, _, messages = here
+        assert skipped == 1 and listens
+        assert sum("ms_played is not a number" in m for m in messages) == 1
+        assert sum("cp1252" in m for m in messages) == 1
+        assert any("radiohead ö" in key for _, key in listens)
+    assert multiprocessing.active_children() == []
+
+
 def test_spotify_odd_files_fall_back_to_the_stdlib_reader(tmp_path: Path) -> None:
     """What msgspec refuses (an element that is not an object, NaN) is read by the stdlib
     path, with its messages; a cp1252 file is decoded as such first."""

@@ -99,6 +99,10 @@ class ListenReader(abc.ABC):
     """The format's name, as given to ``format=`` / ``--listens-format``."""
     description: ClassVar[str]
     """A few words: which tool writes it."""
+    whole_files: ClassVar[bool] = False
+    """Whether a file costs enough (decoded whole, many rows) that
+    :func:`~deepsim.listening.read_listens` reads several such files side by side in
+    worker processes (Spotify's 12–15 MB files)."""
 
     @abc.abstractmethod
     def sniff(self, head: Head) -> bool:

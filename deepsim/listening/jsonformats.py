@@ -74,6 +74,7 @@ class SpotifyExtendedReader(ListenReader):
 
     name = "spotify-extended"
     description = "Spotify Extended Streaming History (privacy page, 'Extended streaming history')"
+    whole_files = True
 
     def sniff(self, head: Head) -> bool:
         t = head.text

@@ -10,13 +10,14 @@ import textwrap
 import zipfile
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 from deepsim.errors import ListeningDataError, ParameterError
 from deepsim.listening import jsonformats, text  # noqa: F401  (registers the readers)
-from deepsim.listening.base import READERS, Count, Head, ListenReader, Plays, Skip
+from deepsim.listening.base import READERS, Count, Head, ListenReader, Plays, Record, Skip
 from deepsim.listening.core import Bad, Builder, Listens, TrackKey, mbid_of
 from deepsim.listening.sources import Source, iter_sources
 from deepsim.util import check_choice, check_float, get_logger
@@ -266,15 +267,7 @@ def _read_path(
     forced = READERS[format] if format != "auto" else None
     n_before = b.n_plays + len(b.rows)
     try:
-        for source in iter_sources(path):
-            if forced is None:
-                reader = sniff(source)
-            elif source.in_container and not forced.sniff(
-                Head(source.basename, source.head_text())
-            ):
-                reader = None  # inside a folder or zip, a forced format reads only its own files
-            else:
-                reader = forced
+        for source, reader, records in _with_records(_sniffed(path, forced)):
             if reader is None:
                 if source.in_container:
                     ignored.append(source.name)
@@ -288,7 +281,7 @@ def _read_path(
                     raise ListeningDataError(source.name, None, "no listens")
                 raise _unknown(source)
             taste = taste or reader.name == "taste-profile"
-            _read_source(b, source, reader, bad, skips)
+            _read_source(b, source, reader, bad, skips, records)
     except FileNotFoundError as exc:
         raise ListeningDataError(path, None, "no such file") from exc
     except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as exc:
@@ -308,10 +301,106 @@ def _read_path(
     return taste
 
 
+def _sniffed(
+    path: str | os.PathLike[str], forced: ListenReader | None
+) -> Iterator[tuple[Source, ListenReader | None]]:
+    """The files of ``path`` with the reader of each (``None``: in no format read here)."""
+    for source in iter_sources(path):
+        if forced is None:
+            reader = sniff(source)
+        elif source.in_container and not forced.sniff(Head(source.basename, source.head_text())):
+            reader = None  # inside a folder or zip, a forced format reads only its own files
+        else:
+            reader = forced
+        yield source, reader
+
+
+#: Files read whole (:attr:`ListenReader.whole_files`) that make worker processes worth
+#: starting (about 0.3 s each): fewer are read here.
+PARALLEL_MIN_FILES = 4
+
+
+def _with_records(
+    sniffed: Iterable[tuple[Source, ListenReader | None]],
+) -> Iterator[tuple[Source, ListenReader | None, list[Record] | None]]:
+    """Each file with its reader and, for files read whole by worker processes, their
+    records (``None``: read here, as they stream).
+
+    With several :attr:`~ListenReader.whole_files` files and two usable cores or more,
+    worker processes read up to one file more than there are workers ahead of the
+    caller, in order; the caller adds one file's records to the builder while the
+    workers read the next ones.  Everything that logs (sniffing, encodings) happens
+    here, before a file is handed on.
+    """
+    from deepsim.threads import usable_cores
+
+    planned = list(sniffed)
+    whole = [k for k, (_, r) in enumerate(planned) if r is not None and r.whole_files]
+    workers = min(usable_cores(), len(whole))
+    if len(whole) < PARALLEL_MIN_FILES or workers < 2:
+        for source, reader in planned:
+            yield source, reader, None
+        return
+    for k in whole:
+        planned[k][0].encoding  # noqa: B018  (detected, and warned about, here)
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_reading_context())
+    futures: dict[int, Future[list[Record]]] = {}
+    queue = iter(whole)
+
+    def submit_next() -> None:
+        k = next(queue, None)
+        if k is not None:
+            source, reader = planned[k]
+            assert reader is not None
+            futures[k] = pool.submit(_records_of, source, reader.name)
+
+    try:
+        for _ in range(workers + 1):
+            submit_next()
+        for k, (source, reader) in enumerate(planned):
+            if k not in futures:
+                yield source, reader, None
+                continue
+            try:
+                records: list[Record] | None = futures.pop(k).result()
+            except BrokenProcessPool:  # a worker died (killed): this file is read here
+                log.warning("%s: the reading process stopped; reading it here", source.name)
+                records = None
+            submit_next()
+            yield source, reader, records
+    finally:
+        for future in futures.values():
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _records_of(source: Source, name: str) -> list[Record]:
+    """A worker process's job: every record of one file."""
+    return list(READERS[name].read(source))
+
+
+def _reading_context() -> Any:
+    import multiprocessing
+
+    if os.name != "posix":
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _read_source(
-    b: Builder, source: Source, reader: ListenReader, bad: BadRecords, skips: Counter[str]
+    b: Builder,
+    source: Source,
+    reader: ListenReader,
+    bad: BadRecords,
+    skips: Counter[str],
+    records: list[Record] | None = None,
 ) -> None:
-    """The hot loop: one reader's records into the builder."""
+    """The hot loop: one reader's records (read here, or ``records``) into the builder."""
     name = source.name
     default = b.user(source.default_user)
     user_of = b.user_index.get
@@ -324,7 +413,7 @@ def _read_source(
     p_time = b.play_time.append
     good = 0
     u: int | None  # the user's index (a new user is added)
-    for rec in reader.read(source):
+    for rec in reader.read(source) if records is None else records:
         if rec.__class__ is tuple:
             user, t, artist, title, mbid, line = rec
             key = (artist, title, mbid)

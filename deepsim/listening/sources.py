@@ -261,7 +261,21 @@ def is_zip(path: Path) -> bool:
 def _file_source(path: Path, default_user: str, in_container: bool) -> Source:
     comp = _compression(path.name)
     basename = path.name[: -len(comp)] if comp else path.name
-    return Source(str(path), basename, lambda: open(path, "rb"), default_user, in_container, comp)
+    # picklable (read_listens may hand a source to a reading process)
+    opener = cast("Callable[[], IO[bytes]]", functools.partial(open, path, "rb"))
+    return Source(str(path), basename, opener, default_user, in_container, comp)
+
+
+@dataclass(frozen=True)
+class _ZipMember:
+    """Opens one member of a zip file (picklable, so a reading process can open it too)."""
+
+    zip_path: str
+    member: zipfile.ZipInfo
+
+    def __call__(self) -> IO[bytes]:
+        # the member's file keeps the archive's file open until it is closed itself
+        return zipfile.ZipFile(self.zip_path).open(self.member)
 
 
 def _zip_sources(path: Path, display: str, default_user: str) -> Iterator[Source]:
@@ -270,19 +284,20 @@ def _zip_sources(path: Path, display: str, default_user: str) -> Iterator[Source
     except zipfile.BadZipFile as exc:
         raise ListeningDataError(path, None, f"not a zip file ({exc})") from exc
     with zf:
-        for info in sorted(zf.infolist(), key=lambda i: i.filename):
-            if info.is_dir() or _is_ignored_name(info.filename):
-                continue
-            comp = _compression(info.filename)
-            base = os.path.basename(info.filename)
-            yield Source(
-                f"{display}!{info.filename}",
-                base[: -len(comp)] if comp else base,
-                functools.partial(zf.open, info),
-                default_user,
-                True,
-                comp,
-            )
+        infos = sorted(zf.infolist(), key=lambda i: i.filename)
+    for info in infos:
+        if info.is_dir() or _is_ignored_name(info.filename):
+            continue
+        comp = _compression(info.filename)
+        base = os.path.basename(info.filename)
+        yield Source(
+            f"{display}!{info.filename}",
+            base[: -len(comp)] if comp else base,
+            _ZipMember(str(path), info),
+            default_user,
+            True,
+            comp,
+        )
 
 
 def iter_sources(path: str | os.PathLike[str]) -> Iterator[Source]:
