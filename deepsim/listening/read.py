@@ -346,7 +346,9 @@ def _with_records(
     from concurrent.futures import Future, ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_reading_context())
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=_reading_context(), initializer=_ignore_ctrl_c
+    )
     futures: dict[int, Future[list[Record]]] = {}
     queue = iter(whole)
 
@@ -380,6 +382,12 @@ def _with_records(
 def _records_of(source: Source, name: str) -> list[Record]:
     """A worker process's job: every record of one file."""
     return list(READERS[name].read(source))
+
+
+def _ignore_ctrl_c() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
 
 
 def _reading_context() -> Any:
