@@ -4,6 +4,7 @@ Usage::
 
     pip install -e '.[bench]'           # bliss-audio 0.2.0, a benchmark-only dependency
     python benchmarks/bench_peers.py [--copies 6] [--models default msd-musicnn]
+    python benchmarks/bench_peers.py --against /tmp/old --models default   # deepsim vs deepsim
 
 The files are the real full-length songs of ``../shared/corpus/full`` (4 songs in
 opus, ogg, m4a and mp3), each copied ``--copies`` times under a temporary
@@ -110,7 +111,25 @@ def run_child(
     return result["wall"], result["cpu"], result["rss_mb"], result["out"]
 
 
-def bench_deepsim(paths: list[Path], model: str, work: Path) -> dict[str, float]:
+def beet_argv(tree: str | None) -> list[str]:
+    """``beet`` as a command line: this environment's, or with the deepsim of checkout
+    ``tree`` first on the path (``python -S``: an editable install's import hook, which
+    ``PYTHONPATH`` cannot override, is not loaded; site-packages come after the tree)."""
+    if tree is None:
+        return [sys.executable, "-m", "beets"]
+    import sysconfig
+
+    site = sysconfig.get_paths()["purelib"]
+    code = (
+        f"import sys; sys.path[:0] = [{os.path.abspath(tree)!r}]; sys.path.append({site!r}); "
+        "sys.argv[0] = 'beet'; import runpy; runpy.run_module('beets', run_name='__main__')"
+    )
+    return [sys.executable, "-S", "-c", code]
+
+
+def bench_deepsim(
+    paths: list[Path], model: str, work: Path, tree: str | None = None
+) -> dict[str, float]:
     from beets import config
     from beets.library import Item, Library
 
@@ -126,7 +145,7 @@ def bench_deepsim(paths: list[Path], model: str, work: Path) -> dict[str, float]
         f"create_backup_before_migrations: no\ndeepsim:\n  model: {model}\n  device: cpu\n"
     )
     env = dict(os.environ, BEETSDIR=str(root))
-    wall, cpu, rss, out = run_child([sys.executable, "-m", "beets", "deepsim-embed"], env)
+    wall, cpu, rss, out = run_child([*beet_argv(tree), "deepsim-embed"], env)
     match = re.search(r"embedded (\d+)", out)
     if not match or int(match.group(1)) != len(paths):
         raise SystemExit(f"deepsim-embed embedded {match.group(1) if match else 0} of {len(paths)}")
@@ -168,6 +187,24 @@ def round_of(label: str, paths: list[Path], models: list[str], work: Path, procs
     return results
 
 
+def against(paths: list[Path], models: list[str], work: Path, tree: str, rounds: int) -> None:
+    """This checkout's ``beet deepsim-embed`` and checkout ``tree``'s, taking turns."""
+    for model in models:
+        print(f"\n== {model}: this checkout against {tree}, {rounds} rounds each, taking turns")
+        rates: dict[str, list[float]] = {"this": [], "other": []}
+        for r in range(rounds):
+            for who in ("this", "other") if r % 2 == 0 else ("other", "this"):
+                res = bench_deepsim(paths, model, work, ROOT.as_posix() if who == "this" else tree)
+                rates[who].append(res["tracks"] / res["wall"])
+                print(
+                    f"{who:5} round {r + 1}: {rates[who][-1]:.2f} tracks/s "
+                    f"(steady {res.get('steady', float('nan')):.1f}), load {loadavg()}",
+                    flush=True,
+                )
+        a, b = max(rates["this"]), max(rates["other"])
+        print(f"best of {rounds}: this {a:.2f} tracks/s, {tree} {b:.2f} -> {a / b:.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=6, help="copies of each real song")
@@ -175,6 +212,13 @@ def main() -> int:
     parser.add_argument("--busy", type=int, default=2, help="busy-loop processes for the load")
     parser.add_argument("--load-seconds", type=int, default=900, help="each busy loop's limit")
     parser.add_argument("--no-load", action="store_true", help="quiet round only")
+    parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="instead: this checkout's deepsim against the checkout DIR's (e.g. made by "
+        "`git worktree add /tmp/old main~3`), taking turns, no bliss",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --against")
     args = parser.parse_args()
     try:
         import bliss_audio  # noqa: F401
@@ -198,6 +242,9 @@ def main() -> int:
                 copy = work / f"{rep}-{song.name}"
                 shutil.copy(song, copy)
                 paths.append(copy)
+        if args.against:
+            against(paths, args.models, work, args.against, args.rounds)
+            return 0
         quiet = round_of("quiet", paths, args.models, work, procs)
         if args.no_load:
             return 0
