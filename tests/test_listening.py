@@ -910,6 +910,14 @@ def test_spotify_files_read_by_worker_processes_as_here(
         assert sum("cp1252" in m for m in messages) == 1
         assert any("radiohead ö" in key for _, key in listens)
     assert multiprocessing.active_children() == []
+    # in a pool's (daemonic) worker, which may start no process: read there
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:
+        plays = pool.apply(_n_plays, (str(folder),))
+    assert plays == read_listens(folder, max_bad_fraction=0.5).n_plays
+
+
+def _n_plays(path: str) -> int:
+    return read_listens(path, max_bad_fraction=0.5).n_plays
 
 
 def test_spotify_odd_files_fall_back_to_the_stdlib_reader(tmp_path: Path) -> None:

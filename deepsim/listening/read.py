@@ -332,12 +332,15 @@ def _with_records(
     workers read the next ones.  Everything that logs (sniffing, encodings) happens
     here, before a file is handed on.
     """
+    import multiprocessing
+
     from deepsim.threads import usable_cores
 
     planned = list(sniffed)
     whole = [k for k, (_, r) in enumerate(planned) if r is not None and r.whole_files]
     workers = min(usable_cores(), len(whole))
-    if len(whole) < PARALLEL_MIN_FILES or workers < 2:
+    daemon = multiprocessing.current_process().daemon  # (a pool's worker) may start no process
+    if len(whole) < PARALLEL_MIN_FILES or workers < 2 or daemon:
         for source, reader in planned:
             yield source, reader, None
         return
