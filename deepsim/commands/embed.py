@@ -176,17 +176,20 @@ def run_plan(
 ) -> EmbedSummary:
     """:func:`deepsim.embed.embed_items` with the settings' workers, batch sizes and tags."""
     from deepsim.embed import embed_items
-    from deepsim.frontend import FrontendParams
     from deepsim.models import BUILTIN_MODELS
 
+    frontend = None
+    if plan.todo and ctx.model_name in BUILTIN_MODELS:
+        from deepsim.frontend import FrontendParams
+
+        frontend = FrontendParams()  # a built-in's, known before loading: decoding starts first
     return embed_items(
         lib,
         plan,
         lambda: load_active_model(ctx),
         force=force,
         workers=workers(ctx),
-        # a built-in's front end is known before loading: decoding starts first
-        frontend=FrontendParams() if ctx.model_name in BUILTIN_MODELS else None,
+        frontend=frontend,
         batch_size=int(ctx.get("batch_size")),
         commit_every=int(ctx.get("commit_every")),
         tag_text=top_tags if ctx.get("store_tags") else None,
