@@ -198,7 +198,8 @@ def against(paths: list[Path], models: list[str], work: Path, tree: str, rounds:
                 rates[who].append(res["tracks"] / res["wall"])
                 print(
                     f"{who:5} round {r + 1}: {rates[who][-1]:.2f} tracks/s "
-                    f"(steady {res.get('steady', float('nan')):.1f}), load {loadavg()}",
+                    f"(steady {res.get('steady', float('nan')):.1f}), "
+                    f"peak RSS {res['rss_mb']:.0f} MB, load {loadavg()}",
                     flush=True,
                 )
         a, b = max(rates["this"]), max(rates["other"])

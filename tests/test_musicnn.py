@@ -233,6 +233,22 @@ def test_networks_side_by_side_give_the_same_vectors(
     np.testing.assert_allclose(side.tags, alone.tags, atol=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_patches_through_the_network_in_chunks_give_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    from deepsim.models import musicnn
+
+    net = load_builtin("msd-musicnn", precision=precision).net
+    patches = torch.from_numpy(np.random.default_rng(2).standard_normal((10, 187, 96)) * 2)
+    with torch.inference_mode():
+        whole = net(patches.float())
+        monkeypatch.setattr(musicnn, "FORWARD_CHUNK_PATCHES", 4)
+        chunked = net(patches.float())
+    for key in ("embedding", "tags"):
+        np.testing.assert_allclose(chunked[key].numpy(), whole[key].numpy(), atol=1e-5)
+
+
 def test_ensemble_computes_logmel_once() -> None:
     model = load_builtin("default")
     calls: list[tuple[int, ...]] = []

@@ -131,6 +131,11 @@ CHUNK_PATCHES = 1
 #: Patches per int8 convolution call (their uint8 maps, ~3.4 MB a patch, stay in cache).
 INT8_CHUNK_PATCHES = 2
 
+#: Patches through the whole network at a time on a CPU (a multiple of the chunks above,
+#: so the same numbers): the (P, 753, 187) mid-end features of a batch of 8 tracks are
+#: 45 MB at once otherwise; measured as fast, 100 MB less peak memory a network.
+FORWARD_CHUNK_PATCHES = 20
+
 _BN_EPS = 1e-3
 
 _Layer = TypeVar("_Layer", bound=torch.nn.Module)
@@ -527,6 +532,12 @@ class MusicnnNetwork(torch.nn.Module):
             raise ValueError(
                 f"expected patches of shape (P, frames, {self.n_mels}), got {tuple(patches.shape)}"
             )
+        if patches.device.type != "cpu" or len(patches) <= FORWARD_CHUNK_PATCHES:
+            return self._forward(patches)
+        parts = [self._forward(part) for part in patches.split(FORWARD_CHUNK_PATCHES)]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def _forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         front = self.front_end(patches)
         layers = [front]
         h = front
