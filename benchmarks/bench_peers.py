@@ -199,6 +199,7 @@ def against(paths: list[Path], models: list[str], work: Path, tree: str, rounds:
                 print(
                     f"{who:5} round {r + 1}: {rates[who][-1]:.2f} tracks/s "
                     f"(steady {res.get('steady', float('nan')):.1f}), "
+                    f"{res['cpu'] / res['tracks']:.2f} CPU-s/track, "
                     f"peak RSS {res['rss_mb']:.0f} MB, load {loadavg()}",
                     flush=True,
                 )
