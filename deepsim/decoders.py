@@ -90,6 +90,7 @@ class Decoding:
         self._pending: deque[tuple[int, Future[Decoded]]] = deque()
         self._submitted = 0
         self._pool: ProcessPoolExecutor | None = None
+        self._closed = False
         if workers > 0 and paths:
             self._pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=_context(), initializer=_worker_init
@@ -109,11 +110,13 @@ class Decoding:
             self._submitted += 1
 
     def __iter__(self) -> Iterator[tuple[Decoded, bool]]:
-        if self._pool is None:
+        if self.workers <= 0:
             for path in self.paths:
+                if self._closed:
+                    return
                 yield decode_job(path, self.sample_rate, self.seconds), True
             return
-        pending = self._pending
+        pending = self._pending  # empty once closed
         try:
             while pending:
                 index, future = pending.popleft()
@@ -130,7 +133,8 @@ class Decoding:
             self.close()
 
     def close(self) -> None:
-        """Stop the workers (what they have not started is cancelled)."""
+        """Stop the workers (what they have not started is cancelled); nothing more comes."""
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
             for _, future in self._pending:

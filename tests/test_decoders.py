@@ -67,4 +67,10 @@ def test_decoding_runs_before_anything_is_asked_for(files: list[Path]) -> None:
     assert ready is True  # the second file was decoded before the first was asked for
     decoding.close()
     assert list(stream) == []  # closed: nothing more
+    assert list(decoding) == []  # not even decoded here
     assert multiprocessing.active_children() == []
+    here = decoded(files, sample_rate=8000, seconds=4.0, workers=0, window=1)
+    stream = iter(here)
+    next(stream)
+    here.close()
+    assert list(stream) == []
