@@ -14,7 +14,6 @@ of a second.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 from deepsim.audio import PathLike, decode_middle
 from deepsim.errors import AudioError
 from deepsim.identity import identify
+from deepsim.util import ignore_ctrl_c, worker_context
 
 #: One file's result: the decoded window (or why not) and its audio identity text.
 Decoded = tuple[np.ndarray | AudioError, str | None]
@@ -46,21 +46,7 @@ def decode_job(path: PathLike, sample_rate: int, seconds: float) -> Decoded:
 def _worker_init() -> None:
     # Decoding workers must not compete with the inference threads for cores.
     os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    except (ImportError, ValueError):
-        pass
-
-
-def _context() -> multiprocessing.context.BaseContext:
-    if os.name != "posix":
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    # The server imports this module once; each worker is forked from it ready to decode.
-    context.set_forkserver_preload([__name__])
-    return context
+    ignore_ctrl_c()
 
 
 class Decoding:
@@ -93,7 +79,7 @@ class Decoding:
         self._closed = False
         if workers > 0 and paths:
             self._pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=_context(), initializer=_worker_init
+                max_workers=workers, mp_context=worker_context(__name__), initializer=_worker_init
             )
             try:
                 while self._submitted < min(max(window, 1), len(paths)):

@@ -214,3 +214,24 @@ def loop_to_length(frames: torch.Tensor | np.ndarray, length: int) -> Any:
     if isinstance(frames, np.ndarray):
         return np.concatenate([frames] * reps, axis=0)[:length]
     return frames.repeat(reps, *([1] * (frames.dim() - 1)))[:length]
+
+
+def worker_context(preload: str) -> Any:
+    """The multiprocessing context of deepsim's worker pools: a forkserver that imports
+    ``preload`` (a module name) once, each worker forked from it ready (spawn where
+    there is no fork)."""
+    import multiprocessing
+
+    if os.name != "posix":
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([preload])
+    return context
+
+
+def ignore_ctrl_c() -> None:
+    """A worker's initializer: Ctrl-C is the parent's to handle (it stops the pool)."""
+    import signal
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -13,14 +13,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import Any
 
 from deepsim.errors import ListeningDataError, ParameterError
 from deepsim.listening import jsonformats, text  # noqa: F401  (registers the readers)
 from deepsim.listening.base import READERS, Count, Head, ListenReader, Plays, Record, Skip
 from deepsim.listening.core import Bad, Builder, Listens, TrackKey, mbid_of
 from deepsim.listening.sources import Source, iter_sources
-from deepsim.util import check_choice, check_float, get_logger
+from deepsim.util import check_choice, check_float, get_logger, ignore_ctrl_c, worker_context
 
 log = get_logger(__name__)
 
@@ -350,7 +349,7 @@ def _with_records(
     from concurrent.futures.process import BrokenProcessPool
 
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=_reading_context(), initializer=_ignore_ctrl_c
+        max_workers=workers, mp_context=worker_context(__name__), initializer=ignore_ctrl_c
     )
     futures: dict[int, Future[list[Record]]] = {}
     queue = iter(whole)
@@ -385,22 +384,6 @@ def _with_records(
 def _records_of(source: Source, name: str) -> list[Record]:
     """A worker process's job: every record of one file."""
     return list(READERS[name].read(source))
-
-
-def _ignore_ctrl_c() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
-
-
-def _reading_context() -> Any:
-    import multiprocessing
-
-    if os.name != "posix":
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
 
 
 def _read_source(
