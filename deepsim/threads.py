@@ -114,12 +114,14 @@ _pool: Any = None  # (size, ThreadPoolExecutor) of parallel()
 
 
 def parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
-    """Run ``calls`` side by side (at most :func:`streams` at once), under torch's inference
-    mode; their results in order.  With one stream they run here, one after another."""
+    """Run ``calls`` side by side (at most :func:`streams` at once), in the caller's
+    inference mode; their results in order.  With one stream, or where gradients are
+    recorded (fine-tuning), they run here, one after another."""
     import torch
 
-    if _streams <= 1 or len(calls) <= 1:
+    if _streams <= 1 or len(calls) <= 1 or torch.is_grad_enabled():
         return [call() for call in calls]
+    inference = torch.is_inference_mode_enabled()
     global _pool
     if _pool is None or _pool[0] != _streams:
         from concurrent.futures import ThreadPoolExecutor
@@ -129,7 +131,7 @@ def parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
         _pool = (_streams, ThreadPoolExecutor(_streams, thread_name_prefix="deepsim-infer"))
 
     def run(call: Callable[[], _T]) -> _T:
-        with torch.inference_mode():  # thread-local: each stream enters it
+        with torch.inference_mode(inference), torch.no_grad():  # thread-local: as the caller's
             return call()
 
     return list(_pool[1].map(run, calls))

@@ -38,14 +38,21 @@ def test_model_parts_side_by_side_share_the_inference_threads(
     try:
         assert threads.apply(1, parts=parts) == cores
         assert threads.streams() == streams and torch.get_num_threads() == intra
-        names = threads.parallel([lambda: threading.current_thread().name] * 2)
-        assert len(names) == 2
-        if streams > 1:  # each call ran in a stream of its own, in inference mode
+        here = threading.current_thread().name
+        with torch.no_grad():
+            names = threads.parallel([lambda: threading.current_thread().name] * 2)
+        if streams > 1:  # each call ran in a stream of its own, in the caller's modes
             assert all(n.startswith("deepsim-infer") for n in names)
-            assert threads.parallel([torch.is_inference_mode_enabled]) == [False]  # one call: here
-            assert all(threads.parallel([torch.is_inference_mode_enabled] * 2))
+            with torch.inference_mode():
+                assert threads.parallel([torch.is_inference_mode_enabled] * 2) == [True, True]
+            with torch.no_grad():
+                assert threads.parallel([torch.is_inference_mode_enabled] * 2) == [False, False]
+                assert threads.parallel([torch.is_grad_enabled] * 2) == [False, False]
         else:
-            assert names == [threading.current_thread().name] * 2
+            assert names == [here, here]
+        # recording gradients (fine-tuning): always here, one after another
+        names = threads.parallel([lambda: threading.current_thread().name] * 2)
+        assert names == [here, here]
     finally:
         threads.apply(1, parts=1)
         torch.set_num_threads(before)
