@@ -231,6 +231,17 @@ def test_networks_side_by_side_give_the_same_vectors(
     np.testing.assert_allclose(side.vectors, alone.vectors, atol=1e-6)
     assert side.tags is not None and alone.tags is not None
     np.testing.assert_allclose(side.tags, alone.tags, atol=1e-6)
+    # recording gradients (fine-tuning after an embedding run): the networks run here
+    if precision == "fp32":
+        model.msd.net.dense.weight.requires_grad_(True)
+        try:
+            threads.apply(1, parts=model.parallel_parts)
+            out = model.embed_patches(torch.randn(2, 187, 96))
+            out["embedding"].sum().backward()
+        finally:
+            threads.apply(1, parts=1)
+            torch.set_num_threads(before)
+        assert model.msd.net.dense.weight.grad is not None
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
