@@ -12,8 +12,9 @@ quiet speed where a fair share is 0.5 (``docs/performance.md``).  So:
   first, which sets it unless the user already chose a policy;
 * on the CPU, inference gets every core this process may use (its CPU
   affinity), as :func:`parallel` streams (a model's independent parts side by
-  side: the default pair's two networks, one thread each) times torch's
-  intra-op threads; half the cores (at least one) decode beside it
+  side: the default pair's two networks, or one network's patches in two
+  halves, one thread each) times torch's intra-op threads; half the cores (at
+  least one) decode beside it
   (:func:`plan`).  A decoding worker is busy only while it is behind: with the
   default model decoding a window costs about half of inference (0.1 vs 0.2
   CPU-s a track), so once the decoders are a window ahead they wait, and two
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -113,13 +115,19 @@ def streams() -> int:
 _pool: Any = None  # (size, ThreadPoolExecutor) of parallel()
 
 
+_inside = threading.local()  # .stream: this thread runs a call of parallel()
+
+
 def parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
     """Run ``calls`` side by side (at most :func:`streams` at once), in the caller's
-    inference mode; their results in order.  With one stream, or where gradients are
-    recorded (fine-tuning), they run here, one after another."""
+    inference mode; their results in order.  With one stream, where gradients are
+    recorded (fine-tuning), or when called from inside one of these calls (the pair's
+    networks each split their patches: the streams are taken), they run here, one
+    after another."""
     import torch
 
-    if _streams <= 1 or len(calls) <= 1 or torch.is_grad_enabled():
+    nested = getattr(_inside, "stream", False)
+    if _streams <= 1 or len(calls) <= 1 or nested or torch.is_grad_enabled():
         return [call() for call in calls]
     inference = torch.is_inference_mode_enabled()
     global _pool
@@ -131,7 +139,11 @@ def parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
         _pool = (_streams, ThreadPoolExecutor(_streams, thread_name_prefix="deepsim-infer"))
 
     def run(call: Callable[[], _T]) -> _T:
-        with torch.inference_mode(inference), torch.no_grad():  # thread-local: as the caller's
-            return call()
+        _inside.stream = True
+        try:
+            with torch.inference_mode(inference), torch.no_grad():  # thread-local: as the caller's
+                return call()
+        finally:
+            _inside.stream = False
 
     return list(_pool[1].map(run, calls))

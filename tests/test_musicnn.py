@@ -246,6 +246,46 @@ def test_networks_side_by_side_give_the_same_vectors(
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_one_networks_patch_halves_side_by_side_give_the_same_vectors(
+    monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """One network with two streams: its patches in two halves, in two threads."""
+    import threading
+
+    import torch
+
+    from deepsim import threads
+
+    model = load_builtin("msd-musicnn", precision=precision)
+    rng = np.random.default_rng(3)
+    # 10 + 4 + 1 patches: an odd count, so the halves are cut at a whole int8 chunk
+    waves = [(0.1 * rng.standard_normal(16000 * s)).astype(np.float32) for s in (30, 12, 3)]
+    alone = model.embed(waves)
+    seen: set[str] = set()
+    net = model.net
+    forward = net.forward
+
+    def spy(patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen.add(threading.current_thread().name)
+        return forward(patches)
+
+    monkeypatch.setattr(net, "forward", spy)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        threads.apply(1, parts=model.parallel_parts)
+        assert threads.streams() == 2
+        side = model.embed(waves)
+    finally:
+        threads.apply(1, parts=1)
+        torch.set_num_threads(before)
+    assert len(seen) == 2 and all(name.startswith("deepsim-infer") for name in seen)
+    np.testing.assert_allclose(side.vectors, alone.vectors, atol=1e-6)
+    assert side.tags is not None and alone.tags is not None
+    np.testing.assert_allclose(side.tags, alone.tags, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_patches_through_the_network_in_chunks_give_the_same_numbers(
     monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:

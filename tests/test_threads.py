@@ -53,6 +53,15 @@ def test_model_parts_side_by_side_share_the_inference_threads(
         # recording gradients (fine-tuning): always here, one after another
         names = threads.parallel([lambda: threading.current_thread().name] * 2)
         assert names == [here, here]
+        # called from inside a stream (the pair's networks splitting their patches):
+        # in that stream, one after another (the streams are taken: no deadlock)
+        with torch.no_grad():
+
+            def inner() -> list[str]:
+                return threads.parallel([lambda: threading.current_thread().name] * 2)
+
+            nested = threads.parallel([inner, inner])
+        assert all(len(set(names)) == 1 for names in nested)
     finally:
         threads.apply(1, parts=1)
         torch.set_num_threads(before)

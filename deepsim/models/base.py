@@ -84,7 +84,8 @@ class Model(torch.nn.Module, abc.ABC):
     #: Frames per network input patch.
     patch_frames: int
     #: Independent parts :meth:`embed_patches` can run side by side on the CPU
-    #: (:func:`deepsim.threads.parallel`): the default pair's two networks.
+    #: (:func:`deepsim.threads.parallel`): the default pair's two networks, a
+    #: musicnn network's two halves of the patches.
     parallel_parts: ClassVar[int] = 1
 
     def __init__(self) -> None:
