@@ -20,8 +20,8 @@ fresh child process, one after the other, on the same list:
 For each it prints tracks/s (wall, start-up included), CPU-seconds per track
 (user + system of the child and every process under it, the decoding workers
 included), the peak RSS of the largest process, and the ratio deepsim/bliss;
-for deepsim also the steady rate the command reports (from the model loaded
-to the last track).  Then it starts two busy-loop processes (``while True``,
+for deepsim also the steady rate after start-up (``beet -v``'s "N tracks in S s":
+the embedding loop, from the model loaded to the last track).  Then it starts two busy-loop processes (``while True``,
 each ending by itself after ``--load-seconds`` and stopped by the benchmark),
 runs both tools again, and prints the loaded figures and each tool's loaded
 / quiet ratio (a fair share with two busy loops on two cores is 0.5).
@@ -81,8 +81,9 @@ def usable_cores() -> int:
 
 def run_child(
     argv: list[str], env: dict[str, str] | None = None
-) -> tuple[float, float, float, str]:
-    """Wall, CPU (child and its descendants) and peak RSS (MB) of one command, and its stdout."""
+) -> tuple[float, float, float, str, str]:
+    """Wall, CPU (child and its descendants) and peak RSS (MB) of one command, its stdout and
+    its stderr."""
     # The wrapper is a child subreaper (Linux prctl): a descendant its parent leaves
     # behind (multiprocessing's forkserver, with the decoding workers it reaped) is
     # reparented to it and waited for, so its CPU time and peak RSS are counted too.
@@ -108,7 +109,7 @@ def run_child(
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["rc"] != 0:
         raise SystemExit(f"{' '.join(argv[:4])} failed ({result['rc']}): {done.stderr[-500:]}")
-    return result["wall"], result["cpu"], result["rss_mb"], result["out"]
+    return result["wall"], result["cpu"], result["rss_mb"], result["out"], done.stderr
 
 
 def beet_argv(tree: str | None) -> list[str]:
@@ -145,19 +146,24 @@ def bench_deepsim(
         f"create_backup_before_migrations: no\ndeepsim:\n  model: {model}\n  device: cpu\n"
     )
     env = dict(os.environ, BEETSDIR=str(root))
-    wall, cpu, rss, out = run_child([*beet_argv(tree), "deepsim-embed"], env)
+    wall, cpu, rss, out, err = run_child([*beet_argv(tree), "-v", "deepsim-embed"], env)
     match = re.search(r"embedded (\d+)", out)
     if not match or int(match.group(1)) != len(paths):
         raise SystemExit(f"deepsim-embed embedded {match.group(1) if match else 0} of {len(paths)}")
-    steady = re.search(r"([\d.]+) tracks/s", out)
     result = {"tracks": len(paths), "wall": wall, "cpu": cpu, "rss_mb": rss}
-    if steady:
-        result["steady"] = float(steady.group(1))  # as the command reports it: after model loading
+    # the steady rate, after model loading: the embedding loop's own time (``beet -v``'s
+    # "N tracks in S s"), else the rate the command prints (whole numbers above 10)
+    loop = re.search(r"(\d+) tracks in ([\d.]+) s", err)
+    steady = re.search(r"([\d.]+) tracks/s", out)
+    if loop and float(loop.group(2)) > 0:
+        result["steady"] = int(loop.group(1)) / float(loop.group(2))
+    elif steady:
+        result["steady"] = float(steady.group(1))
     return result
 
 
 def bench_bliss(paths: list[Path], procs: int) -> dict[str, float]:
-    wall, cpu, rss, out = run_child(
+    wall, cpu, rss, out, _ = run_child(
         [sys.executable, "-c", BLISS_CHILD, json.dumps([os.fspath(p) for p in paths]), str(procs)]
     )
     inner = json.loads(out.strip().splitlines()[-1])

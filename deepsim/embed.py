@@ -242,7 +242,7 @@ def embed_files(
         lap("storing")
         total = time.perf_counter() - started
         log.debug(
-            "%d tracks in %.1f s: %s",
+            "%d tracks in %.2f s: %s",
             len(paths),
             total,
             ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in spent.items()),
