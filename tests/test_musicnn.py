@@ -207,62 +207,44 @@ def test_ensemble_is_concat_of_singles_renormalised(ensemble: MusicnnEnsemble) -
     assert (both.vectors @ both.vectors.T)[np.triu_indices(3, 1)].max() < 0.99
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_networks_side_by_side_give_the_same_vectors(
-    monkeypatch: pytest.MonkeyPatch, precision: str
-) -> None:
-    """With two inference streams the pair's networks run in two threads: same numbers."""
+def _with_two_streams(monkeypatch: pytest.MonkeyPatch, model: Any, run: Any) -> Any:
+    """``run()`` with two inference streams on two cores, as on this 2-core box (restored after)."""
     import torch
 
     from deepsim import threads
 
-    model = load_builtin("default", precision=precision)
-    rng = np.random.default_rng(1)
-    waves = [(0.1 * rng.standard_normal(16000 * 8)).astype(np.float32) for _ in range(2)]
-    alone = model.embed(waves)
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     before = torch.get_num_threads()
     try:
         threads.apply(1, parts=model.parallel_parts)
         assert threads.streams() == 2
-        side = model.embed(waves)
+        return run()
     finally:
         threads.apply(1, parts=1)
         torch.set_num_threads(before)
-    np.testing.assert_allclose(side.vectors, alone.vectors, atol=1e-6)
-    assert side.tags is not None and alone.tags is not None
-    np.testing.assert_allclose(side.tags, alone.tags, atol=1e-6)
-    # recording gradients (fine-tuning after an embedding run): the networks run here
-    if precision == "fp32":
-        model.msd.net.dense.weight.requires_grad_(True)
-        try:
-            threads.apply(1, parts=model.parallel_parts)
-            out = model.embed_patches(torch.randn(2, 187, 96))
-            out["embedding"].sum().backward()
-        finally:
-            threads.apply(1, parts=1)
-            torch.set_num_threads(before)
-        assert model.msd.net.dense.weight.grad is not None
+
+
+def _assert_same_result(a: Any, b: Any) -> None:
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
+    assert a.tags is not None and b.tags is not None
+    np.testing.assert_allclose(a.tags, b.tags, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_one_networks_patch_halves_side_by_side_give_the_same_vectors(
-    monkeypatch: pytest.MonkeyPatch, precision: str
+@pytest.mark.parametrize("name", ["default", "msd-musicnn"])
+def test_two_inference_streams_give_the_same_vectors(
+    monkeypatch: pytest.MonkeyPatch, name: str, precision: str
 ) -> None:
-    """One network with two streams: its patches in two halves, in two threads."""
+    """Two streams: the pair's networks in two threads, or one network's patches in two
+    halves (cut at a whole int8 chunk: here 10 + 4 + 1 patches, an odd count)."""
     import threading
 
-    import torch
-
-    from deepsim import threads
-
-    model = load_builtin("msd-musicnn", precision=precision)
+    model = load_builtin(name, precision=precision)
     rng = np.random.default_rng(3)
-    # 10 + 4 + 1 patches: an odd count, so the halves are cut at a whole int8 chunk
     waves = [(0.1 * rng.standard_normal(16000 * s)).astype(np.float32) for s in (30, 12, 3)]
     alone = model.embed(waves)
     seen: set[str] = set()
-    net = model.net
+    net = model.msd.net if isinstance(model, MusicnnEnsemble) else model.net
     forward = net.forward
 
     def spy(patches: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -270,19 +252,22 @@ def test_one_networks_patch_halves_side_by_side_give_the_same_vectors(
         return forward(patches)
 
     monkeypatch.setattr(net, "forward", spy)
-    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
-    before = torch.get_num_threads()
-    try:
-        threads.apply(1, parts=model.parallel_parts)
-        assert threads.streams() == 2
-        side = model.embed(waves)
-    finally:
-        threads.apply(1, parts=1)
-        torch.set_num_threads(before)
-    assert len(seen) == 2 and all(name.startswith("deepsim-infer") for name in seen)
-    np.testing.assert_allclose(side.vectors, alone.vectors, atol=1e-6)
-    assert side.tags is not None and alone.tags is not None
-    np.testing.assert_allclose(side.tags, alone.tags, atol=1e-6)
+    side = _with_two_streams(monkeypatch, model, lambda: model.embed(waves))
+    assert all(thread.startswith("deepsim-infer") for thread in seen)
+    assert len(seen) == (1 if name == "default" else 2)  # a network of the pair: one stream
+    _assert_same_result(side, alone)
+
+
+def test_recording_gradients_runs_the_pair_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fine-tuning after an embedding run chose two streams: backpropagation still works
+    model = load_builtin("default")
+    model.msd.net.dense.weight.requires_grad_(True)
+
+    def backward() -> None:
+        model.embed_patches(torch.randn(2, 187, 96))["embedding"].sum().backward()
+
+    _with_two_streams(monkeypatch, model, backward)
+    assert model.msd.net.dense.weight.grad is not None
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
