@@ -21,8 +21,9 @@ For each it prints tracks/s (wall, start-up included), CPU-seconds per track
 (user + system of the child and every process under it, the decoding workers
 included), the peak RSS of the largest process, and the ratio deepsim/bliss;
 for deepsim also the steady rate after start-up (``beet -v``'s "N tracks in S s":
-the embedding loop, from the model loaded to the last track).  Then it starts two busy-loop processes (``while True``,
-each ending by itself after ``--load-seconds`` and stopped by the benchmark),
+the embedding loop, from the model loaded to the last track).  Then it starts
+two busy-loop processes (``while True``, each ending by itself after
+``--load-seconds`` and stopped by the benchmark),
 runs both tools again, and prints the loaded figures and each tool's loaded
 / quiet ratio (a fair share with two busy loops on two cores is 0.5).
 Nothing is asserted: figures go to docs/performance.md.
