@@ -231,13 +231,16 @@ class _Int8Convs:
     Weights per filter (symmetric int8), the input per call (one scale for the
     batch, asymmetric uint8: zero padding stays exact), the output on the
     calibrated range (:data:`INT8_RANGES`, uint8).  By the argument in the
-    module docstring a filter with a positive batch-norm scale needs
-    ``max_f relu(z_f + b)``: an int8 convolution with fused bias + ReLU, then
-    an int8 max-pool over all frequencies.  One with a negative scale needs
+    module docstring a filter with a negative batch-norm scale needs
     ``relu(min_f (z_f + b))`` = ``relu(-max_f (-(z_f + b)))``: the convolution
     of the negated filter and bias, quantized on ``[-top, 0]`` (values above 0
-    clip to 0, which is where the ReLU gives 0 anyway), max-pooled likewise.
-    Only the pooled ``(P, C, T)`` results are turned back into float32.
+    clip to 0, which is where the ReLU gives 0 anyway), then an int8 max-pool
+    over all frequencies.  One with a positive scale needs
+    ``max_f relu(z_f + b)``: in the same convolution, with its bias lowered by
+    ``top``, ``max_f clamp(z_f + b - top, -top, 0) + top`` is exactly that
+    (clipped at ``top``, as a fused ReLU on ``[0, top]`` clips it), on the same
+    grid.  So one call and one max-pool per convolution for both signs.  Only
+    the pooled ``(P, C, T)`` results are turned back into float32.
 
     A timbral convolution (7 frames x 38 or 67 bands, one input channel) runs
     as a convolution of 7 input channels, the input shifted by 0..6 frames,
@@ -250,8 +253,8 @@ class _Int8Convs:
     them, so each output sums the same integers.  Their output ranges differ,
     so each filter's weights and bias are scaled by ``top / own top`` (the
     integer weights stay the same: their scale is per filter) and the pooled
-    value is scaled back.  Two calls instead of six, and the six small
-    max-pools become two: about 12 % of the network's time, same integers.
+    value is scaled back.  One call instead of three, and one max-pool: about
+    12 % of the network's time, same integers.
     """
 
     def __init__(self, net: MusicnnNetwork, ranges: Sequence[float]) -> None:
@@ -278,8 +281,7 @@ class _Int8Convs:
     def _group(
         group: list[tuple[torch.nn.Conv2d, FrozenBatchNorm, float, int]],
     ) -> tuple[list[_Int8Part], tuple[int, int], int]:
-        """One group's convolutions (one per batch-norm sign), padding and folded taps."""
-        from torch.ao.nn.intrinsic.quantized import ConvReLU2d
+        """One group's convolution, padding and folded taps."""
         from torch.ao.nn.quantized import Conv2d as QConv2d
 
         taps = max(conv.kernel_size[0] for conv, *_ in group)
@@ -306,26 +308,25 @@ class _Int8Convs:
         scale, shift, channel = torch.cat(scales), torch.cat(shifts), torch.cat(index)
         if fold > 1:
             weight = weight.permute(0, 2, 1, 3).contiguous()  # (n, taps, 1, width)
-        negative = scale < 0
-        parts: list[_Int8Part] = []
-        for select, sign in ((~negative, 1.0), (negative, -1.0)):
-            rows = torch.nonzero(select).flatten()
-            if rows.numel() == 0:
-                continue
-            w = weight[rows] * sign
-            w_scale = (w.abs().amax(dim=(1, 2, 3)) / 127.0).clamp_min(1e-12)
-            q_weight = torch.quantize_per_channel(
-                w, w_scale.double(), torch.zeros(rows.numel(), dtype=torch.long), 0, torch.qint8
-            )
-            kind = ConvReLU2d if sign > 0 else QConv2d
-            module = kind(fold, rows.numel(), tuple(w.shape[2:]))
-            module.set_weight_bias(q_weight, bias[rows] * sign)
-            module.scale = top / 255.0
-            module.zero_point = 0 if sign > 0 else 255
-            # pooled * (sign * s) + t: the sign and the range back, then the batch norm
-            a = (sign * scale[rows]).view(1, -1, 1).contiguous()
-            b = shift[rows].view(1, -1, 1).contiguous()
-            parts.append((module, channel[rows], a, b))
+        # One convolution for both signs, on the negative range: a filter of negative
+        # batch-norm scale negated (max_f min(-z, 0) = -relu(min_f z)), one of positive
+        # scale with its bias lowered by the range's top (max_f clamp(z - top, -top, 0)
+        # + top = relu(max_f z), clipped at top as a fused ReLU clips it): the same grid.
+        sign = torch.where(scale < 0, -1.0, 1.0)
+        w = weight * sign.view(-1, 1, 1, 1)
+        w_scale = (w.abs().amax(dim=(1, 2, 3)) / 127.0).clamp_min(1e-12)
+        q_weight = torch.quantize_per_channel(
+            w, w_scale.double(), torch.zeros(len(w), dtype=torch.long), 0, torch.qint8
+        )
+        module = QConv2d(fold, len(w), tuple(w.shape[2:]))
+        positive = (sign > 0).float()
+        module.set_weight_bias(q_weight, bias * sign - top * positive)
+        module.scale = top / 255.0
+        module.zero_point = 255
+        # pooled * (sign * s) + t (+ top * s where the bias was lowered): the value back
+        a = (sign * scale).view(1, -1, 1).contiguous()
+        b = (shift + top * positive * scale).view(1, -1, 1).contiguous()
+        parts: list[_Int8Part] = [(module, (int(channel[0]), int(channel[-1]) + 1), a, b)]
         return parts, pad, fold
 
     def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
@@ -349,15 +350,15 @@ class _Int8Convs:
                     x = x.contiguous(memory_format=torch.channels_last)
                     qx = torch.quantize_per_tensor(x, step, zero, torch.quint8)
                     inputs[(before, after, fold)] = qx
-                for module, index, a, b in parts:
+                for module, (first, end), a, b in parts:
                     maps = module(qx)  # (P, n, T, F)
                     pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()[..., 0]
-                    out.index_copy_(1, index, torch.addcmul(b, pooled, a))
+                    out[:, first:end] = torch.addcmul(b, pooled, a)
         return out
 
 
 #: One int8 convolution of :class:`_Int8Convs`: module, output channels, pooled -> value affine.
-_Int8Part = tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]
+_Int8Part = tuple[torch.nn.Module, tuple[int, int], torch.Tensor, torch.Tensor]
 
 
 class FrozenBatchNorm(torch.nn.Module):
