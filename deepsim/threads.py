@@ -82,6 +82,7 @@ def plan(workers: int | None = None, *, device: str = "cpu") -> tuple[int, int]:
 
 
 _streams = 1  # what apply() last chose: model parts run side by side
+_inside = threading.local()  # .stream: this thread runs a call of parallel()
 
 
 def apply(workers: int, *, device: str = "cpu", parts: int = 1) -> int:
@@ -108,26 +109,23 @@ def apply(workers: int, *, device: str = "cpu", parts: int = 1) -> int:
 
 
 def streams() -> int:
-    """How many model parts run side by side (1 until :func:`apply` chose more)."""
-    return _streams
+    """How many model parts can run side by side from here: what :func:`apply` chose
+    (1 until it chose more), and 1 inside one of :func:`parallel`'s calls (the streams
+    are taken: the pair's networks do not split their patches again)."""
+    return 1 if getattr(_inside, "stream", False) else _streams
 
 
 _pool: Any = None  # (size, ThreadPoolExecutor) of parallel()
 
 
-_inside = threading.local()  # .stream: this thread runs a call of parallel()
-
-
 def parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
     """Run ``calls`` side by side (at most :func:`streams` at once), in the caller's
     inference mode; their results in order.  With one stream, where gradients are
-    recorded (fine-tuning), or when called from inside one of these calls (the pair's
-    networks each split their patches: the streams are taken), they run here, one
-    after another."""
+    recorded (fine-tuning), or from inside one of these calls (:func:`streams` is 1
+    there), they run here, one after another."""
     import torch
 
-    nested = getattr(_inside, "stream", False)
-    if _streams <= 1 or len(calls) <= 1 or nested or torch.is_grad_enabled():
+    if streams() <= 1 or len(calls) <= 1 or torch.is_grad_enabled():
         return [call() for call in calls]
     inference = torch.is_inference_mode_enabled()
     global _pool

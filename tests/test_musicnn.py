@@ -243,18 +243,19 @@ def test_two_inference_streams_give_the_same_vectors(
     rng = np.random.default_rng(3)
     waves = [(0.1 * rng.standard_normal(16000 * s)).astype(np.float32) for s in (30, 12, 3)]
     alone = model.embed(waves)
-    seen: set[str] = set()
+    calls: list[tuple[str, int]] = []
     net = model.msd.net if isinstance(model, MusicnnEnsemble) else model.net
     forward = net.forward
 
     def spy(patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        seen.add(threading.current_thread().name)
+        calls.append((threading.current_thread().name, len(patches)))
         return forward(patches)
 
     monkeypatch.setattr(net, "forward", spy)
     side = _with_two_streams(monkeypatch, model, lambda: model.embed(waves))
-    assert all(thread.startswith("deepsim-infer") for thread in seen)
-    assert len(seen) == (1 if name == "default" else 2)  # a network of the pair: one stream
+    assert all(thread.startswith("deepsim-infer") for thread, _ in calls)
+    # one network: two halves (8 + 7, cut at a multiple of 4); a network of the pair: whole
+    assert sorted(n for _, n in calls) == ([15] if name == "default" else [7, 8])
     _assert_same_result(side, alone)
 
 
