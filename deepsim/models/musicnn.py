@@ -271,7 +271,7 @@ class _Int8Convs:
             channels += conv.out_channels
         self.channels = channels
         groups = [[m] for m in members[: len(net.timbral)]] + [members[len(net.timbral) :]]
-        self.convs: list[tuple[list[_Int8Part], tuple[int, int], int]] = []
+        self.convs: list[_Int8Group] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the quantized-tensor API is marked deprecated
             for group in groups:
@@ -280,8 +280,8 @@ class _Int8Convs:
     @staticmethod
     def _group(
         group: list[tuple[torch.nn.Conv2d, FrozenBatchNorm, float, int]],
-    ) -> tuple[list[_Int8Part], tuple[int, int], int]:
-        """One group's convolution, padding and folded taps."""
+    ) -> _Int8Group:
+        """One group's convolution, output channels, value affine, padding and folded taps."""
         from torch.ao.nn.quantized import Conv2d as QConv2d
 
         taps = max(conv.kernel_size[0] for conv, *_ in group)
@@ -290,8 +290,8 @@ class _Int8Convs:
         timbral = width > 1
         pad = (3, 3) if timbral else ((taps - 1) // 2, taps - 1 - (taps - 1) // 2)
         top = max(own for _, _, own, _ in group)
-        weights, biases, scales, shifts, index = [], [], [], [], []
-        for conv, norm, own, first in group:
+        weights, biases, scales, shifts = [], [], [], []
+        for conv, norm, own, _ in group:
             scale, shift = norm.scale_shift()
             k = conv.kernel_size[0]
             weight = conv.weight.detach().float()
@@ -303,9 +303,8 @@ class _Int8Convs:
             biases.append(_bias(conv).detach().float() * grow)
             scales.append(scale / grow)
             shifts.append(shift)
-            index.append(torch.arange(first, first + conv.out_channels))
         weight, bias = torch.cat(weights), torch.cat(biases)
-        scale, shift, channel = torch.cat(scales), torch.cat(shifts), torch.cat(index)
+        scale, shift = torch.cat(scales), torch.cat(shifts)
         if fold > 1:
             weight = weight.permute(0, 2, 1, 3).contiguous()  # (n, taps, 1, width)
         # One convolution for both signs, on the negative range: a filter of negative
@@ -326,8 +325,8 @@ class _Int8Convs:
         # pooled * (sign * s) + t (+ top * s where the bias was lowered): the value back
         a = (sign * scale).view(1, -1, 1).contiguous()
         b = (shift + top * positive * scale).view(1, -1, 1).contiguous()
-        parts: list[_Int8Part] = [(module, (int(channel[0]), int(channel[-1]) + 1), a, b)]
-        return parts, pad, fold
+        first = group[0][3]  # the group's channels follow one another
+        return module, (first, first + len(w)), a, b, pad, fold
 
     def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
         """``(P, T, 96)`` normalised patches -> ``(P, 561, T)`` front-end features."""
@@ -340,7 +339,7 @@ class _Int8Convs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inputs: dict[tuple[int, int, int], torch.Tensor] = {}
-            for parts, (before, after), fold in self.convs:
+            for module, (first, end), a, b, (before, after), fold in self.convs:
                 qx = inputs.get((before, after, fold))
                 if qx is None:
                     x = F.pad(chunk, (0, 0, before, after))
@@ -350,15 +349,17 @@ class _Int8Convs:
                     x = x.contiguous(memory_format=torch.channels_last)
                     qx = torch.quantize_per_tensor(x, step, zero, torch.quint8)
                     inputs[(before, after, fold)] = qx
-                for module, (first, end), a, b in parts:
-                    maps = module(qx)  # (P, n, T, F)
-                    pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()[..., 0]
-                    out[:, first:end] = torch.addcmul(b, pooled, a)
+                maps = module(qx)  # (P, n, T, F)
+                pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()[..., 0]
+                out[:, first:end] = torch.addcmul(b, pooled, a)
         return out
 
 
-#: One int8 convolution of :class:`_Int8Convs`: module, output channels, pooled -> value affine.
-_Int8Part = tuple[torch.nn.Module, tuple[int, int], torch.Tensor, torch.Tensor]
+#: One int8 convolution of :class:`_Int8Convs`: module, output channels, pooled -> value
+#: affine (a, b), time padding and folded taps.
+_Int8Group = tuple[
+    torch.nn.Module, tuple[int, int], torch.Tensor, torch.Tensor, tuple[int, int], int
+]
 
 
 class FrozenBatchNorm(torch.nn.Module):
