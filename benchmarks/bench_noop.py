@@ -11,6 +11,7 @@ processes, interleaved, ``--runs`` times each:
 * ``beet ls -f '$id'`` (output discarded, first round only; ``--no-ls`` skips it) — what loading
   every item costs;
 * ``beet deepsim-embed`` — must answer "nothing to do";
+* with ``--against DIR``, the checkout DIR's ``beet deepsim-embed`` as well, taking turns;
 
 and prints the median wall time and the peak RSS of each (``wait4``), and the
 embed run over the floor.  Then, in this process, what ``deepsim-train``'s
@@ -42,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_peers import ROOT, beet_argv, compile_tree
 from bench_similar import MODEL_ID, cached_library, open_library
 
 from deepsim import store
@@ -75,31 +77,39 @@ def prepare(db: Path, music: Path) -> int:
 
 
 def timed_runs(
-    beet: str, env: dict[str, str], runs: int, *, ls: bool = True
+    beet: list[str],
+    env: dict[str, str],
+    runs: int,
+    *,
+    ls: bool = True,
+    against: dict[str, list[str]] | None = None,
 ) -> dict[str, list[tuple[float, float, float]]]:
     commands = {
-        "beet version": ["version"],
-        "beet ls -f '$id'": ["ls", "-f", "$id"],
-        "beet deepsim-embed": ["deepsim-embed"],
+        "beet version": [*beet, "version"],
+        "beet ls -f '$id'": [*beet, "ls", "-f", "$id"],
+        "beet deepsim-embed": [*beet, "deepsim-embed"],
     }
+    for label, other in (against or {}).items():
+        commands[f"beet deepsim-embed ({label})"] = [*other, "deepsim-embed"]
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
     for run in range(runs):
-        for name, args in commands.items():
+        names = list(commands) if run % 2 == 0 else [*list(commands)[:2], *list(commands)[:1:-1]]
+        for name in names:
+            args = commands[name]
             if (run or not ls) and name.startswith("beet ls"):
                 continue  # tens of seconds at 100k: once is enough to show what loading costs
-            wall, cpu, rss, out = run_rusage(beet, args, env)
-            if name == "beet deepsim-embed" and b"nothing to do" not in out:
+            wall, cpu, rss, out = run_rusage(args, env)
+            if name.startswith("beet deepsim-embed") and b"nothing to do" not in out:
                 raise SystemExit(f"deepsim-embed had work to do: {out.decode()[-400:]}")
             results[name].append((wall, cpu, rss))
     return results
 
 
-def run_rusage(
-    beet: str, args: list[str], env: dict[str, str]
-) -> tuple[float, float, float, bytes]:
-    """Wall seconds, CPU seconds, peak RSS (MB, the child's own) and stdout of one ``beet``."""
+def run_rusage(argv: list[str], env: dict[str, str]) -> tuple[float, float, float, bytes]:
+    """Wall seconds, CPU seconds (its children's included), peak RSS (MB) and stdout of one
+    ``beet`` command line."""
     started = time.perf_counter()
-    proc = subprocess.Popen([beet, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     out = proc.stdout.read()
     err = proc.stderr.read()
@@ -107,7 +117,7 @@ def run_rusage(
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"beet {' '.join(args)} failed ({proc.returncode}): {err.decode()[-400:]}")
+        raise SystemExit(f"{' '.join(argv[-2:])} failed ({proc.returncode}): {err.decode()[-400:]}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out
 
 
@@ -161,6 +171,12 @@ def main() -> None:
     parser.add_argument("--stats", action="store_true", help="profile one in-process plan")
     parser.add_argument("--no-ls", action="store_true", help="skip the `beet ls` baseline")
     parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="also time the checkout DIR's `beet deepsim-embed` (e.g. `git archive REV | tar -x "
+        "-C DIR`), taking turns; then both run as `python -S` with their tree first on the path",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         help="build the library, files and config here once and reuse them (kept afterwards)",
@@ -193,7 +209,14 @@ def main() -> None:
         env = {**os.environ, "BEETSDIR": os.fspath(config)}
         if args.stats:
             profile_plan(db)
-        results = timed_runs(beet, env, args.runs, ls=not args.no_ls)
+        for tree in (ROOT, *([args.against] if args.against else [])):
+            compile_tree(tree)  # as installed: no compiling from source in the timed runs
+        command = [beet]
+        against = None
+        if args.against:
+            command = beet_argv(str(ROOT))
+            against = {args.against: beet_argv(args.against)}
+        results = timed_runs(command, env, args.runs, ls=not args.no_ls, against=against)
         floor = statistics.median(w for w, _, _ in results["beet version"])
         for name, values in results.items():
             if not values:

@@ -43,8 +43,10 @@ import os
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
+from urllib.parse import quote
 
 import numpy as np
 from beets.dbcore import query as dbquery
@@ -635,48 +637,133 @@ def _current_audio(
     ]
 
 
+class _OwnReader:
+    """Reads of a database through a read-only connection of its own, with the
+    ``query`` of a beets transaction: for a child process (:func:`current_audio_batches`),
+    which must not use the connections it copied from its parent."""
+
+    def __init__(self, lib: Library) -> None:
+        path = os.fsdecode(os.path.abspath(os.fsdecode(lib.path)))
+        self._conn = sqlite3.connect(
+            f"file:{quote(path)}?mode=ro", uri=True, timeout=float(getattr(lib, "timeout", 5.0))
+        )
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+#: A run of items for :func:`current_audio_batches`: ``(ids, start, stop)`` (:func:`split_items`).
+ItemRun = tuple[list[int] | None, int, int | None]
+
+
+def split_items(
+    lib: Library, ids: Iterable[int] | None, parts: int, *, min_items: int = 0
+) -> list[ItemRun]:
+    """The items (all, or ``ids``) in ``parts`` runs of consecutive ids of about the same
+    size (one run where there are fewer than ``min_items``), as ``(ids, start, stop)``
+    for :func:`current_audio_batches`: ``ids`` a sorted share of the given ones, or None
+    with every item of ``start <= id < stop`` (``stop`` None: no end).  Makes the
+    short-field index first (:func:`ensure_short_index`), so that every reader of a
+    part finds it."""
+    ensure_short_index(lib)
+    if ids is not None:
+        wanted = sorted({int(i) for i in ids})
+        if len(wanted) < max(min_items, 2) or parts <= 1:
+            return [(wanted, 0, None)]
+        size = -(-len(wanted) // parts)
+        return [(wanted[k : k + size], 0, None) for k in range(0, len(wanted), size)]
+    cuts: list[int] = []
+    with lib.transaction() as tx:
+        count = int(tx.query("SELECT count(*) FROM items")[0][0])
+        if count >= max(min_items, parts, 2):
+            for k in range(1, parts):
+                row = tx.query(
+                    "SELECT id FROM items ORDER BY id LIMIT 1 OFFSET ?", [count * k // parts]
+                )
+                if row and (not cuts or int(row[0][0]) > cuts[-1]):
+                    cuts.append(int(row[0][0]))
+    return [(None, low, high) for low, high in zip([0, *cuts], [*cuts, None], strict=True)]
+
+
 def current_audio_batches(
-    lib: Library, model_id: str, ids: Iterable[int] | None = None, *, batch: int | None = None
+    lib: Library,
+    model_id: str,
+    ids: Iterable[int] | None = None,
+    *,
+    batch: int | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    own_connection: bool = False,
 ) -> Iterator[list[tuple[int, bytes, str | None]]]:
     """``(id, path, audio)`` of every item (all, or ``ids``), in batches of ``batch`` ids
     (default ``10 * ID_CHUNK``): what the common "already embedded, same file" decision
     needs, one query a batch (see :func:`_current_audio`); memory flat in library size.
-    Everything else is for :func:`embed_states` to say, for the few items that need it."""
+    Everything else is for :func:`embed_states` to say, for the few items that need it.
+
+    Without ``ids``, only the items of ``start <= id < stop`` (``stop`` None: no end; see
+    :func:`split_items`).  ``own_connection`` reads through a read-only connection of
+    its own, not beets' (for a forked child process: see :func:`deepsim.threads.in_processes`);
+    the short-field index is then used where it exists, never made."""
     size = batch or 10 * ID_CHUNK
-    ensure_short_index(lib)
+    reader = _OwnReader(lib) if own_connection else None
+    if reader is None:
+        ensure_short_index(lib)
+
+    @contextmanager
+    def reading() -> Iterator[Any]:
+        if reader is not None:
+            yield reader
+        else:
+            with lib.transaction() as tx:
+                yield tx
+
     resolve = path_resolver(lib)
     directory = os.fsencode(lib.directory) if getattr(lib, "directory", None) else b""
     prefix = os.path.normpath(directory).rstrip(b"/") + b"/" if directory else None
     if os.sep != "/":
         prefix = None
-    if ids is not None:
-        wanted = sorted({int(i) for i in ids})
-        for start in range(0, len(wanted), size):
-            rows: list[tuple[int, bytes, str | None]] = []
-            with lib.transaction() as tx:
-                for chunk in chunks(wanted[start : start + size]):
-                    where = f"id IN ({','.join('?' * len(chunk))})"
-                    rows.extend(_current_audio(tx, resolve, prefix, model_id, where, chunk))
-            yield rows
-        return
-    low = 0
-    while True:
-        with lib.transaction() as tx:
-            last = tx.query(
-                "SELECT id FROM items WHERE id >= ? ORDER BY id LIMIT 1 OFFSET ?", [low, size - 1]
-            )
-            if last:
-                high = int(last[0][0])
-                rows = _current_audio(
-                    tx, resolve, prefix, model_id, "id BETWEEN ? AND ?", [low, high]
-                )
-            else:
-                rows = _current_audio(tx, resolve, prefix, model_id, "id >= ?", [low])
-        if rows:
-            yield rows
-        if not last:
+    try:
+        if ids is not None:
+            wanted = sorted({int(i) for i in ids})
+            for first in range(0, len(wanted), size):
+                rows: list[tuple[int, bytes, str | None]] = []
+                with reading() as tx:
+                    for chunk in chunks(wanted[first : first + size]):
+                        where = f"id IN ({','.join('?' * len(chunk))})"
+                        rows.extend(_current_audio(tx, resolve, prefix, model_id, where, chunk))
+                yield rows
             return
-        low = high + 1
+        low = start
+        end = (stop - 1) if stop is not None else None  # the last id wanted
+        bound, bound_args = ("", []) if end is None else (" AND id <= ?", [end])
+        while True:
+            with reading() as tx:
+                last = tx.query(
+                    f"SELECT id FROM items WHERE id >= ?{bound} ORDER BY id LIMIT 1 OFFSET ?",
+                    [low, *bound_args, size - 1],
+                )
+                if last:
+                    high = int(last[0][0])
+                    rows = _current_audio(
+                        tx, resolve, prefix, model_id, "id BETWEEN ? AND ?", [low, high]
+                    )
+                elif end is None:
+                    rows = _current_audio(tx, resolve, prefix, model_id, "id >= ?", [low])
+                else:
+                    rows = _current_audio(
+                        tx, resolve, prefix, model_id, "id BETWEEN ? AND ?", [low, end]
+                    )
+            if rows:
+                yield rows
+            if not last or (end is not None and high >= end):
+                return
+            low = high + 1
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def embed_states(lib: Library, model_id: str, ids: Iterable[int] | None = None) -> list[ItemState]:

@@ -27,6 +27,7 @@ No torch at import time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -118,6 +119,14 @@ def streams() -> int:
 _pool: Any = None  # (size, ThreadPoolExecutor) of parallel()
 
 
+def close_pool() -> None:
+    """Stop :func:`parallel`'s threads and wait for them (they start again when needed)."""
+    global _pool
+    if _pool is not None:
+        _pool[1].shutdown(wait=True)
+        _pool = None
+
+
 def parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
     """Run ``calls`` side by side (at most :func:`streams` at once), in the caller's
     inference mode; their results in order.  With one stream, where gradients are
@@ -145,3 +154,86 @@ def parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
             _inside.stream = False
 
     return list(_pool[1].map(run, calls))
+
+
+# --------------------------------------------------------------------------------------------
+# Work split between processes: the no-op plan of a large library on every core
+
+_P = TypeVar("_P")
+
+
+def can_fork() -> bool:
+    """Whether :func:`in_processes` may fork here: on Linux, from the main thread of a
+    process that runs no other Python thread (a forked child gets a copy of every lock
+    as it was; with one thread none is held by another) and outside :func:`parallel`."""
+    return (
+        sys.platform.startswith("linux")
+        and hasattr(os, "fork")
+        and threading.active_count() == 1
+        and threading.current_thread() is threading.main_thread()
+        and not getattr(_inside, "stream", False)
+    )
+
+
+def in_processes(fn: Callable[[_P, bool], _T], parts: Sequence[_P]) -> list[_T]:
+    """``fn(part, child)`` for every part, their results in order: the first part here,
+    the others each in a child process forked for it (``child`` True there), side by
+    side, where :func:`can_fork` allows; else all here, one after another.
+
+    For work whose cost is system calls and SQLite reads under the GIL (deciding, at
+    100k tracks, that nothing needs embedding: one ``stat`` and one row per track):
+    threads would take turns on the GIL; processes use every core.  A child returns
+    its result through a pipe (pickled: only this process reads it) and leaves with
+    ``os._exit`` (no clean-up of the state it copied: no buffers flushed twice, no
+    database connection of this process touched: ``fn`` must open its own where
+    ``child`` is True).  A child that fails or is killed has its part done here
+    instead; an exception here (Ctrl-C included) stops the children first.
+    """
+    if len(parts) <= 1 or not can_fork():
+        return [fn(part, False) for part in parts]
+    import pickle
+    import signal
+
+    children: list[tuple[int, int]] = []
+    try:
+        for part in parts[1:]:
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                code = 1
+                try:
+                    os.close(read)
+                    view = memoryview(pickle.dumps(fn(part, True), pickle.HIGHEST_PROTOCOL))
+                    while view:
+                        view = view[os.write(write, view) :]
+                    code = 0
+                except BaseException:
+                    pass
+                finally:
+                    os._exit(code)
+            os.close(write)
+            children.append((pid, read))
+        results = [fn(parts[0], False)]
+        for pid, read in list(children):
+            chunks = []
+            while data := os.read(read, 1 << 20):
+                chunks.append(data)
+            os.close(read)
+            _, status = os.waitpid(pid, 0)
+            children.remove((pid, read))
+            part = parts[len(results)]
+            data = b"".join(chunks)
+            try:
+                if os.waitstatus_to_exitcode(status) != 0 or not data:
+                    raise ChildProcessError(f"exit status {status}, {len(data)} bytes")
+                results.append(pickle.loads(data))
+            except Exception as exc:  # whatever went wrong there, the part is redone here
+                _log.debug("child %d gave no result (%s): its part is done here", pid, exc)
+                results.append(fn(part, False))
+        return results
+    finally:
+        for pid, read in children:  # only after an exception here
+            os.close(read)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -22,3 +22,16 @@ def corpus() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/corpus is not present")
     return path
+
+
+@pytest.fixture
+def forkable() -> None:
+    """This process may fork (:func:`deepsim.threads.can_fork`): the inference threads an
+    earlier test left are stopped; skips where other threads still run."""
+    import threading
+
+    from deepsim import threads
+
+    threads.close_pool()
+    if not threads.can_fork():
+        pytest.skip(f"cannot fork here ({threading.active_count()} threads, {sys.platform})")

@@ -6,6 +6,7 @@ exercises ordering, batching, worker processes and per-file errors.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,79 @@ def test_embed_items_plans_stores_and_remembers(library, tmp_path: Path) -> None
     shutil.copyfile(library.get_item(3).path.decode(), library.get_item(4).path.decode())
     last = plan_embedding(library, model.model_id)
     assert [i for i, _ in last.missing] == [2] and last.todo == [4]
+
+
+def test_a_plan_split_between_processes_is_the_plan_here(
+    library, forkable: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every case of the plan, in runs of ids decided side by side in forked children
+    (each with a database connection of its own), gives the plan of one process."""
+    import shutil
+
+    import mediafile
+    from beets.library import Item
+
+    from deepsim import embed, store, threads
+    from deepsim.embed import embed_items, plan_embedding
+
+    music = Path(
+        library.directory.decode() if isinstance(library.directory, bytes) else library.directory
+    )
+    for k in range(9):  # 13 items in all
+        path = shutil.copyfile(library.get_item(1 + k % 3).path.decode(), music / f"c{k}.flac")
+        library.add(Item(title=f"c{k}", path=str(path).encode()))
+    model = SpectralModel()
+    embed_items(library, plan_embedding(library, model.model_id), model, workers=0)
+    tagged = mediafile.MediaFile(library.get_item(6).path.decode())  # retagged
+    tagged.title = "a much longer title than before " * 4
+    tagged.save()
+    shutil.copyfile(library.get_item(3).path.decode(), library.get_item(8).path.decode())  # stale
+    Path(library.get_item(10).path.decode()).unlink()  # missing
+    extra = shutil.copyfile(library.get_item(2).path.decode(), music / "new.flac")
+    library.add(Item(title="new", path=str(extra).encode()))  # no vector yet
+    monkeypatch.setattr(embed, "SPLIT_MIN_ITEMS", 0)
+    seen = tmp_path / "pids"
+    split = threads.in_processes
+
+    def recorded(fn, parts):  # which process decided each run of ids
+        def marked(part, child):
+            with open(seen, "a") as out:
+                out.write(f"{os.getpid()}\n")
+            return fn(part, child)
+
+        return split(marked, parts)
+
+    monkeypatch.setattr(threads, "in_processes", recorded)
+
+    def fields(plan: embed.EmbedPlan) -> tuple:
+        return (
+            plan.todo,
+            plan.paths,
+            plan.done,
+            plan.stale,
+            plan.failed_before,
+            plan.missing,
+            plan.retagged,
+        )
+
+    here = plan_embedding(library, model.model_id, processes=1)
+    assert here.todo == [8, 14] and here.stale == 1 and here.failed_before == 1
+    assert 6 in here.retagged and [i for i, _ in here.missing] == [10] and here.done == 10
+    seen.unlink()
+    for ids in (None, range(1, 15), [2, 6, 8, 10, 14, 4]):
+        for processes in (2, 3, 4):
+            plan = plan_embedding(library, model.model_id, ids, processes=processes)
+            want = (
+                here
+                if ids is None or len(ids) == 14
+                else plan_embedding(library, model.model_id, ids, processes=1)
+            )
+            assert fields(plan) == fields(want), (ids, processes)
+    pids = {int(line) for line in seen.read_text().split()}
+    assert os.getpid() in pids and len(pids) > 3  # children decided runs of ids
+    with pytest.raises(ValueError, match="processes"):
+        plan_embedding(library, model.model_id, processes=0)
+    assert store.split_items(library, None, 3, min_items=100) == [(None, 0, None)]
 
 
 def test_a_second_model_keeps_the_first_ones_vectors(library) -> None:

@@ -92,3 +92,80 @@ def test_openmp_waits_passively_unless_the_user_chose() -> None:
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "ACTIVE"
+
+
+# --------------------------------------------------------------------------------------------
+# in_processes: parts side by side in forked children
+
+
+def _where(part: int, child: bool) -> tuple[int, bool, int]:
+    return part * part, child, os.getpid()
+
+
+def test_parts_run_in_children_side_by_side_in_order(forkable: None) -> None:
+    results = threads.in_processes(_where, [1, 2, 3, 4])
+    assert [r[0] for r in results] == [1, 4, 9, 16]
+    assert [r[1] for r in results] == [False, True, True, True]
+    pids = [r[2] for r in results]
+    assert pids[0] == os.getpid() and len(set(pids)) == 4  # one child a part
+    for pid in pids[1:]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # waited for: not even a zombie is left
+    assert threads.in_processes(_where, [5]) == [(25, False, os.getpid())]
+
+
+def test_a_failed_child_has_its_part_done_here(forkable: None) -> None:
+    def picky(part: int, child: bool) -> tuple[int, bool]:
+        if child and part == 2:
+            raise RuntimeError("a child's failure")
+        if child and part == 3:
+            os._exit(0)  # gone without a result
+        return part, child
+
+    assert threads.in_processes(picky, [1, 2, 3, 4]) == [
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, True),
+    ]
+
+
+def test_without_fork_every_part_runs_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "can_fork", lambda: False)
+    here = os.getpid()
+    assert threads.in_processes(_where, [1, 2]) == [(1, False, here), (4, False, here)]
+
+
+def test_a_failure_here_stops_the_children(forkable: None, tmp_path) -> None:
+    import time
+
+    def slow(part: int, child: bool) -> int:
+        if child:
+            (tmp_path / str(os.getpid())).write_text("started")
+            time.sleep(120)
+            return part
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        threads.in_processes(slow, [1, 2])
+    (started,) = [int(p.name) for p in tmp_path.iterdir()]
+    with pytest.raises(ProcessLookupError):
+        os.kill(started, 0)  # killed and waited for: no such process any more
+
+
+def test_no_fork_beside_another_thread(forkable: None) -> None:
+    import threading
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert not threads.can_fork()
+        assert threads.in_processes(_where, [1, 2])[1] == (4, False, os.getpid())
+    finally:
+        release.set()
+        other.join()
+    assert threads.can_fork()
