@@ -95,3 +95,25 @@ def test_loop_to_length_numpy_and_torch() -> None:
 def test_get_logger_is_under_deepsim() -> None:
     assert get_logger("deepsim.store").name == "deepsim.store"
     assert get_logger("x").name == "deepsim.x"
+
+
+def test_torch_is_imported_once_with_its_objects_out_of_the_collectors_view() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, sys\n"
+        "from deepsim.util import import_torch, resolve_device\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert resolve_device('cpu') == 'cpu'  # the first step to a model imports torch\n"
+        "frozen = gc.get_freeze_count()\n"
+        "assert 'torch' in sys.modules and frozen > 10_000 and gc.isenabled(), frozen\n"
+        "import_torch()  # once only\n"
+        "assert gc.get_freeze_count() == frozen\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    off = "import gc; gc.disable()\nfrom deepsim.util import import_torch\nimport_torch()\n"
+    off += "assert not gc.isenabled() and gc.get_freeze_count() > 10_000\n"
+    done = subprocess.run([sys.executable, "-c", off], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

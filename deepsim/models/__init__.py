@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from deepsim import threads
 from deepsim.errors import ModelError
 from deepsim.models.checkpoint import read_metadata
-from deepsim.util import atomic_write
+from deepsim.util import atomic_write, import_torch
 
 # Before any model module imports torch (and with it the OpenMP runtime).
 threads.passive_openmp_wait()
@@ -84,6 +84,7 @@ def load_model(
     """
     if precision not in ("fp32", "bf16", "int8", "auto"):
         raise ModelError(f"precision must be fp32, bf16, int8 or auto, got {precision!r}")
+    import_torch()  # the cheap way, before anything imports it
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
         from deepsim.models.musicnn import load_builtin, resolve_precision
 
