@@ -344,12 +344,15 @@ def plan_embedding(
     the others in forked child processes, each reading the database through a
     connection of its own (:func:`deepsim.threads.in_processes`; the time is one
     ``stat`` and one SQL row per track, under the GIL: threads would take turns).
-    ``None``: every usable core, at most 4; 1: here alone.  The plan is the same.
+    ``None``: every usable core, at most 4; 1: here alone (and always inside a
+    transaction of ``lib`` in this thread).  The plan is the same.
     """
     plan = EmbedPlan(model_id)
     if processes is None:
         processes = min(threads.usable_cores(), 4)
     processes = check_int("processes", processes, minimum=1)
+    if store.in_transaction(lib):
+        processes = 1  # a forked child would read beside this process's locks
     parts = store.split_items(lib, ids, processes, min_items=SPLIT_MIN_ITEMS)
 
     def common(part: store.ItemRun, child: bool) -> tuple[int, dict[int, os.stat_result | None]]:

@@ -655,6 +655,18 @@ class _OwnReader:
         self._conn.close()
 
 
+def in_transaction(lib: Library) -> bool:
+    """Whether this thread has a transaction of ``lib`` open (beets keeps a stack of them per
+    thread; False where that cannot be told).  A child process forked inside one would
+    share its locks' bookkeeping without holding them (:func:`current_audio_batches`)."""
+    import threading
+
+    stacks = getattr(lib, "_tx_stacks", None)
+    if not isinstance(stacks, dict):
+        return False
+    return bool(stacks.get(threading.current_thread().ident))
+
+
 #: A run of items for :func:`current_audio_batches`: ``(ids, start, stop)`` (:func:`split_items`).
 ItemRun = tuple[list[int] | None, int, int | None]
 

@@ -26,12 +26,21 @@ def corpus() -> Path:
 
 @pytest.fixture
 def forkable() -> None:
-    """This process may fork (:func:`deepsim.threads.can_fork`): the inference threads an
-    earlier test left are stopped; skips where other threads still run."""
+    """This process may fork (:func:`deepsim.threads.can_fork`): the threads earlier tests
+    left are stopped (the inference pool; tqdm's monitor, which implicit's progress bars
+    start).  On Linux any other thread fails the test (it would hide the forked path);
+    elsewhere the test is skipped."""
     import threading
 
     from deepsim import threads
 
     threads.close_pool()
+    monitor = getattr(sys.modules.get("tqdm._monitor"), "TMonitor", None)
+    for thread in threading.enumerate():
+        if monitor is not None and isinstance(thread, monitor):
+            thread.exit()  # tqdm starts another with its next bar
     if not threads.can_fork():
-        pytest.skip(f"cannot fork here ({threading.active_count()} threads, {sys.platform})")
+        names = [t.name for t in threading.enumerate()]
+        if sys.platform.startswith("linux"):
+            pytest.fail(f"cannot fork here: threads {names}")
+        pytest.skip(f"cannot fork here ({sys.platform})")

@@ -290,6 +290,12 @@ def test_a_plan_split_between_processes_is_the_plan_here(
             assert fields(plan) == fields(want), (ids, processes)
     pids = {int(line) for line in seen.read_text().split()}
     assert os.getpid() in pids and len(pids) > 3  # children decided runs of ids
+    seen.unlink()
+    with library.transaction():  # inside a transaction of this process: no child
+        assert store.in_transaction(library)
+        inside = plan_embedding(library, model.model_id, processes=3)
+    assert fields(inside) == fields(here) and not store.in_transaction(library)
+    assert {int(line) for line in seen.read_text().split()} == {os.getpid()}
     with pytest.raises(ValueError, match="processes"):
         plan_embedding(library, model.model_id, processes=0)
     assert store.split_items(library, None, 3, min_items=100) == [(None, 0, None)]
