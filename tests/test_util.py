@@ -98,10 +98,9 @@ def test_get_logger_is_under_deepsim() -> None:
 
 
 def test_torch_is_imported_once_with_its_objects_out_of_the_collectors_view() -> None:
-    import subprocess
-    import sys
+    from fresh import run_fresh
 
-    code = (
+    run_fresh(
         "import gc, sys\n"
         "from deepsim.util import import_torch, resolve_device\n"
         "assert 'torch' not in sys.modules\n"
@@ -111,9 +110,8 @@ def test_torch_is_imported_once_with_its_objects_out_of_the_collectors_view() ->
         "import_torch()  # once only\n"
         "assert gc.get_freeze_count() == frozen\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    off = "import gc; gc.disable()\nfrom deepsim.util import import_torch\nimport_torch()\n"
-    off += "assert not gc.isenabled() and gc.get_freeze_count() > 10_000\n"
-    done = subprocess.run([sys.executable, "-c", off], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    # a collector the caller turned off stays off
+    run_fresh(
+        "import gc; gc.disable()\nfrom deepsim.util import import_torch\nimport_torch()\n"
+        "assert not gc.isenabled() and gc.get_freeze_count() > 10_000\n"
+    )
