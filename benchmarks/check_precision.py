@@ -2,7 +2,11 @@
 
 Decodes every file of ``../shared/corpus/excerpts`` (the middle 30 s, as
 ``beet deepsim-embed`` does), embeds it with the default model (both networks)
-in fp32 and in each ``--precision``, and prints per precision:
+in fp32 with every front-end filter convolved (the reference: what the
+TensorFlow graphs compute, ``MusicnnNetwork.prune = False``) and in each
+``--precision`` as deepsim runs it (the dead filters left out, see
+``deepsim.models.musicnn.DEAD_TOLERANCE``; ``fp32`` there is ``precision:
+fp32``), and prints per precision:
 
 * the cosine between each track's fp32 and lower-precision vector (min, mean):
   the contract is ≥ 0.995 for every track;
@@ -18,7 +22,7 @@ shipped network over the corpus: :data:`deepsim.models.musicnn.INT8_RANGES` is
 
 Run::
 
-    .venv/bin/python benchmarks/check_precision.py                # int8 and bf16
+    .venv/bin/python benchmarks/check_precision.py                # fp32, int8 and bf16
     .venv/bin/python benchmarks/check_precision.py --calibrate
 
 Figures are printed, never asserted (``tests/test_musicnn.py`` pins the contract).
@@ -36,7 +40,7 @@ import torch
 
 from deepsim.audio import decode_middle
 from deepsim.errors import DeepsimError
-from deepsim.models.musicnn import FRONTEND, conv_output_max, load_builtin
+from deepsim.models.musicnn import FRONTEND, MusicnnNetwork, conv_output_max, load_builtin
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "excerpts"
 
@@ -73,7 +77,7 @@ def neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=CORPUS)
-    parser.add_argument("--precision", nargs="+", default=["int8", "bf16"])
+    parser.add_argument("--precision", nargs="+", default=["fp32", "int8", "bf16"])
     # one thread, as the pipeline runs inference on 2 cores (two collapse under load)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calibrate", action="store_true")
@@ -98,10 +102,16 @@ def main() -> int:
             )
         return 0
     reference = load_builtin("default", precision="fp32")
+    for net in reference.modules():
+        if isinstance(net, MusicnnNetwork):
+            net.prune = False  # every filter convolved: the port as converted
     embed(reference, waves[:2])  # warm-up
     ref_vectors, ref_tags, ref_seconds = embed(reference, waves)
     ref_nn = neighbours(ref_vectors, 5)
-    print(f"fp32: {len(waves) / ref_seconds:.2f} tracks/s (Model.embed, both networks)")
+    print(
+        f"fp32, every filter: {len(waves) / ref_seconds:.2f} tracks/s (Model.embed, both "
+        "networks; the reference below)"
+    )
     for precision in args.precision:
         model = load_builtin("default", precision=precision)
         embed(model, waves[:2])
@@ -116,7 +126,8 @@ def main() -> int:
         print(
             f"{precision}: cosine to fp32 min {cosines.min():.5f} ({names[worst]}), mean "
             f"{cosines.mean():.5f}; nearest neighbour unchanged {same_first:.1%}, 5-NN overlap "
-            f"{overlap5:.1%}; tags max |diff| {np.abs(tags - ref_tags).max():.4f}; "
+            f"{overlap5:.1%}; tags max |diff| {np.abs(tags - ref_tags).max():.4f}; vectors max "
+            f"|diff| {np.abs(vectors - ref_vectors).max():.1e}; "
             f"{len(waves) / seconds:.2f} tracks/s = {ref_seconds / seconds:.2f}x fp32"
         )
     return 0

@@ -88,6 +88,24 @@ def test_matches_tensorflow_graph(
     np.testing.assert_allclose(tags, golden[f"{network}_tags"], rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.parametrize("network", ["msd", "mtt"])
+def test_the_comparison_above_leaves_the_dead_filters_out(
+    golden: dict[str, np.ndarray], network: str
+) -> None:
+    # what matches the graphs is the pruned network deepsim runs, and it agrees with
+    # every filter convolved (the graphs' own arithmetic) to float32 rounding
+    net = load_builtin(f"{network}-musicnn").net
+    patches = torch.from_numpy(golden["patches"])
+    scale, shift = net.input_norm.scale_shift()
+    with torch.inference_mode():
+        assert net._pruning_for(patches * scale + shift) is not None
+        pruned = net(patches)
+        net.prune = False
+        whole = net(patches)
+    for key in ("embedding", "tags"):
+        np.testing.assert_allclose(pruned[key].numpy(), whole[key].numpy(), rtol=0, atol=1e-5)
+
+
 def test_golden_patches_are_not_degenerate(golden: dict[str, np.ndarray]) -> None:
     # The comparison above means something only if the six inputs differ and the
     # outputs spread: each patch gets a distinct top tag profile.
@@ -235,8 +253,8 @@ def _assert_same_result(a: Any, b: Any) -> None:
 def test_two_inference_streams_give_the_same_vectors(
     monkeypatch: pytest.MonkeyPatch, name: str, precision: str
 ) -> None:
-    """Two streams: the pair's networks in two threads, or one network's patches in two
-    halves (cut at a whole int8 chunk: here 10 + 4 + 1 patches, an odd count)."""
+    """Two streams: a network's patches in two halves (cut at a whole int8 chunk: here
+    10 + 4 + 1 patches, an odd count); the pair's four halves queued on the two streams."""
     import threading
 
     model = load_builtin(name, precision=precision)
@@ -254,8 +272,8 @@ def test_two_inference_streams_give_the_same_vectors(
     monkeypatch.setattr(net, "forward", spy)
     side = _with_two_streams(monkeypatch, model, lambda: model.embed(waves))
     assert all(thread.startswith("deepsim-infer") for thread, _ in calls)
-    # one network: two halves (8 + 7, cut at a multiple of 4); a network of the pair: whole
-    assert sorted(n for _, n in calls) == ([15] if name == "default" else [7, 8])
+    # two halves of each network (8 + 7, cut at a multiple of 4)
+    assert sorted(n for _, n in calls) == [7, 8]
     _assert_same_result(side, alone)
 
 
@@ -415,6 +433,95 @@ def test_int8_front_end_follows_each_convolution(
     for lo, hi in itertools.pairwise(edges):
         error = float((a[:, lo:hi] - b[:, lo:hi]).abs().max() / a[:, lo:hi].abs().max())
         assert error < 0.08, (lo, hi, error)
+
+
+# -- dead front-end filters ------------------------------------------------------------
+
+
+def test_most_msd_filters_and_many_mtt_filters_are_dead() -> None:
+    from deepsim.models import musicnn
+
+    for name, live in (("msd-musicnn", 64), ("mtt-musicnn", 339)):
+        net = load_builtin(name).net
+        pruning = net.pruning()
+        assert len(pruning.channels) == live and len(pruning.dead) == 561 - live
+        # the bound of every dead filter: |s| * sum|w| * xcap below the tolerance
+        convs = [*net.timbral, *net.temporal]
+        norms = [*net.timbral_norm, *net.temporal_norm]
+        for conv, norm, keep in zip(convs, norms, pruning.live, strict=True):
+            scale, _ = norm.scale_shift()
+            reach = scale.abs() * conv.weight.abs().flatten(1).sum(1) * pruning.xcap
+            dead = torch.ones(conv.out_channels, dtype=torch.bool)
+            dead[keep] = False
+            assert (reach[dead] < musicnn.DEAD_TOLERANCE).all()
+            assert (reach[~dead] >= musicnn.DEAD_TOLERANCE).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("name", ["msd-musicnn", "mtt-musicnn"])
+def test_dead_filters_left_out_give_the_same_numbers(name: str, precision: str) -> None:
+    if precision == "int8" and "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no x86 quantized engine")
+    net = load_builtin(name, precision=precision).net
+    rng = np.random.default_rng(5)
+    # log-mel-like patches: loud, quiet and silent frames (values 0..7)
+    patches = torch.from_numpy(rng.gamma(2.0, 1.0, (12, 187, 96)).clip(0, 7)).float()
+    patches[3, 40:90] = 0.0
+    with torch.inference_mode():
+        pruned = net(patches)
+        front = net.front_end(patches)
+        net.prune = False
+        whole = net(patches)
+        whole_front = net.front_end(patches)
+    live = net.pruning().channels
+    # the live filters: the same numbers (int8: the same integers)
+    np.testing.assert_allclose(front[:, live].numpy(), whole_front[:, live].numpy(), atol=1e-6)
+    # the dead ones: their constant (int8 had it on its output grid, a step is ~1e-2)
+    atol = 1e-5 if precision == "fp32" else 1e-2
+    np.testing.assert_allclose(front.numpy(), whole_front.numpy(), rtol=0, atol=atol)
+    for key in ("embedding", "tags"):
+        np.testing.assert_allclose(pruned[key].numpy(), whole[key].numpy(), rtol=0, atol=1e-4)
+
+
+def test_an_input_beyond_the_cap_runs_every_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepsim.models import musicnn
+
+    net = load_builtin("msd-musicnn").net
+    seen: list[object] = []
+    front_end = musicnn.MusicnnNetwork._front_end
+
+    def spy(self: Any, x: torch.Tensor, pruning: Any) -> torch.Tensor:
+        seen.append(pruning)
+        return front_end(self, x, pruning)
+
+    monkeypatch.setattr(musicnn.MusicnnNetwork, "_front_end", spy)
+    loud = torch.full((2, 187, 96), 3.0)
+    loud[1, 10, 10] = musicnn.LOGMEL_CAP + 5.0  # one value beyond what the bound covers
+    with torch.inference_mode():
+        out = net(loud)
+        net(loud[:1])
+    assert seen[0] is None and seen[1] is not None
+    net.prune = False
+    with torch.inference_mode():
+        np.testing.assert_allclose(out["embedding"].numpy(), net(loud)["embedding"].numpy())
+
+
+def test_changed_weights_are_pruned_again_and_training_prunes_nothing() -> None:
+    net = load_builtin("msd-musicnn").net
+    before = net.pruning()
+    dead = int(before.dead[0])  # a dead filter of the first timbral convolution
+    assert dead < 204
+    with torch.no_grad():
+        net.timbral[0].weight[dead] = 0.05  # it comes alive
+    after = net.pruning()
+    assert dead in after.channels.tolist() and len(after.channels) == len(before.channels) + 1
+    x = torch.rand(2, 187, 96)
+    with torch.inference_mode():
+        assert net._pruning_for(x) is not None
+    net.timbral[0].weight.requires_grad_(True)
+    assert torch.is_grad_enabled() and net._pruning_for(x) is None  # fine-tuning: every filter
+    net(torch.rand(2, 187, 96))["embedding"].sum().backward()
+    assert net.timbral[0].weight.grad is not None
 
 
 @needs_x86_int8
