@@ -521,10 +521,19 @@ def test_changed_weights_are_pruned_again_and_training_prunes_nothing() -> None:
     x = torch.rand(2, 187, 96)
     with torch.inference_mode():
         assert net._pruning_for(x) is not None
+        inferred = net(x)["embedding"]  # its cache made of inference tensors
+    with torch.no_grad():
+        assert net._pruning_for(x) is not None
+    # gradients recorded (fine-tuning, or an input that wants them): every filter
+    assert torch.is_grad_enabled() and net._pruning_for(x) is None
+    wanted = x.clone().requires_grad_(True)
+    net(wanted)["embedding"].sum().backward()
+    assert wanted.grad is not None
     net.timbral[0].weight.requires_grad_(True)
-    assert torch.is_grad_enabled() and net._pruning_for(x) is None  # fine-tuning: every filter
-    net(torch.rand(2, 187, 96))["embedding"].sum().backward()
+    out = net(x)["embedding"]
+    out.sum().backward()
     assert net.timbral[0].weight.grad is not None
+    np.testing.assert_allclose(out.detach().numpy(), inferred.numpy(), atol=1e-5)
 
 
 @needs_x86_int8

@@ -44,7 +44,8 @@ TensorFlow graphs' arithmetic); the MSD network runs 3-6x as fast, the MTT
 network about 1.5x.  ``precision="int8"``, whose own error is about 1e-2 per
 channel, also leaves out the filters within :data:`INT8_DEAD_TOLERANCE` (1e-4)
 of a constant (MTT: 262 live instead of 339, 1.4x).  An input beyond the cap,
-or a network whose weights require gradients (fine-tuning), runs every filter.
+or a pass that records gradients (torch's grad mode on: fine-tuning), runs
+every filter.
 
 Preprocessing (:data:`FRONTEND`): 16 kHz mono, 512-point STFT with a Hann
 window, hop 256, Slaney mel filterbank of 96 bands, ``log10(10000 x + 1)``;
@@ -647,12 +648,11 @@ class MusicnnNetwork(torch.nn.Module):
         )
 
     def _pruning_for(self, x: torch.Tensor) -> _Pruning | None:
-        """:meth:`pruning` where it holds for the normalised input ``x``; None while
-        gradients are wanted (fine-tuning moves every weight) or for an input beyond
+        """:meth:`pruning` where it holds for the normalised input ``x``; None where
+        gradients are recorded (fine-tuning moves every weight; deepsim embeds under
+        ``torch.inference_mode`` or ``no_grad``) or for an input beyond
         :data:`LOGMEL_CAP`, which runs through every filter."""
-        if not self.prune or (
-            torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        ):
+        if not self.prune or torch.is_grad_enabled():
             return None
         int8 = self.precision == "int8" and x.device.type == "cpu"
         pruning = self.pruning(INT8_DEAD_TOLERANCE if int8 else DEAD_TOLERANCE)
