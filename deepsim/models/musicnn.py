@@ -361,7 +361,7 @@ class _Int8Convs:
         width = group[0][0].kernel_size[1]
         # time taps as input channels: all 7 of a timbral kernel; 4 of the 128 temporal
         # ones (kernel 32 taps, dilated 4: the same sums, 2-3x faster measured)
-        fold = taps if width > 1 else INT8_TEMPORAL_FOLD
+        fold = taps if width > 1 else (INT8_TEMPORAL_FOLD if taps % INT8_TEMPORAL_FOLD == 0 else 1)
         height = taps // fold
         timbral = width > 1
         pad = (3, 3) if timbral else ((taps - 1) // 2, taps - 1 - (taps - 1) // 2)
