@@ -455,9 +455,9 @@ def test_most_msd_filters_and_many_mtt_filters_are_dead() -> None:
             dead[keep] = False
             assert (reach[dead] < musicnn.DEAD_TOLERANCE).all()
             assert (reach[~dead] >= musicnn.DEAD_TOLERANCE).all()
-    # int8 (an error of ~1e-2 per channel of its own) leaves out those within 1e-4 too
+    # int8 (an error of ~1e-2 per channel of its own) leaves out those within 1e-3 too
     int8_live = load_builtin("mtt-musicnn").net.pruning(musicnn.INT8_DEAD_TOLERANCE).channels
-    assert len(int8_live) == 262
+    assert len(int8_live) == 226
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
