@@ -285,7 +285,7 @@ class _Pruning(NamedTuple):
     dead: torch.Tensor
     fill: torch.Tensor
     xcap: float
-    cache: dict[Any, Any]
+    cache: dict[str, Any]
 
 
 class _Int8Convs:
@@ -339,7 +339,6 @@ class _Int8Convs:
             keep = torch.arange(conv.out_channels) if live is None else live[k].cpu()
             members.append((conv, norm, float(top), channels, keep))
             channels += conv.out_channels
-        self.channels = channels
         groups = [[m] for m in members[: len(net.timbral)]] + [members[len(net.timbral) :]]
         self.convs: list[_Int8Group] = []
         with warnings.catch_warnings():
@@ -731,16 +730,15 @@ class MusicnnNetwork(torch.nn.Module):
         weight = pruning.cache.get("weight")
         if weight is None:
             weight = pruning.cache["weight"] = conv.weight.index_select(1, pruning.channels)
-        fixed = pruning.cache.get(frames)
+        maps: dict[int, torch.Tensor] = pruning.cache.setdefault("fixed", {})
+        fixed = maps.get(frames)
         if fixed is None:
             constant = pruning.fill[pruning.dead].view(1, -1, 1).expand(1, -1, frames)
             dead_weight = conv.weight.index_select(1, pruning.dead)
             fixed = F.conv1d(F.pad(constant, (3, 3)), dead_weight, _bias(conv))
-            lengths = [k for k in pruning.cache if isinstance(k, int)]
-            if len(lengths) >= 8:  # patches of many lengths: keep a few
-                for k in lengths:
-                    del pruning.cache[k]
-            pruning.cache[frames] = fixed
+            if len(maps) >= 8:  # patches of many lengths: keep a few
+                maps.clear()
+            maps[frames] = fixed
         return weight, fixed
 
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
