@@ -7,9 +7,12 @@ decoded.  Each result says whether the next one is ready too, so the caller
 can start inference on what it has instead of waiting for a full batch (one
 decoding process and one inference thread then both stay busy on two cores).
 
-This module is what the worker processes import: PyAV, numpy and
-:mod:`deepsim.identity`, no beets, no torch, so a worker starts in a fraction
-of a second.
+The workers are forked from the calling process itself where that is safe
+(one Python thread, torch not loaded yet: ``beet deepsim-embed`` starts its
+decoding before it imports torch), so they start at once, with this module
+already loaded; else from a forkserver that imports this module alone
+(:func:`deepsim.util.worker_context`): PyAV, numpy and :mod:`deepsim.identity`,
+no beets, no torch, so a worker starts in a fraction of a second.
 """
 
 from __future__ import annotations

@@ -1028,7 +1028,10 @@ def index_lock(directory: str | os.PathLike[str], model_id: str) -> Iterator[Non
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         yield
     finally:
-        handle.close()  # releases the lock
+        if fcntl is not None:  # released here, not at close: a forked child may share the file
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
 
 
 def open_index(

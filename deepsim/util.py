@@ -247,13 +247,23 @@ def loop_to_length(frames: torch.Tensor | np.ndarray, length: int) -> Any:
 
 
 def worker_context(preload: str) -> Any:
-    """The multiprocessing context of deepsim's worker pools: a forkserver that imports
-    ``preload`` (a module name) once, each worker forked from it ready (spawn where
-    there is no fork)."""
+    """The multiprocessing context of deepsim's worker pools.
+
+    Forked from this process itself where that is safe (Linux, one Python thread,
+    torch not imported: no OpenMP runtime or other native threads to copy): the
+    workers start at once with every module this process has loaded, with no
+    interpreter of their own to start (multiprocessing flushes standard output and
+    error before it forks, so a child never writes them again).  Else a forkserver that
+    imports ``preload`` (a module name) once, each worker forked from it ready
+    (spawn where there is no fork)."""
     import multiprocessing
 
     if os.name != "posix":
         return multiprocessing.get_context("spawn")
+    from deepsim.threads import can_fork
+
+    if can_fork() and "torch" not in sys.modules:
+        return multiprocessing.get_context("fork")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([preload])
     return context

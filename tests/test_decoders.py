@@ -74,3 +74,54 @@ def test_decoding_runs_before_anything_is_asked_for(files: list[Path]) -> None:
     next(stream)
     here.close()
     assert list(stream) == []
+
+
+def test_workers_fork_from_this_process_only_where_that_is_safe(
+    forkable: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import threading
+
+    import torch  # noqa: F401 - loaded: its OpenMP runtime may run threads a fork would copy
+
+    from deepsim.util import worker_context
+
+    assert worker_context("deepsim.decoders").get_start_method() == "forkserver"
+    monkeypatch.delitem(sys.modules, "torch")
+    assert worker_context("deepsim.decoders").get_start_method() == "fork"
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:  # another thread: a child would copy its locks as they are
+        assert worker_context("deepsim.decoders").get_start_method() == "forkserver"
+    finally:
+        stop.set()
+        other.join()
+
+
+def test_forked_workers_decode_and_never_repeat_buffered_output(files: list[Path]) -> None:
+    # A process that has not loaded torch (as `beet deepsim-embed` when it starts decoding):
+    # the workers are forked from it; what it printed before, still in its buffer (a pipe
+    # is block-buffered), comes out once, not again from each worker.
+    from fresh import run_fresh
+
+    names = [str(p) for p in files]
+    out = run_fresh(
+        "import multiprocessing, os, sys\n"
+        "from deepsim.decoders import decoded\n"
+        "from deepsim.audio import decode_middle\n"
+        "from deepsim.errors import AudioError\n"
+        "print('before decoding')\n"
+        f"paths = {names!r}\n"
+        "decoding = decoded(paths, sample_rate=8000, seconds=4.0, workers=2, window=4)\n"
+        "kids = multiprocessing.active_children()\n"
+        "assert kids and all(k._popen.__class__.__module__.endswith('popen_fork') for k in kids)\n"
+        "for path, ((wave, _), _) in zip(paths, decoding):\n"
+        "    if isinstance(wave, AudioError):\n"
+        "        print('failed', os.path.basename(path))\n"
+        "    else:\n"
+        "        assert (wave == decode_middle(path, sample_rate=8000, seconds=4.0)).all()\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('done')\n"
+    )
+    assert out.splitlines() == ["before decoding", "failed bad.ogg", "done"]
