@@ -125,3 +125,47 @@ def test_forked_workers_decode_and_never_repeat_buffered_output(files: list[Path
         "print('done')\n"
     )
     assert out.splitlines() == ["before decoding", "failed bad.ogg", "done"]
+
+
+def test_ctrl_c_stops_forked_workers_with_the_run(files: list[Path]) -> None:
+    # Ctrl-C reaches the whole process group, as from a terminal: the forked workers
+    # ignore it (the run's to handle: they leave when it stops them, exit status 0), the
+    # run stops at once with KeyboardInterrupt, and closing the decoding leaves no worker
+    # behind (each pid gone once the run has ended).
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    names = [str(p) for p in files if p.suffix == ".flac"] * 20
+    code = (
+        "import multiprocessing, sys, time\n"
+        "from deepsim.decoders import decoded\n"
+        f"decoding = decoded({names!r}, sample_rate=8000, seconds=4.0, workers=2, window=4)\n"
+        "kids = multiprocessing.active_children()\n"
+        "print(' '.join(str(k.pid) for k in kids), flush=True)\n"
+        "try:\n"
+        "    for n, _ in enumerate(decoding):\n"
+        "        if n == 1:\n"
+        "            print('decoding', flush=True)\n"
+        "        time.sleep(0.2)\n"
+        "    print('never interrupted', flush=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    decoding.close()\n"
+        "    codes = [k.exitcode for k in kids]\n"
+        "    print('interrupted', codes, len(multiprocessing.active_children()), flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    pids = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    assert proc.stdout.readline().strip() == "decoding"
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert rest.strip() == "interrupted [0, 0] 0"
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
