@@ -26,7 +26,10 @@ two busy-loop processes (``while True``, each ending by itself after
 ``--load-seconds`` and stopped by the benchmark),
 runs both tools again, and prints the loaded figures and each tool's loaded
 / quiet ratio (a fair share with two busy loops on two cores is 0.5).
-Nothing is asserted: figures go to docs/performance.md.
+``--repeat N`` runs each tool N times per round, taking turns (the machine's
+speed moves between minutes; each repetition's ratio shares its minute), and
+prints the median ratio and the range; loaded / quiet is then the ratio of the
+median wall times.  Nothing is asserted: figures go to docs/performance.md.
 """
 
 from __future__ import annotations
@@ -197,14 +200,48 @@ def line(name: str, r: dict[str, float], base: dict[str, float] | None) -> str:
     return text
 
 
-def round_of(label: str, paths: list[Path], models: list[str], work: Path, procs: int) -> dict:
+def round_of(
+    label: str, paths: list[Path], models: list[str], work: Path, procs: int, repeat: int = 1
+) -> list[dict]:
+    """Each tool on the files, ``repeat`` times, taking turns (bliss first, then the models;
+    the other way round every second time): the ratios of one repetition share its minute."""
     print(f"\n== {label} (load average {loadavg()})")
-    results = {"bliss": bench_bliss(paths, procs)}
-    print(line(f"bliss ({procs} processes)", results["bliss"], None), flush=True)
-    for model in models:
-        results[model] = bench_deepsim(paths, model, work)
-        print(line(f"deepsim {model}", results[model], results["bliss"]), flush=True)
-    return results
+    runs = []
+    for r in range(repeat):
+        if repeat > 1:
+            print(f"-- {r + 1} of {repeat}")
+        order = ["bliss", *models] if r % 2 == 0 else [*models[::-1], "bliss"]
+        results: dict[str, dict[str, float]] = {}
+        for name in order:
+            if name == "bliss":
+                results[name] = bench_bliss(paths, procs)
+            else:
+                results[name] = bench_deepsim(paths, name, work)
+        print(line(f"bliss ({procs} processes)", results["bliss"], None), flush=True)
+        for model in models:
+            print(line(f"deepsim {model}", results[model], results["bliss"]), flush=True)
+        runs.append(results)
+    if repeat > 1:
+        print(f"-- median of {repeat} (the ratio of each repetition, then their median)")
+        for model in models:
+            ratios = sorted(_rate(run[model]) / _rate(run["bliss"]) for run in runs)
+            steady = sorted(run[model].get("steady", float("nan")) for run in runs)
+            print(
+                f"deepsim {model:<14} {_median(ratios):4.2f}x bliss "
+                f"({ratios[0]:.2f}-{ratios[-1]:.2f}), steady {_median(steady):.1f} tracks/s "
+                f"({steady[0]:.1f}-{steady[-1]:.1f})"
+            )
+    return runs
+
+
+def _rate(result: dict[str, float]) -> float:
+    return result["tracks"] / result["wall"]
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
 
 
 def against(paths: list[Path], models: list[str], work: Path, tree: str, rounds: int) -> None:
@@ -241,6 +278,12 @@ def main() -> int:
         "`git worktree add /tmp/old main~3`), taking turns, no bliss",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --against")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each tool this many times per round, taking turns; print the median ratio",
+    )
     args = parser.parse_args()
     try:
         import bliss_audio  # noqa: F401
@@ -269,7 +312,7 @@ def main() -> int:
         if args.against:
             against(paths, args.models, work, args.against, args.rounds)
             return 0
-        quiet = round_of("quiet", paths, args.models, work, procs)
+        quiet = round_of("quiet", paths, args.models, work, procs, args.repeat)
         if args.no_load:
             return 0
         busy = [
@@ -278,7 +321,9 @@ def main() -> int:
         ]
         try:
             time.sleep(2)
-            loaded = round_of(f"{args.busy} busy loops", paths, args.models, work, procs)
+            loaded = round_of(
+                f"{args.busy} busy loops", paths, args.models, work, procs, args.repeat
+            )
         finally:
             for proc in busy:
                 proc.kill()
@@ -287,8 +332,11 @@ def main() -> int:
             "\n== loaded / quiet throughput (fair share with the busy loops on every core: "
             f"{procs / (procs + args.busy):.2f})"
         )
-        for name in quiet:
-            ratio = quiet[name]["wall"] / loaded[name]["wall"]
+        for name in quiet[0]:
+            # the median wall time of each round (one run each without --repeat)
+            ratio = _median([run[name]["wall"] for run in quiet]) / _median(
+                [run[name]["wall"] for run in loaded]
+            )
             print(f"{name:<22} {ratio:.2f}")
     return 0
 
