@@ -27,7 +27,7 @@ import numpy as np
 from deepsim.audio import PathLike, decode_middle
 from deepsim.errors import AudioError
 from deepsim.identity import identify
-from deepsim.util import ignore_ctrl_c, worker_context
+from deepsim.util import worker_context, worker_started
 
 #: One file's result: the decoded window (or why not) and its audio identity text.
 Decoded = tuple[np.ndarray | AudioError, str | None]
@@ -49,7 +49,7 @@ def decode_job(path: PathLike, sample_rate: int, seconds: float) -> Decoded:
 def _worker_init() -> None:
     # Decoding workers must not compete with the inference threads for cores.
     os.environ["OMP_NUM_THREADS"] = "1"
-    ignore_ctrl_c()
+    worker_started()
 
 
 class Decoding:

@@ -269,9 +269,47 @@ def worker_context(preload: str) -> Any:
     return context
 
 
-def ignore_ctrl_c() -> None:
-    """A worker's initializer: Ctrl-C is the parent's to handle (it stops the pool)."""
+def worker_started() -> None:
+    """The initializer of every deepsim worker process.
+
+    Ctrl-C is the parent's to handle (it stops the pool), so the worker ignores it.  And
+    the worker ends with the process that started the pool: a pool's workers wait on that
+    process's queue, which a killed process (``SIGKILL``, the OOM killer) never closes, and
+    a worker forked from ``beet`` holds copies of its files, the embedding lock's among
+    them, so a worker left behind would hold the lock for good.  A thread of the worker
+    waits for that process to end (a pidfd on Linux, else a check each second) and then
+    ends the worker.
+    """
+    import multiprocessing
     import signal
+    import threading
 
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        threading.Thread(
+            target=_end_with, args=(parent.pid,), name="deepsim-parent-watch", daemon=True
+        ).start()
+
+
+def _end_with(pid: int) -> None:
+    """End this process (at once, status 1) when process ``pid`` has ended."""
+    import select
+    import time
+
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)  # gone already
+    except (AttributeError, OSError):  # no pidfd here (not Linux, an old kernel)
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except OSError:
+                pass
+    select.select([handle], [], [])  # readable once the process has ended
+    os._exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,50 @@ def test_ctrl_c_stops_forked_workers_with_the_run(files: list[Path]) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_workers_end_with_a_killed_parent(files: list[Path], start: str) -> None:
+    # A run killed outright (SIGKILL, the OOM killer) never closes its workers' queue: they
+    # must not wait on it for good (a forked one holds beet's files, the embedding lock's).
+    import os
+    import signal
+    import subprocess
+    import time
+
+    names = [str(p) for p in files if p.suffix == ".flac"] * 20
+    code = (
+        "import multiprocessing, sys, time\n"
+        + ("import torch\n" if start == "forkserver" else "")  # loaded: no fork from here
+        + "from deepsim.decoders import decoded\n"
+        f"decoding = decoded({names!r}, sample_rate=8000, seconds=4.0, workers=2, window=4)\n"
+        "stream = iter(decoding)\n"
+        "next(stream)\n"
+        "kids = multiprocessing.active_children()\n"
+        f"assert kids[0]._popen.__class__.__module__.endswith('popen_{start}')\n"
+        "print(' '.join(str(k.pid) for k in kids), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    pids = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(_running(pid) for pid in pids)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert left == []

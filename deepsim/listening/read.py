@@ -19,7 +19,7 @@ from deepsim.listening import jsonformats, text  # noqa: F401  (registers the re
 from deepsim.listening.base import READERS, Count, Head, ListenReader, Plays, Record, Skip
 from deepsim.listening.core import Bad, Builder, Listens, TrackKey, mbid_of
 from deepsim.listening.sources import Source, iter_sources
-from deepsim.util import check_choice, check_float, get_logger, ignore_ctrl_c, worker_context
+from deepsim.util import check_choice, check_float, get_logger, worker_context, worker_started
 
 log = get_logger(__name__)
 
@@ -349,7 +349,7 @@ def _with_records(
     from concurrent.futures.process import BrokenProcessPool
 
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=worker_context(__name__), initializer=ignore_ctrl_c
+        max_workers=workers, mp_context=worker_context(__name__), initializer=worker_started
     )
     futures: dict[int, Future[list[Record]]] = {}
     queue = iter(whole)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -184,3 +185,77 @@ class TestEmbedCommand(PluginTestHelper):
         monkeypatch.setattr(deepsim.embed, "embed_files", real)
         self.run_command("deepsim-embed")
         assert "embedded 2, skipped 2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- a killed run
+
+
+def _children(pid: int) -> list[int]:
+    """The running (not zombie) child processes of ``pid`` (Linux ``/proc``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_run_leaves_no_worker_holding_the_lock(tmp_path: Path) -> None:
+    # `beet deepsim-embed` holds the embedding lock while it runs, and its decoding worker
+    # is forked from it (a copy of the lock's file among its files).  Killed outright, the
+    # run must not leave the worker behind, holding the lock: the next run would wait for
+    # it for good.  The next run here must finish, and embed every track.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    music = tmp_path / "music"
+    music.mkdir()
+    for k in range(16):
+        write_audio(
+            music / f"t{k:02d}.flac", tone(20.0, freqs=(200.0 + 40 * k,), seed=k), rate=22050
+        )
+    (tmp_path / "config.yaml").write_text(
+        f"library: {tmp_path / 'library.db'}\ndirectory: {music}\nplugins: deepsim\n"
+        "import:\n  copy: no\n  autotag: no\n"
+        "deepsim:\n  auto: no\n  model: msd-musicnn\n  device: cpu\n  workers: 1\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "BEETSDIR": str(tmp_path)}
+    beet = [sys.executable, "-m", "beets"]
+    subprocess.run([*beet, "import", "-q", str(music)], env=env, check=True, capture_output=True)
+    first = subprocess.Popen(
+        [*beet, "deepsim-embed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while not workers and first.poll() is None and time.monotonic() < deadline:
+        workers = [pid for pid in _children(first.pid) if "forkserver" not in _cmdline(pid)]
+        time.sleep(0.02)
+    assert workers, "the run never started a decoding worker"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    try:
+        second = subprocess.run(
+            [*beet, "deepsim-embed"], env=env, capture_output=True, text=True, timeout=180
+        )
+    finally:
+        for pid in workers:  # whatever happened, nothing is left running after the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert second.returncode == 0, second.stderr
+    assert "failed 0" in second.stdout and "embedded" in second.stdout, second.stdout
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
