@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -239,8 +240,6 @@ def _rate(result: dict[str, float]) -> float:
 
 
 def _median(values: list[float]) -> float:
-    import statistics
-
     return statistics.median(values)
 
 
