@@ -416,6 +416,35 @@ def test_int8_keeps_the_accuracy_contract(
     np.testing.assert_allclose(out["tags"].numpy(), golden[f"{network}_tags"], atol=0.03)
 
 
+def test_int8_input_levels_follow_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepsim.models import musicnn
+
+    for vnni, levels in ((True, 255), (False, 127)):
+        monkeypatch.setattr(musicnn, "_VNNI", [])
+        monkeypatch.setattr(musicnn, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        assert musicnn.int8_input_levels() == levels
+        assert musicnn.int8_input_levels() == levels  # read once
+
+
+@needs_x86_int8
+@pytest.mark.parametrize("network", ["msd", "mtt"])
+def test_int8_on_seven_bits_keeps_the_accuracy_contract(
+    golden: dict[str, np.ndarray], network: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what a CPU without VNNI runs (its kernels saturate pairs of 8-bit products),
+    # checked on every CPU: the input quantized on 0..127
+    from deepsim.models import musicnn
+
+    monkeypatch.setattr(musicnn, "_VNNI", [False])
+    model = load_builtin(f"{network}-musicnn", precision="int8")
+    assert model.net._int8_convs().levels == 127
+    with torch.inference_mode():
+        out = model.embed_patches(torch.from_numpy(golden["patches"]))
+    cosine = (_unit(out["embedding"].numpy()) * _unit(golden[f"{network}_penultimate"])).sum(1)
+    assert cosine.min() > 0.995
+    np.testing.assert_allclose(out["tags"].numpy(), golden[f"{network}_tags"], atol=0.03)
+
+
 @needs_x86_int8
 @pytest.mark.parametrize("network", ["msd", "mtt"])
 def test_int8_front_end_follows_each_convolution(
@@ -433,6 +462,27 @@ def test_int8_front_end_follows_each_convolution(
     for lo, hi in itertools.pairwise(edges):
         error = float((a[:, lo:hi] - b[:, lo:hi]).abs().max() / a[:, lo:hi].abs().max())
         assert error < 0.08, (lo, hi, error)
+
+
+@needs_x86_int8
+def test_int8_temporal_fold_changes_no_integer(
+    golden: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without VNNI the 128 temporal taps are read as 32 input channels, with it as 4:
+    # the same integer sums, so the same front end to the last bit (on 7-bit input,
+    # which no CPU's kernels saturate).
+    from deepsim.models import musicnn
+
+    monkeypatch.setattr(musicnn, "_VNNI", [False])
+    patches = torch.from_numpy(golden["patches"])
+    outs = []
+    for fold in (musicnn.INT8_TEMPORAL_FOLD_NO_VNNI, 4, 1):
+        monkeypatch.setattr(musicnn, "INT8_TEMPORAL_FOLD_NO_VNNI", fold)
+        net = load_builtin("mtt-musicnn", precision="int8").net
+        assert [c[-1] for c in net._int8_convs().convs] == [7, 7, fold]
+        with torch.inference_mode():
+            outs.append(net.front_end(patches))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 # -- dead front-end filters ------------------------------------------------------------
@@ -560,7 +610,11 @@ def test_precision_auto_picks_by_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(musicnn, "cpu_has_native_bf16", lambda: True)
     assert musicnn.resolve_precision("auto", "cpu") == expected
     assert musicnn.resolve_precision("auto", "cuda:0") == "fp32"
+    # no VNNI: int8 still where the x86 kernels run at AVX2 width
     monkeypatch.setattr(musicnn, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert musicnn.resolve_precision("auto", "cpu") == expected
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert musicnn.resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setattr(musicnn, "cpu_has_native_bf16", lambda: False)
     assert musicnn.resolve_precision("auto", "cpu") == "fp32"

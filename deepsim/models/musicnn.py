@@ -153,9 +153,13 @@ INT8_CHUNK_PATCHES = 4
 #: (measured: 23 filters 4.8 ms, 32 filters 3.6 ms; the int8 max-pool 1.4 vs 0.2 ms).
 INT8_FILTER_BLOCK = 32
 
-#: Time taps of the temporal int8 convolution read as input channels (kernel 128 / 4
-#: taps dilated by 4; one input channel measured 2-3x slower).
+#: Time taps of the temporal int8 convolution read as input channels, with VNNI and
+#: without (:func:`int8_input_levels`): kernel 128 / 4 taps dilated by 4 (one input
+#: channel measured 2-3x slower with VNNI), 128 / 32 taps dilated by 32 (on an AVX2-only
+#: AMD EPYC one group of 4 patches took 44 ms with 4 channels, 13-14 ms with 16 or 32,
+#: 10 with 64; the whole network 83 ms a track with 32 or 64, 126-137 with 4).
 INT8_TEMPORAL_FOLD = 4
+INT8_TEMPORAL_FOLD_NO_VNNI = 32
 
 #: Patches through the whole network at a time on a CPU (a multiple of the chunks above,
 #: so the same numbers): the (P, 753, 187) mid-end features of a batch of 8 tracks are
@@ -236,7 +240,35 @@ def cpu_has_vnni() -> bool:
     return re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", text) is not None
 
 
+def cpu_has_int8_kernels() -> bool:
+    """Whether PyTorch's x86 quantized kernels run here at full width (AVX2 or better).
+
+    :func:`cpu_has_vnni` CPUs, and those with AVX2 or AVX-512 without VNNI, where
+    the kernels pair ``u8 x s8`` products in 16 bits (see :func:`int8_input_levels`).
+    """
+    if "x86" not in torch.backends.quantized.supported_engines:
+        return False
+    return cpu_has_vnni() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def int8_input_levels() -> int:
+    """The largest quantized input of the int8 convolutions: 255 with VNNI, else 127.
+
+    VNNI's ``vpdpbusd`` adds each ``u8 x s8`` product straight into 32 bits.
+    Without it (AVX2, AVX-512 without VNNI) the kernels add pairs of products
+    in 16 bits with saturation (``vpmaddubsw``): ``2 * 255 * 127`` overflows,
+    ``2 * 127 * 127 = 32258`` does not, so the input is quantized on 7 bits
+    there (PyTorch's ``reduce_range``).  On 8 bits an AVX2 CPU (AMD EPYC,
+    Zen 3) gave a per-track cosine of 0.868 to fp32 on the corpus; on 7 bits
+    0.99903 (docs/performance.md).
+    """
+    if not _VNNI:
+        _VNNI.append(cpu_has_vnni())
+    return 255 if _VNNI[0] else 127
+
+
 _NATIVE_BF16: list[bool] = []
+_VNNI: list[bool] = []
 
 
 def _native_bf16() -> bool:
@@ -249,15 +281,17 @@ def _native_bf16() -> bool:
 def resolve_precision(precision: str, device: str = "cpu") -> str:
     """Turn ``"auto"`` into the fastest precision within the accuracy contract here.
 
-    ``"int8"`` on CPUs with VNNI/AMX-INT8, else ``"bf16"`` on CPUs with native
-    bfloat16, else ``"fp32"``; always ``"fp32"`` off the CPU (the quantized
-    kernels are CPU-only).  Other values are checked and returned.
+    ``"int8"`` on x86 CPUs with VNNI/AMX-INT8 or AVX2 (:func:`cpu_has_int8_kernels`:
+    1.4x fp32 on an AVX2-only AMD EPYC, within the contract with its input on 7
+    bits), else ``"bf16"`` on CPUs with native bfloat16, else ``"fp32"``; always
+    ``"fp32"`` off the CPU (the quantized kernels are CPU-only).  Other values are
+    checked and returned.
     """
     if precision != "auto":
         return _check_precision(precision)
     if not str(device).startswith("cpu"):
         return "fp32"
-    if cpu_has_vnni() and "x86" in torch.backends.quantized.supported_engines:
+    if cpu_has_int8_kernels():
         return "int8"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
@@ -292,8 +326,8 @@ class _Int8Convs:
     """The front end's five convolutions as oneDNN int8 convolutions, max-pooled in int8.
 
     Weights per filter (symmetric int8), the input per call (one scale for the
-    batch, asymmetric uint8: zero padding stays exact), the output on the
-    calibrated range (:data:`INT8_RANGES`, uint8).  By the argument in the
+    batch, asymmetric uint8 up to :func:`int8_input_levels`: zero padding stays
+    exact), the output on the calibrated range (:data:`INT8_RANGES`, uint8).  By the argument in the
     module docstring a filter with a negative batch-norm scale needs
     ``relu(min_f (z_f + b))`` = ``relu(-max_f (-(z_f + b)))``: the convolution
     of the negated filter and bias, quantized on ``[-top, 0]`` (values above 0
@@ -329,6 +363,8 @@ class _Int8Convs:
         import warnings
 
         torch.backends.quantized.engine = "x86"
+        #: the input's largest quantized value (:func:`int8_input_levels`)
+        self.levels = float(int8_input_levels())
         layers = list(zip(net.timbral, net.timbral_norm, strict=True))
         layers += list(zip(net.temporal, net.temporal_norm, strict=True))
         # (convolution, norm, output range, first channel, filters convolved), grouped by
@@ -346,13 +382,14 @@ class _Int8Convs:
             for group in groups:
                 group = [m for m in group if len(m[4])]
                 if group:
-                    self.convs.append(self._group(group))
+                    self.convs.append(self._group(group, int(self.levels)))
         #: the front-end channel of each output channel
         self.index = torch.cat([index for _, index, *_ in self.convs])
 
     @staticmethod
     def _group(
         group: list[tuple[torch.nn.Conv2d, FrozenBatchNorm, float, int, torch.Tensor]],
+        levels: int,
     ) -> _Int8Group:
         """One group's convolution, output channels, value affine, padding and folded taps."""
         from torch.ao.nn.quantized import Conv2d as QConv2d
@@ -360,8 +397,10 @@ class _Int8Convs:
         taps = max(conv.kernel_size[0] for conv, *_ in group)
         width = group[0][0].kernel_size[1]
         # time taps as input channels: all 7 of a timbral kernel; 4 of the 128 temporal
-        # ones (kernel 32 taps, dilated 4: the same sums, 2-3x faster measured)
-        fold = taps if width > 1 else (INT8_TEMPORAL_FOLD if taps % INT8_TEMPORAL_FOLD == 0 else 1)
+        # ones with VNNI (kernel 32 taps, dilated 4: the same sums, 2-3x faster measured),
+        # 32 without (INT8_TEMPORAL_FOLD_NO_VNNI)
+        temporal = INT8_TEMPORAL_FOLD if levels == 255 else INT8_TEMPORAL_FOLD_NO_VNNI
+        fold = taps if width > 1 else (temporal if taps % temporal == 0 else 1)
         height = taps // fold
         timbral = width > 1
         pad = (3, 3) if timbral else ((taps - 1) // 2, taps - 1 - (taps - 1) // 2)
@@ -418,22 +457,28 @@ class _Int8Convs:
         import warnings
 
         lo, hi = min(float(chunk.min()), 0.0), max(float(chunk.max()), 0.0)
-        step = max(hi - lo, 1e-8) / 255.0
-        zero = round(min(max(-lo / step, 0.0), 255.0))
+        step = max(hi - lo, 1e-8) / self.levels
+        zero = round(min(max(-lo / step, 0.0), self.levels))
         out = torch.empty(chunk.shape[0], len(self.index), chunk.shape[1])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            padded: dict[tuple[int, int], torch.Tensor] = {}
             inputs: dict[tuple[int, int, int], torch.Tensor] = {}
             at = 0
             for module, index, a, b, (before, after), fold in self.convs:
                 qx = inputs.get((before, after, fold))
                 if qx is None:
-                    x = F.pad(chunk, (0, 0, before, after))
-                    # (P, fold, T, F): frame t + k in channel k
-                    x = x.unfold(1, fold, 1).permute(0, 3, 1, 2)
-                    # channels last: the layout oneDNN's int8 kernels read (no copy per call)
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    qx = torch.quantize_per_tensor(x, step, zero, torch.quint8)
+                    q = padded.get((before, after))
+                    if q is None:
+                        q = F.pad(chunk, (0, 0, before, after))
+                        q = padded[before, after] = torch.quantize_per_tensor(
+                            q, step, zero, torch.quint8
+                        )
+                    # (P, fold, T, F): frame t + k in channel k, unfolded in uint8 (a
+                    # quarter of the float copy), channels last: the layout the int8
+                    # kernels read (no copy per call)
+                    qx = q.unfold(1, fold, 1).permute(0, 3, 1, 2)
+                    qx = qx.contiguous(memory_format=torch.channels_last)
                     inputs[(before, after, fold)] = qx
                 maps = module(qx)  # (P, n, T, F)
                 pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()[:, : len(index), :, 0]
