@@ -29,7 +29,9 @@ runs both tools again, and prints the loaded figures and each tool's loaded
 ``--repeat N`` runs each tool N times per round, taking turns (the machine's
 speed moves between minutes; each repetition's ratio shares its minute), and
 prints the median ratio and the range; loaded / quiet is then the ratio of the
-median wall times.  Nothing is asserted: figures go to docs/performance.md.
+median wall times.  Where bliss-audio cannot run (its 0.2.0 wheel uses AVX-512: a CPU
+without it kills the analysis with SIGILL), one line says so, deepsim's figures follow
+alone and the exit status is 1.  Nothing is asserted: figures go to docs/performance.md.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ROOT.parent / "shared" / "corpus" / "full"
 
+# A process pool of concurrent.futures, not multiprocessing.Pool: a worker that dies (as
+# bliss-audio 0.2.0's wheel does on a CPU without AVX-512: SIGILL) breaks the pool at once
+# instead of leaving map() waiting for good; the child then names the signal.
 BLISS_CHILD = r"""
-import json, multiprocessing, os, resource, sys, time
+import concurrent.futures, json, multiprocessing, os, resource, signal, sys, time
 
 def analyse(path):
     import bliss_audio
@@ -60,8 +65,18 @@ if __name__ == "__main__":
     paths = json.loads(sys.argv[1])
     procs = int(sys.argv[2])
     started = time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(procs) as pool:
-        sizes = pool.map(analyse, paths, chunksize=1)
+    fork = multiprocessing.get_context("fork")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(procs, mp_context=fork) as pool:
+            sizes = list(pool.map(analyse, paths))
+    except concurrent.futures.process.BrokenProcessPool:
+        one = fork.Process(target=analyse, args=(paths[0],))
+        one.start()
+        one.join()
+        code = one.exitcode or 0
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        print(json.dumps({"error": f"a bliss-audio worker died ({how} on {paths[0]})"}))
+        sys.exit(3)
     wall = time.perf_counter() - started
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -113,8 +128,18 @@ def run_child(
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["rc"] != 0:
-        raise SystemExit(f"{' '.join(argv[:4])} failed ({result['rc']}): {done.stderr[-500:]}")
+        raise ChildFailed(
+            f"{' '.join(argv[:4])} failed ({result['rc']}): {done.stderr[-500:]}", result["out"]
+        )
     return result["wall"], result["cpu"], result["rss_mb"], result["out"], done.stderr
+
+
+class ChildFailed(SystemExit):
+    """A measured command that failed: its message, and its standard output."""
+
+    def __init__(self, message: str, out: str) -> None:
+        super().__init__(message)
+        self.out = out
 
 
 def compile_tree(tree: str | Path) -> None:
@@ -180,10 +205,30 @@ def bench_deepsim(
     return result
 
 
-def bench_bliss(paths: list[Path], procs: int) -> dict[str, float]:
-    wall, cpu, rss, out, _ = run_child(
-        [sys.executable, "-c", BLISS_CHILD, json.dumps([os.fspath(p) for p in paths]), str(procs)]
-    )
+#: Why bliss could not be measured here (set by the first failed run), else None.
+BLISS_FAILED: list[str] = []
+
+
+def bench_bliss(paths: list[Path], procs: int) -> dict[str, float] | None:
+    """bliss on ``paths`` in ``procs`` processes; None (after one line saying why, the
+    first time) where bliss-audio cannot run here, and every later call."""
+    if BLISS_FAILED:
+        return None
+    argv = [sys.executable, "-c", BLISS_CHILD, json.dumps([os.fspath(p) for p in paths])]
+    try:
+        wall, cpu, rss, out, _ = run_child([*argv, str(procs)])
+    except ChildFailed as failed:
+        lines = failed.out.strip().splitlines()
+        why = json.loads(lines[-1]).get("error") if lines and lines[-1].startswith("{") else None
+        reason = why or str(failed.code)
+        if "SIGILL" in reason:
+            reason += (
+                ": an instruction this CPU lacks (the manylinux wheel of bliss-audio 0.2.0 uses "
+                "AVX-512, e.g. vrndscalesd)"
+            )
+        BLISS_FAILED.append(reason)
+        print(f"bliss: not measured here: {reason}; deepsim's figures follow alone", flush=True)
+        return None
     inner = json.loads(out.strip().splitlines()[-1])
     return {"tracks": inner["tracks"], "wall": wall, "cpu": cpu, "rss_mb": rss}
 
@@ -215,23 +260,27 @@ def round_of(
         results: dict[str, dict[str, float]] = {}
         for name in order:
             if name == "bliss":
-                results[name] = bench_bliss(paths, procs)
+                bliss = bench_bliss(paths, procs)
+                if bliss is not None:
+                    results[name] = bliss
             else:
                 results[name] = bench_deepsim(paths, name, work)
-        print(line(f"bliss ({procs} processes)", results["bliss"], None), flush=True)
+        base = results.get("bliss")
+        if base is not None:
+            print(line(f"bliss ({procs} processes)", base, None), flush=True)
         for model in models:
-            print(line(f"deepsim {model}", results[model], results["bliss"]), flush=True)
+            print(line(f"deepsim {model}", results[model], base), flush=True)
         runs.append(results)
     if repeat > 1:
         print(f"-- median of {repeat} (the ratio of each repetition, then their median)")
         for model in models:
-            ratios = sorted(_rate(run[model]) / _rate(run["bliss"]) for run in runs)
             steady = sorted(run[model].get("steady", float("nan")) for run in runs)
-            print(
-                f"deepsim {model:<14} {_median(ratios):4.2f}x bliss "
-                f"({ratios[0]:.2f}-{ratios[-1]:.2f}), steady {_median(steady):.1f} tracks/s "
-                f"({steady[0]:.1f}-{steady[-1]:.1f})"
-            )
+            text = f"deepsim {model:<14} "
+            if all("bliss" in run for run in runs):
+                ratios = sorted(_rate(run[model]) / _rate(run["bliss"]) for run in runs)
+                text += f"{_median(ratios):4.2f}x bliss ({ratios[0]:.2f}-{ratios[-1]:.2f}), "
+            spread = f"({steady[0]:.1f}-{steady[-1]:.1f})"
+            print(text + f"steady {_median(steady):.1f} tracks/s {spread}")
     return runs
 
 
@@ -313,7 +362,7 @@ def main() -> int:
             return 0
         quiet = round_of("quiet", paths, args.models, work, procs, args.repeat)
         if args.no_load:
-            return 0
+            return 1 if BLISS_FAILED else 0
         busy = [
             subprocess.Popen([sys.executable, "-c", BUSY.format(seconds=args.load_seconds)])
             for _ in range(args.busy)
@@ -332,12 +381,14 @@ def main() -> int:
             f"{procs / (procs + args.busy):.2f})"
         )
         for name in quiet[0]:
+            if not all(name in run for run in loaded):
+                continue
             # the median wall time of each round (one run each without --repeat)
             ratio = _median([run[name]["wall"] for run in quiet]) / _median(
                 [run[name]["wall"] for run in loaded]
             )
             print(f"{name:<22} {ratio:.2f}")
-    return 0
+    return 1 if BLISS_FAILED else 0
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def plan(workers: int | None = None, *, device: str = "cpu") -> tuple[int, int]:
     if not str(device).startswith("cpu"):
         return (cores if workers is None else workers), 1
     if workers is None:
-        # Half the cores decode: on the default model (int8 on VNNI CPUs) decoding the
+        # Half the cores decode: on the default model (int8 on x86 CPUs) decoding the
         # window costs about half of running both networks (docs/performance.md).
         workers = max(1, cores // 2)
     return workers, cores

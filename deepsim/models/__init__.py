@@ -77,8 +77,8 @@ def load_model(
     precision
         ``"fp32"`` (exact), ``"bf16"`` or ``"int8"`` (musicnn's timbral
         convolutions in bfloat16 / int8 on the CPU, within the accuracy contract
-        of docs/performance.md) or ``"auto"`` (int8 on CPUs with VNNI, else bf16
-        on CPUs with native bf16, else fp32; see
+        of docs/performance.md) or ``"auto"`` (int8 on x86 CPUs with VNNI or
+        AVX2, else bf16 on CPUs with native bf16, else fp32; see
         :func:`deepsim.models.musicnn.resolve_precision`).  Only musicnn models
         use it.
     """
