@@ -416,6 +416,23 @@ def test_int8_keeps_the_accuracy_contract(
     np.testing.assert_allclose(out["tags"].numpy(), golden[f"{network}_tags"], atol=0.03)
 
 
+def test_bf16_by_hand_on_a_cpu_without_it_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from deepsim.models import musicnn
+
+    for native, warned in ((True, False), (False, True)):
+        caplog.clear()
+        monkeypatch.setattr(musicnn, "cpu_has_native_bf16", lambda native=native: native)
+        with caplog.at_level(logging.WARNING, logger="deepsim"):
+            assert musicnn.resolve_precision("bf16", "cpu") == "bf16"
+            assert musicnn.resolve_precision("bf16", "cuda:0") == "bf16"
+        assert ("no native bfloat16" in caplog.text) is warned
+        assert len(caplog.records) == int(warned)  # the CPU only
+
+
 def test_int8_input_levels_follow_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from deepsim.models import musicnn
 
