@@ -205,7 +205,7 @@ def bench_deepsim(
     return result
 
 
-#: Why bliss could not be measured here (set by the first failed run), else None.
+#: Why bliss could not be measured here (set by the first failed run); empty while it can.
 BLISS_FAILED: list[str] = []
 
 

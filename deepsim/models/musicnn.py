@@ -337,8 +337,8 @@ class _Int8Convs:
 
     Weights per filter (symmetric int8), the input per call (one scale for the
     batch, asymmetric uint8 up to :func:`int8_input_levels`: zero padding stays
-    exact), the output on the calibrated range (:data:`INT8_RANGES`, uint8).  By the argument in the
-    module docstring a filter with a negative batch-norm scale needs
+    exact), the output on the calibrated range (:data:`INT8_RANGES`, uint8).  By
+    the argument in the module docstring a filter with a negative batch-norm scale needs
     ``relu(min_f (z_f + b))`` = ``relu(-max_f (-(z_f + b)))``: the convolution
     of the negated filter and bias, quantized on ``[-top, 0]`` (values above 0
     clip to 0, which is where the ReLU gives 0 anyway), then an int8 max-pool
