@@ -24,6 +24,7 @@ from deepsim.models.musicnn import (
     MSD_TAGS,
     MTT_TAGS,
     WEIGHTS_DIR,
+    Int8Layout,
     MusicnnEnsemble,
     MusicnnModel,
     from_checkpoint,
@@ -481,25 +482,43 @@ def test_int8_front_end_follows_each_convolution(
         assert error < 0.08, (lo, hi, error)
 
 
-@needs_x86_int8
-def test_int8_temporal_fold_changes_no_integer(
-    golden: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Without VNNI the 128 temporal taps are read as 32 input channels, with it as 4:
-    # the same integer sums, so the same front end to the last bit (on 7-bit input,
-    # which no CPU's kernels saturate).
+def test_int8_layout_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from deepsim.models import musicnn
 
-    monkeypatch.setattr(musicnn, "_VNNI", [False])
+    for vnni, layout in ((True, (255, 32, 4)), (False, (127, 8, None))):
+        monkeypatch.setattr(musicnn, "_VNNI", [vnni])
+        assert musicnn.int8_layout() == layout
+
+
+@needs_x86_int8
+def test_int8_layouts_change_no_integer(
+    golden: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The 128 temporal taps read as 32, 4 or 1 input channels, the filters padded to
+    # blocks of 32 or 8: the same integer sums, so the same front end to the last bit
+    # (on 7-bit input, which no CPU's kernels saturate).  The temporal convolutions in
+    # float32 instead (no VNNI): those channels are fp32's, the others unchanged.
+    from deepsim.models import musicnn
+
     patches = torch.from_numpy(golden["patches"])
     outs = []
-    for fold in (musicnn.INT8_TEMPORAL_FOLD_NO_VNNI, 4, 1):
-        monkeypatch.setattr(musicnn, "INT8_TEMPORAL_FOLD_NO_VNNI", fold)
+    for layout in ((127, 32, 32), (127, 32, 4), (127, 8, 1), (127, 8, None)):
+        monkeypatch.setattr(musicnn, "int8_layout", lambda layout=layout: Int8Layout(*layout))
         net = load_builtin("mtt-musicnn", precision="int8").net
-        assert [c[-1] for c in net._int8_convs().convs] == [7, 7, fold]
+        convs = net._int8_convs()
+        assert [c[-1] for c in convs.convs] == [7, 7] + ([] if layout[2] is None else [layout[2]])
+        assert [len(c[0].weight()) % layout[1] for c in convs.convs] == [0] * len(convs.convs)
         with torch.inference_mode():
             outs.append(net.front_end(patches))
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert all(torch.equal(outs[0], out) for out in outs[1:3])
+    timbral = 2 * 204
+    assert torch.equal(outs[3][:, :timbral], outs[0][:, :timbral])
+    fp32 = load_builtin("mtt-musicnn").net
+    with torch.inference_mode():
+        exact = fp32.front_end(patches)[:, timbral:]
+    # within the int8 dead-filter tolerance of fp32; the int8 ones a step of their grid off
+    assert float((outs[3][:, timbral:] - exact).abs().max()) < musicnn.INT8_DEAD_TOLERANCE
+    assert float((outs[0][:, timbral:] - exact).abs().max()) > 10 * musicnn.INT8_DEAD_TOLERANCE
 
 
 # -- dead front-end filters ------------------------------------------------------------

@@ -152,17 +152,19 @@ CHUNK_PATCHES = 1
 #: 4-5 % faster than 2 once the temporal convolutions ran as one, 1 slower).
 INT8_CHUNK_PATCHES = 4
 
-#: Filters of an int8 convolution are padded with zero ones to a multiple of this
-#: (measured: 23 filters 4.8 ms, 32 filters 3.6 ms; the int8 max-pool 1.4 vs 0.2 ms).
+#: Filters of an int8 convolution are padded with zero ones to a multiple of this, with
+#: VNNI and without (:func:`int8_layout`; their maps are dropped).  With VNNI: 23 filters
+#: 4.8 ms, 32 filters 3.6 ms, the int8 max-pool 1.4 vs 0.2 ms.  On an AVX2-only AMD EPYC
+#: (Zen 2) the MTT network took 187 ms a track with 8, 189 with 16, 209 with 32, 270 with 64.
 INT8_FILTER_BLOCK = 32
+INT8_FILTER_BLOCK_NO_VNNI = 8
 
-#: Time taps of the temporal int8 convolution read as input channels, with VNNI and
-#: without (:func:`int8_input_levels`): kernel 128 / 4 taps dilated by 4 (one input
-#: channel measured 2-3x slower with VNNI), 128 / 32 taps dilated by 32 (on an AVX2-only
-#: AMD EPYC one group of 4 patches took 44 ms with 4 channels, 13-14 ms with 16 or 32,
-#: 10 with 64; the whole network 83 ms a track with 32 or 64, 126-137 with 4).
+#: Time taps of the temporal int8 convolution read as input channels with VNNI: kernel
+#: 128 / 4 taps dilated by 4 (one input channel measured 2-3x slower).  Without VNNI
+#: (:func:`int8_layout`) the three temporal convolutions run in float32, exact: on an
+#: AVX2-only AMD EPYC (Zen 2), 4 patches of MTT took 19.4 ms so, against 27.7 ms as one
+#: int8 convolution of 128 taps (32 read as channels, the best fold there), MSD 9.7 against 14.8.
 INT8_TEMPORAL_FOLD = 4
-INT8_TEMPORAL_FOLD_NO_VNNI = 32
 
 #: Patches through the whole network at a time on a CPU (a multiple of the chunks above,
 #: so the same numbers): the (P, 753, 187) mid-end features of a batch of 8 tracks are
@@ -254,6 +256,28 @@ def cpu_has_int8_kernels() -> bool:
     return cpu_has_vnni() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+class Int8Layout(NamedTuple):
+    """How the int8 front end is laid out on this CPU (:func:`int8_layout`)."""
+
+    #: the input's largest quantized value
+    levels: int
+    #: filters of a convolution are padded with zero ones to a multiple of this
+    filter_block: int
+    #: time taps of the merged temporal convolution read as input channels; None: the
+    #: three temporal convolutions run in float32
+    temporal_fold: int | None
+
+
+def int8_layout() -> Int8Layout:
+    """The int8 front end's layout here: with VNNI, 8-bit input, filters in blocks of
+    :data:`INT8_FILTER_BLOCK`, the temporal convolutions in int8; without, 7-bit input
+    (:func:`int8_input_levels`), blocks of :data:`INT8_FILTER_BLOCK_NO_VNNI`, the temporal
+    convolutions in float32 (faster there, see :data:`INT8_TEMPORAL_FOLD`)."""
+    if int8_input_levels() == 255:
+        return Int8Layout(255, INT8_FILTER_BLOCK, INT8_TEMPORAL_FOLD)
+    return Int8Layout(127, INT8_FILTER_BLOCK_NO_VNNI, None)
+
+
 def int8_input_levels() -> int:
     """The largest quantized input of the int8 convolutions: 255 with VNNI, else 127.
 
@@ -333,10 +357,10 @@ class _Pruning(NamedTuple):
 
 
 class _Int8Convs:
-    """The front end's five convolutions as oneDNN int8 convolutions, max-pooled in int8.
+    """The front end's convolutions as oneDNN int8 convolutions, max-pooled in int8.
 
     Weights per filter (symmetric int8), the input per call (one scale for the
-    batch, asymmetric uint8 up to :func:`int8_input_levels`: zero padding stays
+    batch, asymmetric uint8 up to :attr:`Int8Layout.levels`: zero padding stays
     exact), the output on the calibrated range (:data:`INT8_RANGES`, uint8).  By
     the argument in the module docstring a filter with a negative batch-norm scale needs
     ``relu(min_f (z_f + b))`` = ``relu(-max_f (-(z_f + b)))``: the convolution
@@ -355,13 +379,14 @@ class _Int8Convs:
     int8 kernels reduce over input channels, and one channel leaves most of
     each dot-product instruction empty (about 10x slower measured).
 
-    The three temporal convolutions (128, 64 and 32 frames) run as one: the
-    shorter kernels zero-padded to 128 taps where their "same" padding puts
-    them, so each output sums the same integers.  Their output ranges differ,
-    so each filter's weights and bias are scaled by ``top / own top`` (the
-    integer weights stay the same: their scale is per filter) and the pooled
-    value is scaled back.  One call instead of three, and one max-pool: about
-    12 % of the network's time, same integers.
+    With VNNI (:func:`int8_layout`) the three temporal convolutions (128, 64 and
+    32 frames) run as one: the shorter kernels zero-padded to 128 taps where
+    their "same" padding puts them, so each output sums the same integers.
+    Their output ranges differ, so each filter's weights and bias are scaled by
+    ``top / own top`` (the integer weights stay the same: their scale is per
+    filter) and the pooled value is scaled back.  One call instead of three, and
+    one max-pool: about 12 % of the network's time, same integers.  Without VNNI
+    they run in float32 (:attr:`Int8Layout.temporal_fold` None), as in fp32.
     """
 
     def __init__(
@@ -369,12 +394,14 @@ class _Int8Convs:
         net: MusicnnNetwork,
         ranges: Sequence[float],
         live: Sequence[torch.Tensor] | None = None,
+        layout: Int8Layout | None = None,
     ) -> None:
         import warnings
 
         torch.backends.quantized.engine = "x86"
-        #: the input's largest quantized value (:func:`int8_input_levels`)
-        self.levels = float(int8_input_levels())
+        self.layout = int8_layout() if layout is None else layout
+        #: the input's largest quantized value
+        self.levels = float(self.layout.levels)
         layers = list(zip(net.timbral, net.timbral_norm, strict=True))
         layers += list(zip(net.temporal, net.temporal_norm, strict=True))
         # (convolution, norm, output range, first channel, filters convolved), grouped by
@@ -385,31 +412,44 @@ class _Int8Convs:
             keep = torch.arange(conv.out_channels) if live is None else live[k].cpu()
             members.append((conv, norm, float(top), channels, keep))
             channels += conv.out_channels
-        groups = [[m] for m in members[: len(net.timbral)]] + [members[len(net.timbral) :]]
+        timbral, temporal = members[: len(net.timbral)], members[len(net.timbral) :]
+        groups = [[m] for m in timbral]
+        if self.layout.temporal_fold is not None:
+            groups.append(temporal)
         self.convs: list[_Int8Group] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the quantized-tensor API is marked deprecated
             for group in groups:
                 group = [m for m in group if len(m[4])]
                 if group:
-                    self.convs.append(self._group(group, int(self.levels)))
+                    self.convs.append(self._group(group, self.layout))
+        #: float32 convolutions after the int8 ones (without VNNI, the temporal ones): kernel
+        #: length and the sign-folded ``(weight, bias, sign, scale, shift)`` of the filters kept
+        self.exact: list[tuple[int, list[torch.Tensor]]] = []
+        if self.layout.temporal_fold is None:
+            for conv, norm, _, _, keep in temporal:
+                if len(keep):
+                    folded = [t.detach()[keep] for t in net._folded(conv, norm)]
+                    self.exact.append((conv.kernel_size[0], folded))
         #: the front-end channel of each output channel
-        self.index = torch.cat([index for _, index, *_ in self.convs])
+        indices = [index for _, index, *_ in self.convs]
+        if self.exact:
+            indices += [first + keep for _, _, _, first, keep in temporal]
+        self.index = torch.cat(indices)
 
     @staticmethod
     def _group(
         group: list[tuple[torch.nn.Conv2d, FrozenBatchNorm, float, int, torch.Tensor]],
-        levels: int,
+        layout: Int8Layout,
     ) -> _Int8Group:
         """One group's convolution, output channels, value affine, padding and folded taps."""
         from torch.ao.nn.quantized import Conv2d as QConv2d
 
         taps = max(conv.kernel_size[0] for conv, *_ in group)
         width = group[0][0].kernel_size[1]
-        # time taps as input channels: all 7 of a timbral kernel; 4 of the 128 temporal
-        # ones with VNNI (kernel 32 taps, dilated 4: the same sums, 2-3x faster measured),
-        # 32 without (INT8_TEMPORAL_FOLD_NO_VNNI)
-        temporal = INT8_TEMPORAL_FOLD if levels == 255 else INT8_TEMPORAL_FOLD_NO_VNNI
+        # time taps as input channels: all 7 of a timbral kernel; ``temporal_fold`` of the
+        # 128 temporal ones (4 with VNNI: kernel 32 taps, dilated 4, the same sums)
+        temporal = layout.temporal_fold or 1
         fold = taps if width > 1 else (temporal if taps % temporal == 0 else 1)
         height = taps // fold
         timbral = width > 1
@@ -440,9 +480,9 @@ class _Int8Convs:
         w = weight * sign.view(-1, 1, 1, 1)
         positive = (sign > 0).float()
         q_bias = bias * sign - top * positive
-        # zero filters up to a multiple of INT8_FILTER_BLOCK (their maps are dropped):
+        # zero filters up to a multiple of the layout's block (their maps are dropped):
         # oneDNN's kernels and its int8 max-pool run much faster on such counts
-        extra = -len(w) % INT8_FILTER_BLOCK
+        extra = -len(w) % layout.filter_block
         w = torch.cat([w, w.new_zeros(extra, *w.shape[1:])])
         q_bias = torch.cat([q_bias, q_bias.new_zeros(extra)])
         w_scale = (w.abs().amax(dim=(1, 2, 3)) / 127.0).clamp_min(1e-12)
@@ -470,11 +510,11 @@ class _Int8Convs:
         step = max(hi - lo, 1e-8) / self.levels
         zero = round(min(max(-lo / step, 0.0), self.levels))
         out = torch.empty(chunk.shape[0], len(self.index), chunk.shape[1])
+        at = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             padded: dict[tuple[int, int], torch.Tensor] = {}
             inputs: dict[tuple[int, int, int], torch.Tensor] = {}
-            at = 0
             for module, index, a, b, (before, after), fold in self.convs:
                 qx = inputs.get((before, after, fold))
                 if qx is None:
@@ -494,6 +534,13 @@ class _Int8Convs:
                 pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()[:, : len(index), :, 0]
                 torch.addcmul(b, pooled, a, out=out[:, at : at + len(index)])
                 at += len(index)
+        for taps, (weight, bias, sign, scale, shift) in self.exact:
+            before = (taps - 1) // 2
+            shifted = F.pad(chunk, (0, 0, before, taps - 1 - before)).unsqueeze(1)
+            peak = F.conv2d(shifted, weight).amax(dim=3).transpose(1, 2)
+            value = MusicnnNetwork._finish(peak, bias, sign, scale, shift)
+            out[:, at : at + len(weight)] = value.transpose(1, 2)
+            at += len(weight)
         return out
 
 
