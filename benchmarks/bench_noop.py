@@ -35,7 +35,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_peers import ROOT, beet_argv, compile_tree
+from bench_peers import ROOT, beet_argv, compile_tree, run_child
 from bench_similar import MODEL_ID, cached_library, open_library
 
 from deepsim import store
@@ -107,18 +106,14 @@ def timed_runs(
 
 def run_rusage(argv: list[str], env: dict[str, str]) -> tuple[float, float, float, bytes]:
     """Wall seconds, CPU seconds (its children's included), peak RSS (MB) and stdout of one
-    ``beet`` command line."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[-2:])} failed ({proc.returncode}): {err.decode()[-400:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out
+    ``beet`` command line.
+
+    Through ``bench_peers.run_child``'s small wrapper process, not forked from this one:
+    Linux carries a process's high-water mark of resident memory into a forked child across
+    ``exec``, so a child of this process (hundreds of MB once it has built a library) would
+    report this process's peak as its own."""
+    wall, cpu, rss, out, _ = run_child(argv, env)
+    return wall, cpu, rss, out.encode()
 
 
 def profile_plan(db: Path) -> None:
