@@ -309,7 +309,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     """Turn ``"auto"`` into the fastest precision within the accuracy contract here.
 
     ``"int8"`` on x86 CPUs with VNNI/AMX-INT8 or AVX2 (:func:`cpu_has_int8_kernels`:
-    1.4x fp32 on an AVX2-only AMD EPYC, within the contract with its input on 7
+    1.7-2.0x fp32 on AVX2-only AMD EPYCs, within the contract with its input on 7
     bits), else ``"bf16"`` on CPUs with native bfloat16, else ``"fp32"``; always
     ``"fp32"`` off the CPU (the quantized kernels are CPU-only).  Other values are
     checked and returned.
@@ -534,11 +534,8 @@ class _Int8Convs:
                 pooled = F.max_pool2d(maps, (1, maps.shape[3])).dequantize()[:, : len(index), :, 0]
                 torch.addcmul(b, pooled, a, out=out[:, at : at + len(index)])
                 at += len(index)
-        for taps, (weight, bias, sign, scale, shift) in self.exact:
-            before = (taps - 1) // 2
-            shifted = F.pad(chunk, (0, 0, before, taps - 1 - before)).unsqueeze(1)
-            peak = F.conv2d(shifted, weight).amax(dim=3).transpose(1, 2)
-            value = MusicnnNetwork._finish(peak, bias, sign, scale, shift)
+        for taps, (weight, *rest) in self.exact:
+            value = MusicnnNetwork._temporal(chunk, taps, weight, *rest)
             out[:, at : at + len(weight)] = value.transpose(1, 2)
             at += len(weight)
         return out
@@ -690,6 +687,23 @@ class MusicnnNetwork(torch.nn.Module):
         """Bias, ReLU and batch norm of the (sign-folded) frequency maxima ``(P, T, C)``."""
         return torch.relu((peak.float() + bias) * sign) * scale + shift
 
+    @staticmethod
+    def _temporal(
+        chunk: torch.Tensor,
+        taps: int,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        sign: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+    ) -> torch.Tensor:
+        """One temporal convolution of ``taps`` frames ("same" padding in time) of normalised
+        patches ``(P, T, 96)`` in float32, max-pooled over frequency: ``(P, T, C)``."""
+        before = (taps - 1) // 2
+        shifted = F.pad(chunk, (0, 0, before, taps - 1 - before)).unsqueeze(1)
+        peak = F.conv2d(shifted, weight).amax(dim=3).transpose(1, 2)
+        return MusicnnNetwork._finish(peak, bias, sign, scale, shift)
+
     def _weights_key(self) -> tuple[tuple[int, int], ...]:
         """Changes whenever a weight or a statistic does (what is derived from them is
         rebuilt then)."""
@@ -818,10 +832,7 @@ class MusicnnNetwork(torch.nn.Module):
                     peak = F.conv2d(padded.unsqueeze(1), weight).amax(dim=3).transpose(1, 2)
                 features.append(self._finish(peak, *rest))
             for (weight, *rest), k in zip(temporal, self.temporal_lengths, strict=True):
-                before = (k - 1) // 2
-                shifted = F.pad(chunk, (0, 0, before, k - 1 - before)).unsqueeze(1)
-                peak = F.conv2d(shifted, weight).amax(dim=3).transpose(1, 2)
-                features.append(self._finish(peak, *rest))
+                features.append(self._temporal(chunk, k, weight, *rest))
             outputs.append(torch.cat(features, dim=2).transpose(1, 2))
         return torch.cat(outputs)
 
